@@ -1,0 +1,142 @@
+"""Parameter pytrees and seeded probes.
+
+A *parameter tree* is a ``dict[str, Tensor]`` of a module's **trainable** parameters (``requires_grad``),
+keyed by their qualified names. Frozen parameters and buffers are left in the module and picked up by
+``torch.func.functional_call``. Vectors in parameter space are handled flat (1-D, length ``P``) by the
+solvers and spectrum estimators; :func:`flatten` and :func:`unflatten` convert between the two views in
+the order of :func:`trainable_parameters`.
+
+Probes come from a dedicated, seeded :class:`torch.Generator`; the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.exceptions import ConfigurationError
+
+ParamTree = dict[str, Tensor]
+ProbeKind = Literal["rademacher", "gaussian"]
+
+
+def trainable_parameters(model: nn.Module) -> ParamTree:
+    """Return the trainable parameters of ``model`` as a detached parameter tree.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        ``{name: tensor}`` with every parameter whose ``requires_grad`` is true, detached (sharing storage).
+
+    Raises:
+        ConfigurationError: If the module has no trainable parameter.
+
+    Example::
+
+        >>> tree = trainable_parameters(torch.nn.Linear(3, 2))
+        >>> sorted(tree)
+        ['bias', 'weight']
+    """
+    tree = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if not tree:
+        raise ConfigurationError(
+            f"{type(model).__name__} has no trainable parameters (all have requires_grad=False); curvature is "
+            "taken with respect to trainable parameters only. Unfreeze the parameters you want to analyse."
+        )
+    return tree
+
+
+def num_parameters(tree: ParamTree) -> int:
+    """Total number of scalars in a parameter tree."""
+    return sum(t.numel() for t in tree.values())
+
+
+def flatten(tree: ParamTree) -> Tensor:
+    """Concatenate a parameter tree into one flat vector, in the tree's key order.
+
+    Example::
+
+        >>> flatten({"a": torch.ones(2, 2), "b": torch.zeros(1)}).tolist()
+        [1.0, 1.0, 1.0, 1.0, 0.0]
+    """
+    return torch.cat([t.reshape(-1) for t in tree.values()])
+
+
+def unflatten(vector: Tensor, like: ParamTree) -> ParamTree:
+    """Split a flat vector (or a ``(P, k)`` matrix, column-wise) into a tree shaped like ``like``.
+
+    Args:
+        vector: Tensor of shape ``(P,)`` or ``(P, k)``.
+        like: Tree that fixes names, shapes and order.
+
+    Returns:
+        A tree of views into ``vector``; for a matrix input each leaf has a trailing dimension ``k``.
+
+    Raises:
+        ConfigurationError: If the leading dimension is not ``P``.
+
+    Example::
+
+        >>> t = unflatten(torch.arange(3.0), {"w": torch.zeros(1, 2), "b": torch.zeros(1)})
+        >>> t["w"].tolist(), t["b"].tolist()
+        ([[0.0, 1.0]], [2.0])
+    """
+    total = num_parameters(like)
+    if vector.shape[0] != total:
+        raise ConfigurationError(f"vector has leading dimension {vector.shape[0]} but the parameters have {total}.")
+    out: ParamTree = {}
+    offset = 0
+    extra = tuple(vector.shape[1:])
+    for name, ref in like.items():
+        n = ref.numel()
+        out[name] = vector[offset : offset + n].reshape(*ref.shape, *extra)
+        offset += n
+    return out
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator seeded with ``seed``; the global RNG is left alone."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return gen
+
+
+def probe(
+    size: int | tuple[int, ...],
+    generator: torch.Generator,
+    *,
+    kind: ProbeKind = "rademacher",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Draw a random probe with ``E[v vᵀ] = I`` from ``generator``.
+
+    Args:
+        size: Shape of the probe (``P`` or ``(P, k)``).
+        generator: Seeded generator; its device must match ``device``.
+        kind: ``"rademacher"`` (±1, lowest Hutchinson variance) or ``"gaussian"`` (standard normal).
+        dtype: Floating dtype of the result.
+        device: Device of the result.
+
+    Returns:
+        The probe tensor.
+
+    Raises:
+        ConfigurationError: For an unknown ``kind``.
+
+    Example::
+
+        >>> v = probe(5, make_generator(0))
+        >>> sorted(set(v.abs().tolist()))
+        [1.0]
+    """
+    shape = (size,) if isinstance(size, int) else tuple(size)
+    if kind == "rademacher":
+        bits = torch.randint(0, 2, shape, generator=generator, device=device)
+        return (bits * 2 - 1).to(dtype)
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    raise ConfigurationError(f"probe kind={kind!r} is not supported; use 'rademacher' or 'gaussian'.")

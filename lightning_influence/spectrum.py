@@ -1,0 +1,512 @@
+r"""Spectral statistics of a curvature operator and the LiSSA settings they imply.
+
+* :func:`hutchinson_trace`: :math:`\mathrm{Tr}(A) = \mathbb{E}[v^\top A v]` for Rademacher (or Gaussian) probes,
+  reported with its standard error, optionally stopping once the relative standard error is below a target.
+* :func:`frobenius_norm`: :math:`\|A\|_F^2 = \mathrm{Tr}(A^2) = \mathbb{E}[(A v)^\top (B v)]` with ``B`` an
+  independent copy of ``A`` (two products per probe; paper 1, App. D).
+* :func:`lanczos_lambda_max`: the largest eigenvalue by Lanczos with full re-orthogonalisation (default).
+* :func:`sketch_lambda_max`: the paper's sketch :math:`\lambda_{\max}(\Phi A \Phi^\top)` with
+  :math:`\Phi_{ij} \sim N(0, 1/d)`, whose expectation :math:`\mathbb{E}\,\Phi A \Phi^\top = \mathrm{Tr}(A)/d \cdot I`
+  biases it upward by about :math:`\mathrm{Tr}(A)/d`; the correction
+  :math:`\lambda_{\max}(\hat A) - \mathrm{Tr}(\hat A)/d` (Swartworth & Woodruff, 2023) is applied by default.
+* :func:`lissa_settings`: paper 1, §3: :math:`\eta = 1/(\lambda_{\max} + \lambda)`,
+  :math:`|B| \ge C\,\mathrm{Tr}(H)/\lambda_{\max}` with :math:`C = 2`, :math:`T \approx 2/(\lambda\eta)`.
+
+Operators are anything with ``matvec``, ``num_params`` and ``quadratic_form`` (see
+:mod:`lightning_influence.operators`); a dense symmetric tensor works too through :class:`DenseOperator`.
+Probes come from a dedicated seeded generator; the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from lightning_influence.exceptions import ConfigurationError, NonFiniteError
+from lightning_influence.params import ProbeKind, make_generator, probe
+
+
+class LinearOperatorLike(Protocol):
+    """What the estimators need from an operator."""
+
+    @property
+    def num_params(self) -> int:
+        """Dimension."""
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Product with a flat vector."""
+
+    def quadratic_form(self, v: Tensor) -> Tensor:
+        """``v^T A v``."""
+
+
+class DenseOperator:
+    """Wrap a dense symmetric matrix as an operator (tests, tiny models).
+
+    Example::
+
+        >>> DenseOperator(torch.diag(torch.tensor([1.0, 2.0]))).matvec(torch.ones(2))
+        tensor([1., 2.])
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ConfigurationError(f"DenseOperator needs a square matrix, got shape {tuple(matrix.shape)}.")
+        self.matrix = matrix
+        self.num_products = 0
+
+    @property
+    def num_params(self) -> int:
+        """Dimension."""
+        return int(self.matrix.shape[0])
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """Dtype of the matrix."""
+        return self.matrix.dtype
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Dense product."""
+        self.num_products += 1
+        return self.matrix @ v.to(self.matrix.dtype)
+
+    def quadratic_form(self, v: Tensor) -> Tensor:
+        """``v^T A v``."""
+        return torch.dot(v.to(self.matrix.dtype), self.matvec(v))
+
+
+def _dtype(op: Any) -> torch.dtype:
+    return getattr(op, "param_dtype", torch.float32)
+
+
+def _device(op: Any) -> torch.device:
+    return getattr(op, "device", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------- trace
+@dataclass
+class TraceEstimate:
+    """Hutchinson estimate of a trace.
+
+    Attributes:
+        value: Mean of the probe quadratic forms.
+        stderr: Standard error of the mean (sample standard deviation / sqrt(num_probes)).
+        num_probes: Probes used.
+        samples: The individual quadratic forms.
+    """
+
+    value: float
+    stderr: float
+    num_probes: int
+    samples: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def relative_stderr(self) -> float:
+        """``stderr / |value|`` (inf for a zero estimate)."""
+        return self.stderr / abs(self.value) if self.value != 0 else math.inf
+
+
+def hutchinson_trace(
+    op: LinearOperatorLike,
+    num_probes: int = 30,
+    *,
+    max_probes: int | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    kind: ProbeKind = "rademacher",
+) -> TraceEstimate:
+    r"""Hutchinson's estimator :math:`\widehat{\mathrm{Tr}} = \frac1m \sum_i v_i^\top A v_i`.
+
+    Uses :meth:`quadratic_form`, which for the GNH needs forward-mode products only.
+
+    Args:
+        op: The operator.
+        num_probes: Probes to draw (the minimum when ``rtol`` is set; at least 2 for a standard error).
+        max_probes: With ``rtol``: the most probes to draw (default ``10 * num_probes``).
+        rtol: Stop once ``stderr / |estimate|`` is at or below this (adaptive rule); ``None`` for a fixed count.
+        seed: Probe seed.
+        kind: ``"rademacher"`` or ``"gaussian"``.
+
+    Returns:
+        The estimate with its standard error.
+
+    Raises:
+        ConfigurationError: If ``num_probes < 2`` or ``rtol <= 0``.
+        NonFiniteError: If a quadratic form is not finite.
+
+    Example::
+
+        >>> est = hutchinson_trace(DenseOperator(torch.eye(4)), num_probes=5)
+        >>> est.value, est.stderr
+        (4.0, 0.0)
+    """
+    if num_probes < 2:
+        raise ConfigurationError(f"num_probes must be >= 2 to report a standard error, got {num_probes}.")
+    if rtol is not None and rtol <= 0:
+        raise ConfigurationError(f"rtol must be positive, got {rtol}.")
+    limit = num_probes if rtol is None else (max_probes if max_probes is not None else 10 * num_probes)
+    gen = make_generator(seed)
+    samples: list[float] = []
+    while len(samples) < limit:
+        v = probe(op.num_params, gen, kind=kind, dtype=_dtype(op)).to(_device(op))
+        q = float(op.quadratic_form(v))
+        if not math.isfinite(q):
+            raise NonFiniteError(f"Hutchinson probe {len(samples)} gave a non-finite quadratic form ({q}).")
+        samples.append(q)
+        if rtol is not None and len(samples) >= num_probes:
+            mean, se = _mean_se(samples)
+            if mean != 0 and se / abs(mean) <= rtol:
+                break
+    mean, se = _mean_se(samples)
+    return TraceEstimate(value=mean, stderr=se, num_probes=len(samples), samples=samples)
+
+
+def _mean_se(samples: list[float]) -> tuple[float, float]:
+    t = torch.tensor(samples, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=True) / math.sqrt(len(samples))) if len(samples) > 1 else math.inf
+
+
+def frobenius_norm(
+    op: LinearOperatorLike, other: LinearOperatorLike | None = None, num_probes: int = 20, *, seed: int = 0
+) -> TraceEstimate:
+    r"""Estimate :math:`\|A\|_F^2 = \mathrm{Tr}(A^2)` as the mean of :math:`(A v)^\top (B v)`.
+
+    With ``other`` an operator on an independent sample of the same population, the estimate is unbiased for the
+    population :math:`\|H\|_F^2` (paper 1, App. D); with ``other=None`` it is :math:`\|A\|_F^2` of ``op`` itself.
+
+    Returns:
+        A :class:`TraceEstimate` of :math:`\|A\|_F^2` (take the square root for the norm).
+
+    Example::
+
+        >>> round(frobenius_norm(DenseOperator(2 * torch.eye(3)), num_probes=4).value, 6)
+        12.0
+    """
+    if num_probes < 2:
+        raise ConfigurationError(f"num_probes must be >= 2, got {num_probes}.")
+    gen = make_generator(seed)
+    samples = []
+    for _ in range(num_probes):
+        v = probe(op.num_params, gen, dtype=_dtype(op)).to(_device(op))
+        a = op.matvec(v)
+        b = a if other is None else other.matvec(v)
+        samples.append(float(torch.dot(a, b)))
+    mean, se = _mean_se(samples)
+    return TraceEstimate(value=mean, stderr=se, num_probes=num_probes, samples=samples)
+
+
+# ------------------------------------------------------------------------------------------- eigenvalue
+@dataclass
+class EigenEstimate:
+    """Estimate of the largest eigenvalue.
+
+    Attributes:
+        value: The estimate.
+        method: ``"lanczos"`` or ``"sketch"``.
+        num_products: Operator products used.
+        residual: Lanczos: Ritz residual norm :math:`\\|A u - \\theta u\\|`; sketch: the bias correction applied.
+        converged: Lanczos: residual below ``tol * value``; sketch: always ``True``.
+    """
+
+    value: float
+    method: str
+    num_products: int
+    residual: float
+    converged: bool
+
+
+def lanczos_lambda_max(
+    op: LinearOperatorLike, max_iter: int = 30, *, tol: float = 1e-3, seed: int = 0
+) -> EigenEstimate:
+    r"""Largest eigenvalue by Lanczos with full re-orthogonalisation.
+
+    Stops when the Ritz residual :math:`|\beta_k s_k|` of the top Ritz pair is at most ``tol`` times the Ritz
+    value, or after ``max_iter`` products. Ritz values are lower bounds of :math:`\lambda_{\max}` that converge
+    fast when the top of the spectrum is separated (the usual case for the GNH, whose spectrum decays quickly).
+
+    Args:
+        op: A symmetric operator.
+        max_iter: Most products (the Krylov dimension).
+        tol: Relative residual tolerance.
+        seed: Seed of the start vector.
+
+    Returns:
+        The estimate, with products used and the residual.
+
+    Raises:
+        ConfigurationError: If ``max_iter < 1``.
+        NonFiniteError: If a product is not finite.
+
+    Example::
+
+        >>> est = lanczos_lambda_max(DenseOperator(torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))))
+        >>> round(est.value, 8)
+        5.0
+    """
+    if max_iter < 1:
+        raise ConfigurationError(f"max_iter must be >= 1, got {max_iter}.")
+    n = op.num_params
+    dtype, device = _dtype(op), _device(op)
+    work = torch.float64 if dtype in (torch.float16, torch.bfloat16, torch.float32) else dtype
+    gen = make_generator(seed)
+    q = probe(n, gen, kind="gaussian", dtype=work).to(device)
+    q = q / q.norm()
+    basis = [q]
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta, resid, products = 0.0, math.inf, 0
+    for k in range(min(max_iter, n)):
+        w = op.matvec(basis[-1].to(dtype)).to(work)
+        products += 1
+        if not bool(torch.isfinite(w).all()):
+            raise NonFiniteError(f"Lanczos product {k} is not finite.")
+        alpha = float(torch.dot(w, basis[-1]))
+        alphas.append(alpha)
+        Q = torch.stack(basis, 1)
+        w = w - Q @ (Q.T @ w)
+        w = w - Q @ (Q.T @ w)  # twice is enough (Kahan-Parlett)
+        beta = float(w.norm())
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        theta = float(evals[-1])
+        resid = abs(beta * float(evecs[-1, -1]))
+        if resid <= tol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-300):
+            return EigenEstimate(theta, "lanczos", products, resid, True)
+        basis.append(w / beta)
+        betas.append(beta)
+    return EigenEstimate(theta, "lanczos", products, resid, resid <= tol * abs(theta))
+
+
+def sketch_lambda_max(
+    op: LinearOperatorLike, dim: int = 50, *, seed: int = 0, bias_correction: bool = True
+) -> EigenEstimate:
+    r"""Paper 1's sketch: :math:`\lambda_{\max}(\Phi A \Phi^\top)`, :math:`\Phi \in \mathbb{R}^{d \times P}`, :math:`\Phi_{ij} \sim N(0, 1/d)`.
+
+    Costs ``dim`` products. Uncorrected, the estimate is biased upward by about :math:`\mathrm{Tr}(A)/d`
+    (since :math:`\mathbb{E}[\Phi A \Phi^\top] = \mathrm{Tr}(A)/d \cdot I`); with ``bias_correction`` the
+    returned value is :math:`\lambda_{\max}(\hat A) - \mathrm{Tr}(\hat A)/d`, whose error is of order
+    :math:`\|A\|_F/\sqrt d`. Lanczos is cheaper and more accurate for the same budget; the sketch is kept for
+    comparison with the paper. ``residual`` holds the correction that was (or would be) subtracted.
+
+    Example::
+
+        >>> a = torch.diag(torch.tensor([10.0] + [0.01] * 99, dtype=torch.float64))
+        >>> 8.0 < sketch_lambda_max(DenseOperator(a), dim=80).value < 12.0
+        True
+    """
+    if dim < 2:
+        raise ConfigurationError(f"sketch dim must be >= 2, got {dim}.")
+    n = op.num_params
+    dtype, device = _dtype(op), _device(op)
+    gen = make_generator(seed)
+    phi = probe((dim, n), gen, kind="gaussian", dtype=torch.float64).to(device) / math.sqrt(dim)
+    cols = [op.matvec(phi[i].to(dtype)).to(torch.float64) for i in range(dim)]
+    sketch = phi @ torch.stack(cols, 1)  # (d, d) = Phi A Phi^T
+    sketch = 0.5 * (sketch + sketch.T)
+    top = float(torch.linalg.eigvalsh(sketch)[-1])
+    correction = float(torch.trace(sketch)) / dim
+    value = top - correction if bias_correction else top
+    return EigenEstimate(value, "sketch", dim, correction, True)
+
+
+# ------------------------------------------------------------------------------------------------ LiSSA
+@dataclass
+class LissaSettings:
+    r"""LiSSA hyperparameters from the spectrum (paper 1, §3, Table 1).
+
+    Attributes:
+        eta: Step size :math:`1/(\lambda_{\max} + \lambda)`.
+        batch_size: :math:`\lceil C\,\mathrm{Tr}/\lambda_{\max} \rceil` units per step (examples or tokens).
+        steps: :math:`\lceil 2 / (\lambda \eta) \rceil = \lceil 2 (\lambda_{\max} + \lambda)/\lambda \rceil`.
+        damping: :math:`\lambda`.
+        constant: :math:`C`.
+        batch_size_capped: ``True`` if the recommended batch was larger than the data and was cut to it.
+    """
+
+    eta: float
+    batch_size: int
+    steps: int
+    damping: float
+    constant: float = 2.0
+    batch_size_capped: bool = False
+
+
+def critical_batch_size(trace: float, lambda_max: float) -> float:
+    r""":math:`\mathrm{Tr}(H)/\lambda_{\max}(H)`, the effective rank that sets LiSSA's minimum batch size.
+
+    Raises:
+        NonFiniteError: For a non-finite or non-positive ``lambda_max``.
+
+    Example::
+
+        >>> critical_batch_size(12.0, 3.0)
+        4.0
+    """
+    if not math.isfinite(trace) or not math.isfinite(lambda_max) or lambda_max <= 0:
+        raise NonFiniteError(
+            f"critical batch size needs a finite trace and positive lambda_max; got trace={trace}, "
+            f"lambda_max={lambda_max}. A zero or negative lambda_max means the curvature sample is degenerate."
+        )
+    return trace / lambda_max
+
+
+def lissa_settings(
+    trace: float,
+    lambda_max: float,
+    damping: float,
+    *,
+    constant: float = 2.0,
+    dataset_size: int | None = None,
+    max_steps: int | None = None,
+) -> LissaSettings:
+    r"""LiSSA settings from :math:`\mathrm{Tr}(H)`, :math:`\lambda_{\max}(H)` and the damping (paper 1, §3).
+
+    Args:
+        trace: :math:`\mathrm{Tr}(H)` of the undamped, unit-averaged GNH.
+        lambda_max: :math:`\lambda_{\max}(H)`.
+        damping: :math:`\lambda > 0` (LiSSA needs it: ``T`` grows as :math:`1/\lambda`).
+        constant: :math:`C` in :math:`|B| \ge C\,\mathrm{Tr}/\lambda_{\max}` (paper: 2).
+        dataset_size: Cap the batch at the number of available units.
+        max_steps: Optional cap on ``steps``.
+
+    Returns:
+        The settings.
+
+    Raises:
+        ConfigurationError: For damping <= 0 or constant <= 0.
+
+    Example::
+
+        >>> s = lissa_settings(trace=100.0, lambda_max=10.0, damping=0.1)
+        >>> round(s.eta, 6), s.batch_size, s.steps
+        (0.09901, 20, 202)
+    """
+    if not damping > 0:
+        raise ConfigurationError(
+            f"LiSSA needs damping > 0 (got {damping}): the number of steps grows like (lambda_max + damping)/damping."
+        )
+    if not constant > 0:
+        raise ConfigurationError(f"constant must be positive, got {constant}.")
+    cbs = critical_batch_size(trace, lambda_max)
+    batch = max(1, math.ceil(constant * cbs - 1e-9))
+    capped = dataset_size is not None and batch > dataset_size
+    if capped and dataset_size is not None:
+        batch = dataset_size
+    eta = 1.0 / (lambda_max + damping)
+    steps = math.ceil(2.0 * (lambda_max + damping) / damping - 1e-9)
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    return LissaSettings(eta=eta, batch_size=batch, steps=steps, damping=damping, constant=constant,
+                         batch_size_capped=capped)
+
+
+@dataclass
+class SpectrumSummary:
+    """Everything :func:`estimate_spectrum` measured, ready to log.
+
+    Attributes:
+        trace: Hutchinson trace of the (undamped) operator.
+        trace_stderr: Its standard error.
+        lambda_max: Largest eigenvalue.
+        critical_batch_size: ``trace / lambda_max``.
+        lissa: Settings implied for the given damping.
+        num_products: Products spent (trace probes count as one each).
+        seconds: Wall time.
+        trace_probes: Number of trace probes.
+        lambda_method: ``"lanczos"`` or ``"sketch"``.
+        lambda_converged: Whether Lanczos met its tolerance.
+        num_units: Units (examples or tokens) in the sample.
+    """
+
+    trace: float
+    trace_stderr: float
+    lambda_max: float
+    critical_batch_size: float
+    lissa: LissaSettings
+    num_products: int
+    seconds: float
+    trace_probes: int
+    lambda_method: str
+    lambda_converged: bool
+    num_units: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat-ish plain dict (for JSON, checkpoints and logs)."""
+        return asdict(self)
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """The scalar metrics under their documented names."""
+        return {
+            f"{prefix}curvature/trace": self.trace,
+            f"{prefix}curvature/trace_stderr": self.trace_stderr,
+            f"{prefix}curvature/lambda_max": self.lambda_max,
+            f"{prefix}curvature/critical_batch_size": self.critical_batch_size,
+            f"{prefix}lissa/eta": self.lissa.eta,
+            f"{prefix}lissa/batch_size": float(self.lissa.batch_size),
+            f"{prefix}lissa/steps": float(self.lissa.steps),
+        }
+
+
+def estimate_spectrum(
+    op: LinearOperatorLike,
+    *,
+    damping: float = 1e-3,
+    trace_probes: int = 30,
+    trace_rtol: float | None = None,
+    lanczos_iter: int = 30,
+    lanczos_tol: float = 1e-3,
+    lambda_method: str = "lanczos",
+    sketch_dim: int = 50,
+    seed: int = 0,
+    constant: float = 2.0,
+    dataset_size: int | None = None,
+) -> SpectrumSummary:
+    """Trace, largest eigenvalue, critical batch size and LiSSA settings in one call.
+
+    ``op`` should be undamped; ``damping`` only enters the LiSSA settings. ``dataset_size`` (units in the
+    training set LiSSA will sample from) caps the recommended LiSSA batch.
+
+    Raises:
+        ConfigurationError: For an unknown ``lambda_method``.
+        NonFiniteError: If the curvature is not finite or ``lambda_max <= 0``.
+
+    Example::
+
+        >>> s = estimate_spectrum(DenseOperator(torch.diag(torch.tensor([4.0, 1.0, 1.0]))), damping=0.1)
+        >>> round(s.trace, 6), round(s.lambda_max, 6), round(s.critical_batch_size, 6)
+        (6.0, 4.0, 1.5)
+    """
+    if lambda_method not in ("lanczos", "sketch"):
+        raise ConfigurationError(f"lambda_method must be 'lanczos' or 'sketch', got {lambda_method!r}.")
+    if getattr(op, "damping", 0.0):
+        raise ConfigurationError("estimate_spectrum expects an undamped operator; pass damping here instead.")
+    start = time.perf_counter()
+    tr = hutchinson_trace(op, trace_probes, rtol=trace_rtol, seed=seed)
+    if lambda_method == "lanczos":
+        eig = lanczos_lambda_max(op, lanczos_iter, tol=lanczos_tol, seed=seed + 1)
+    else:
+        eig = sketch_lambda_max(op, sketch_dim, seed=seed + 1)
+    cbs = critical_batch_size(tr.value, eig.value)
+    units = getattr(op, "_count", None)
+    settings = lissa_settings(tr.value, eig.value, damping, constant=constant, dataset_size=dataset_size)
+    return SpectrumSummary(
+        trace=tr.value,
+        trace_stderr=tr.stderr,
+        lambda_max=eig.value,
+        critical_batch_size=cbs,
+        lissa=settings,
+        num_products=tr.num_probes + eig.num_products,
+        seconds=time.perf_counter() - start,
+        trace_probes=tr.num_probes,
+        lambda_method=eig.method,
+        lambda_converged=eig.converged,
+        num_units=float(units) if units else float("nan"),
+    )
