@@ -1,0 +1,15 @@
+"""Reports of a run: ``report.json`` + self-contained ``report.html``, matplotlib figures, logger media.
+
+* :class:`~lightning_influence.reporting.store.ReportStore`: merge a section into ``report.json`` and re-render
+  ``report.html`` (rank 0 only).
+* :mod:`~lightning_influence.reporting.html`: the renderer and the schema of every section.
+* :mod:`~lightning_influence.reporting.figures`: matplotlib (Agg) figure helpers.
+* :mod:`~lightning_influence.reporting.media`: figures, text, histograms and tables to TensorBoard / W&B loggers.
+
+``media`` imports Lightning and is not imported here, so the store and the figures stay usable without it.
+"""
+
+from lightning_influence.reporting.html import render_report
+from lightning_influence.reporting.store import ReportStore, to_jsonable
+
+__all__ = ["ReportStore", "render_report", "to_jsonable"]
