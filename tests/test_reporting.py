@@ -261,6 +261,14 @@ def test_image_rendering_of_queries_and_proponents() -> None:
     assert all(_png_size(p) == (9, 7) for p in pngs[1:])
     assert "#2" in qblock and "#3" in qblock
 
+    # the self-influence ranking shows a thumbnail per row when the training images are known
+    data["self_influence"] = {"values": [0.1, 5.0, 0.3, 2.0]}
+    ranking = render_report({"influence": data}).split("Self-influence ranking")[1]
+    cells = re.findall(r'<td class="cellimg"><img alt="example" src="data:image/png;base64,([^"]+)"', ranking)
+    assert len(cells) == 4 and all(_png_size(c) == (9, 7) for c in cells)
+    first_row = ranking.split("<tbody>")[1].split("</tr>")[0]
+    assert "<td>1</td><td>5</td>" in first_row  # rank 1 is training index 1 (largest value)
+
     no_images = render_report({"influence": {"queries": [{"index": 4, "proponents": [{"index": 11, "score": 0.25}]}]}})
     assert "data:image/png" not in no_images and "<td>11</td>" in no_images and "<td>0.25</td>" in no_images
 
@@ -294,6 +302,19 @@ def test_rebuild_from_json_only(tmp_path: Path) -> None:
     assert "agree closely" in (tmp_path / "report.html").read_text()
     with pytest.raises(FileNotFoundError, match=r"report\.json"):
         ReportStore(tmp_path / "missing").rebuild()
+
+    from lightning_influence.reporting import find_reports, rebuild_reports
+
+    run = tmp_path / "run"
+    ReportStore(run / "version_0" / "influence", render=False).update("cv", {"estimate": {"approx": 0.2}})
+    assert find_reports(run) == [run / "version_0" / "influence"] and find_reports(tmp_path)[0] == tmp_path
+    assert rebuild_reports(run) == [run / "version_0" / "influence" / "report.html"]
+    assert "0.2" in (run / "version_0" / "influence" / "report.html").read_text()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        rebuild_reports(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"No report\.json under"):
+        rebuild_reports(tmp_path / "empty")
 
 
 # ------------------------------------------------------------------------------------------------ media

@@ -10,6 +10,6 @@
 """
 
 from lightning_influence.reporting.html import render_report
-from lightning_influence.reporting.store import ReportStore, to_jsonable
+from lightning_influence.reporting.store import ReportStore, find_reports, rebuild_reports, to_jsonable
 
-__all__ = ["ReportStore", "render_report", "to_jsonable"]
+__all__ = ["ReportStore", "find_reports", "rebuild_reports", "render_report", "to_jsonable"]

@@ -185,13 +185,20 @@ def _kv(title: str, data: Any) -> list[Block]:
     return []
 
 
-def _table(title: str, rows: Sequence[Any], columns: Sequence[str] | None = None, cap: int = _MAX_TABLE_ROWS) -> Block:
+def _table(
+    title: str,
+    rows: Sequence[Any],
+    columns: Sequence[str] | None = None,
+    cap: int = _MAX_TABLE_ROWS,
+    images: Sequence[str | None] | None = None,
+) -> Block:
     dict_rows = [r for r in rows if isinstance(r, Mapping)]
     if columns is None:
         columns = list(OrderedDict.fromkeys(k for r in dict_rows for k in r))
     body = [[fmt(r.get(c)) for c in columns] for r in dict_rows[-cap:]]
     note = f"showing the last {cap} of {len(dict_rows)} rows" if len(dict_rows) > cap else ""
-    return {"kind": "table", "title": title, "columns": list(columns), "rows": body, "note": note}
+    imgs = list(images)[-cap:] if images is not None and any(images) and len(images) == len(dict_rows) else None
+    return {"kind": "table", "title": title, "columns": list(columns), "rows": body, "note": note, "images": imgs}
 
 
 def _paragraph(text: str, cls: str = "") -> Block:
@@ -317,15 +324,6 @@ def _lookup_image(images: Any, index: Any) -> Any:
     return None
 
 
-def _caption(item: Mapping[str, Any], score_key: str = "score") -> str:
-    parts = [f"#{fmt(item.get('index'))}"]
-    if "label" in item:
-        parts.append(f"y={fmt(item.get('label'))}")
-    if score_key in item:
-        parts.append(f"{fmt(item.get(score_key))}")
-    return " · ".join(parts)
-
-
 def _solver_blocks(solver: Any, title: str) -> list[Block]:
     if not isinstance(solver, Mapping):
         return _kv(title, solver)
@@ -409,7 +407,8 @@ def _influence(data: Mapping[str, Any]) -> list[Block]:
                     entries.append(
                         {
                             "img": b64,
-                            "caption": _caption(it),
+                            "caption": f"#{fmt(it.get('index'))}"
+                            + (f" · y={fmt(it.get('label'))}" if "label" in it else ""),
                             "rank": rank + 1,
                             "index": fmt(it.get("index")),
                             "label": fmt(it.get("label")) if "label" in it else "",
@@ -433,13 +432,15 @@ def _influence(data: Mapping[str, Any]) -> list[Block]:
     if isinstance(si, list):
         si = {"values": si}
     if isinstance(si, Mapping):
-        blocks.extend(_self_influence(si))
+        blocks.extend(_self_influence(si, t_images, cache))
     blocks.extend(_common_tail(data))
     blocks.extend(_generic(data, (*_COMMON, "solver", "queries", "query_images", "train_images", "self_influence")))
     return blocks
 
 
-def _self_influence(si: Mapping[str, Any]) -> list[Block]:
+def _self_influence(
+    si: Mapping[str, Any], train_images: Any = None, cache: dict[str, str | None] | None = None
+) -> list[Block]:
     values = si.get("values")
     if not isinstance(values, list):
         return _kv("Self-influence", si)
@@ -475,7 +476,9 @@ def _self_influence(si: Mapping[str, Any]) -> list[Block]:
                 "",
             )
         )
-    blocks.append(_table("", rows))
+    cache = {} if cache is None else cache
+    thumbs = [_image_b64(_lookup_image(train_images, indices[i]), cache) for i in order[:_MAX_SELF]]
+    blocks.append(_table("", rows, images=thumbs))
     if order:
         from lightning_influence.reporting.figures import histogram_figure
 
@@ -571,6 +574,17 @@ def _as_named_list(obj: Any, name_key: str = "estimator") -> list[dict[str, Any]
     return []
 
 
+def _pearson(x: Sequence[Any], y: Sequence[Any]) -> float | None:
+    pairs = [(a, b) for a, b in zip(map(_num, x), map(_num, y), strict=False) if a is not None and b is not None]
+    if len(pairs) < 3:
+        return None
+    n = len(pairs)
+    mx, my = sum(a for a, _ in pairs) / n, sum(b for _, b in pairs) / n
+    sxy = sum((a - mx) * (b - my) for a, b in pairs)
+    sxx, syy = sum((a - mx) ** 2 for a, _ in pairs), sum((b - my) ** 2 for _, b in pairs)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
 def verdict(correlations: Sequence[Mapping[str, Any]]) -> str:
     """A plain-language sentence on how well the best estimator agrees with the PBRF.
 
@@ -628,7 +642,9 @@ def _pbrf(data: Mapping[str, Any]) -> list[Block]:
         x, y = s.get("pbrf"), s.get("estimate")
         if isinstance(x, list) and isinstance(y, list) and x:
             name = str(s.get("estimator", "estimate"))
-            figs.append(_figure(partial(scatter_figure, x, y, f"{name} vs PBRF", "PBRF response", name), ""))
+            r = _pearson(x, y)
+            title = f"{name} vs PBRF" + (f" (r = {r:.3f})" if r is not None else "")
+            figs.append(_figure(partial(scatter_figure, x, y, title, "PBRF response", name), ""))
     if figs:
         blocks.append({"kind": "figrow", "figures": figs})
     blocks.extend(_common_tail(data))

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KNOWN_SECTIONS", "ReportStore", "to_jsonable"]
+__all__ = ["KNOWN_SECTIONS", "ReportStore", "find_reports", "rebuild_reports", "to_jsonable"]
 
 #: Sections with a dedicated renderer, in display order. Any other name is rendered generically.
 KNOWN_SECTIONS: tuple[str, ...] = ("curvature", "influence", "cv", "pbrf")
@@ -343,6 +343,61 @@ class ReportStore:
         report = self.load()
         _atomic_write_text(self.html_path, render_report(report, base_dir=self.directory))
         return self.html_path
+
+
+def find_reports(path: str | os.PathLike[str]) -> list[Path]:
+    """Report directories under ``path``: ``path`` itself if it holds ``report.json``, else its subdirectories that do.
+
+    Args:
+        path: A report directory or a run's log directory (e.g. ``lightning_logs/version_0``).
+
+    Returns:
+        Sorted report directories (empty if none).
+
+    Example::
+
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> ReportStore(run / "influence", render=False).update("cv", {"estimate": {"approx": 0.2}})
+        >>> [p.name for p in find_reports(run)]
+        ['influence']
+    """
+    root = Path(path)
+    if (root / JSON_NAME).is_file():
+        return [root]
+    return sorted(p.parent for p in root.rglob(JSON_NAME) if p.is_file())
+
+
+def rebuild_reports(path: str | os.PathLike[str]) -> list[Path]:
+    """Re-render ``report.html`` for every report under ``path`` (what ``lightning-influence report`` runs).
+
+    Args:
+        path: A report directory or a run's log directory.
+
+    Returns:
+        The HTML files written.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist or holds no ``report.json``.
+
+    Example::
+
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> ReportStore(run / "influence", render=False).update("cv", {"estimate": {"approx": 0.2}})
+        >>> [p.relative_to(run).as_posix() for p in rebuild_reports(run)]
+        ['influence/report.html']
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist; pass a run's log directory or its influence/ directory.")
+    dirs = find_reports(root)
+    if not dirs:
+        raise FileNotFoundError(
+            f"No {JSON_NAME} under {root}; reports are written by the lightning_influence callbacks "
+            "(InfluenceReport, ApproximateCV, PBRFValidation, CurvatureMonitor) to <log_dir>/influence/."
+        )
+    return [ReportStore(d).rebuild() for d in dirs]
 
 
 def _null_paths(obj: Any, prefix: str) -> list[str]:
