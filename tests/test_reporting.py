@@ -396,3 +396,22 @@ def test_wandb_offline_gets_image_table_histogram(tmp_path: Path, monkeypatch: p
     table_file = next(files_dir.glob("media/table/influence/top_k_*.table.json"))
     table = json.loads(table_file.read_text())
     assert table["columns"] == ["query", "train", "score"] and table["data"][0] == [0, 5, -0.5]
+
+
+def test_image_payload_detects_images_only() -> None:
+    from lightning_influence.reporting.figures import image_payload
+
+    gen = torch.Generator().manual_seed(2)
+    chw = torch.rand(3, 6, 5, generator=gen, dtype=torch.float64)
+    a, b = np.asarray(image_payload(chw)), np.asarray(image_payload(chw.permute(1, 2, 0)))
+    assert a.shape == (6, 5, 3) and np.array_equal(a, b)
+    assert a.min() == 0.0 and a.max() == 1.0  # min-max scaled
+    grey = image_payload(torch.rand(1, 8, 8, generator=gen))
+    assert np.asarray(grey).shape == (8, 8)
+    digit = torch.arange(64.0)
+    assert image_payload(digit) is None  # tabular features are not pictures unless asked
+    np.testing.assert_allclose(
+        np.asarray(image_payload(digit, allow_flat_square=True)), digit.view(8, 8) / 63, atol=1e-4
+    )
+    assert image_payload(torch.rand(5, 2, generator=gen)) is None and image_payload("text") is None
+    assert image_payload(torch.rand(2, 3, 4, 4, generator=gen)) is None

@@ -34,6 +34,7 @@ __all__ = [
     "figure_to_png_base64",
     "histogram_figure",
     "image_figure",
+    "image_payload",
     "image_to_png_base64",
     "line_figure",
     "scatter_figure",
@@ -356,7 +357,8 @@ def to_image_array(image: Any) -> Any:
             return None
         arr = arr.reshape(side, side)
     if arr.ndim == 3:
-        if arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        chw_ok, hwc_ok = arr.shape[0] in (1, 3, 4), arr.shape[-1] in (1, 3, 4)
+        if chw_ok and (not hwc_ok or min(arr.shape[1:]) >= min(arr.shape[:2])):  # ambiguous: larger spatial size
             arr = np.moveaxis(arr, 0, -1)
         if arr.shape[-1] == 1:
             arr = arr[..., 0]
@@ -368,6 +370,59 @@ def to_image_array(image: Any) -> Any:
     lo, hi = float(arr.min()), float(arr.max())
     arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     return arr
+
+
+def image_payload(x: Any, allow_flat_square: bool = False, decimals: int = 4) -> list[Any] | None:
+    """A compact JSON payload for the report's ``query_images`` / ``train_images``, or ``None`` if ``x`` is no image.
+
+    An image is a tensor/array shaped ``HxW``, ``HxWxC`` or ``CxHxW`` with C in {1, 3, 4} and H, W ≥ 4. With
+    ``allow_flat_square=True`` a flat vector of perfect-square length ≥ 16 (sklearn digits: 64 → 8x8) counts too;
+    it is off by default because tabular features must not be drawn as pictures. Values are min-max scaled
+    to [0, 1] and rounded to ``decimals`` digits to keep ``report.json`` small.
+
+    Args:
+        x: One input example (e.g. ``dataset[i][0]``).
+        allow_flat_square: Treat flat perfect-square vectors as square grey images.
+        decimals: Rounding of the stored values.
+
+    Returns:
+        Nested lists ``HxW`` or ``HxWxC``, or ``None``.
+
+    Example::
+
+        >>> import torch
+        >>> image_payload(torch.zeros(1, 4, 4)) == [[0.0] * 4] * 4
+        True
+        >>> image_payload(torch.arange(64.0)) is None, len(image_payload(torch.arange(64.0), allow_flat_square=True))
+        (True, 8)
+    """
+    import numpy as np
+
+    try:
+        if hasattr(x, "detach"):
+            x = x.detach().cpu().double().numpy()
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if arr.ndim == 1:
+        side = math.isqrt(arr.size)
+        if not (allow_flat_square and side >= 4 and side * side == arr.size):
+            return None
+    elif arr.ndim == 2:
+        if min(arr.shape) < 4:
+            return None
+    elif arr.ndim == 3:
+        chw = arr.shape[0] in (1, 3, 4) and min(arr.shape[1:]) >= 4
+        hwc = arr.shape[-1] in (1, 3, 4) and min(arr.shape[:2]) >= 4
+        if not (chw or hwc):
+            return None
+    else:
+        return None
+    img = to_image_array(arr)
+    if img is None:
+        return None
+    out: list[Any] = np.round(img, decimals).tolist()
+    return out
 
 
 def image_to_png_base64(image: Any) -> str | None:
