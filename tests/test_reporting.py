@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
+import shutil
 import struct
+import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,3 +418,54 @@ def test_image_payload_detects_images_only() -> None:
     )
     assert image_payload(torch.rand(5, 2, generator=gen)) is None and image_payload("text") is None
     assert image_payload(torch.rand(2, 3, 4, 4, generator=gen)) is None
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    """Issue 8: the page opens in a real browser with no console errors, and the screenshot is not blank."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("headless Chromium not installed (Debian: `apt-get install chromium`; `make test` installs it)")
+    store = ReportStore(tmp_path / "report")
+    for name, data in _full_report_sections(torch.Generator().manual_seed(3)).items():
+        store.update(name, data, render=False)
+    html_path = store.rebuild()
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1280,2400",
+            f"--screenshot={shot}",
+            html_path.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console
+    assert shot.exists(), proc.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        assert img.size == (1280, 2400)
+        grey = np.asarray(img.convert("L"), dtype=np.float64)
+    assert grey.std() > 10.0  # text, tables and figures were drawn, not a blank page
