@@ -469,3 +469,18 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         assert img.size == (1280, 2400)
         grey = np.asarray(img.convert("L"), dtype=np.float64)
     assert grey.std() > 10.0  # text, tables and figures were drawn, not a blank page
+
+
+def test_curvature_rows_from_spectrum_summary_are_flattened() -> None:
+    from lightning_influence.spectrum import DenseOperator, estimate_spectrum
+
+    a = torch.randn(12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    summary = estimate_spectrum(DenseOperator(a @ a.T / 12), seed=0, dataset_size=50)
+    page = render_report({"curvature": {"history": [{"step": 7, **summary.to_dict()}]}})
+    history = page[page.index("<h4>History</h4>") :]
+    header = re.findall(r"<th>([^<]*)</th>", history.split("</thead>")[0])
+    assert header[:8] == ["step", "trace", "trace_stderr", "lambda_max", "critical_batch_size", "lissa_eta",
+                          "lissa_batch_size", "lissa_steps"]  # fmt: skip
+    first = re.findall(r"<td>([^<]*)</td>", history.split("<tbody>")[1].split("</tr>")[0])
+    assert first[0] == "7" and float(first[1]) == pytest.approx(summary.trace, rel=1e-3)
+    assert int(first[6]) == summary.lissa.batch_size

@@ -29,8 +29,9 @@ as warnings), ``"summary"`` (dict of headline numbers) and ``"files"`` (name →
       "config": {...}, "summary": {...}
     }
 
-  Keys logged as ``"curvature/trace"``, ``"lissa/eta"`` etc. (``SpectrumSummary.metrics()``) are accepted too:
-  a prefix ``curvature/`` is dropped and other ``/`` become ``_``.
+  A row may be ``{"step": s, **SpectrumSummary.to_dict()}`` (nested dicts are flattened with ``_``, so
+  ``"lissa": {"eta": ...}`` becomes ``lissa_eta``) or ``{"step": s, **SpectrumSummary.metrics()}`` (a prefix
+  ``curvature/`` is dropped and other ``/`` become ``_``).
 
 ``"influence"`` (InfluenceReport)::
 
@@ -258,7 +259,7 @@ _COMMON = ("config", "notes", "summary", "files")
 # --------------------------------------------------------------------------------------------- curvature
 _CURV_ORDER = [
     "step", "epoch", "trace", "trace_stderr", "lambda_max", "critical_batch_size",
-    "lissa_eta", "lissa_batch_size", "lissa_steps", "num_products", "seconds",
+    "lissa_eta", "lissa_batch_size", "lissa_steps", "lissa_damping", "num_products", "seconds",
 ]  # fmt: skip
 
 
@@ -268,14 +269,21 @@ def _norm_key(key: str) -> str:
     return key.replace("/", "_")
 
 
+def _flat_row(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        key = _norm_key(f"{prefix}{k}")
+        if isinstance(v, Mapping):
+            out.update(_flat_row(v, f"{key}_"))
+        else:
+            out[key] = v
+    return out
+
+
 def _curvature(data: Mapping[str, Any]) -> list[Block]:
     blocks = _common_head(data)
     raw = data.get("history")
-    history = (
-        [{_norm_key(str(k)): v for k, v in r.items()} for r in raw if isinstance(r, Mapping)]
-        if isinstance(raw, list)
-        else []
-    )
+    history = [_flat_row(r) for r in raw if isinstance(r, Mapping)] if isinstance(raw, list) else []
     if history:
         last = history[-1]
         latest = {k: last[k] for k in _CURV_ORDER if k in last}
