@@ -1,0 +1,710 @@
+r"""Proximal Bregman response function (PBRF): the retraining ground truth that GNH influence approximates.
+
+For a training example :math:`z_m` the *proximal Bregman objective* (PBO; Bae et al., 2022; paper 1, eq. 5) is
+
+.. math::
+
+    F_{\pm\epsilon}(\theta) = \frac{1}{N} \sum_{n=1}^{N} D\big(h(x_n;\theta), h(x_n;\hat\theta), y_n\big)
+        \pm \epsilon\,\big(\ell(z_m;\theta) - \ell(z_m;\hat\theta)\big)
+        + \frac{\lambda}{2} \|\theta - \hat\theta\|^2,
+
+where :math:`D` is the Bregman divergence of the loss in output space (:meth:`LossFamily.bregman`, evaluated by
+:func:`stable_bregman`;
+:math:`\mathrm{KL}(p_{\hat h} \| p_h)` for softmax cross-entropy), the average runs over the *units* of the
+training sample exactly like :class:`~lightning_influence.operators.GNHOperator` (examples, or tokens for
+language models), :math:`\ell(z_m;\theta)` is the mean loss over the units of :math:`z_m` (the convention of
+:func:`~lightning_influence.operators.loss_gradient`), and the constant :math:`\ell(z_m;\hat\theta)` only keeps
+objective values small (it changes neither the minimiser nor the gradient). At :math:`\hat\theta` the data term
+has zero gradient and Hessian :math:`G` (the GNH), so to first order
+:math:`\theta_{\pm\epsilon} - \hat\theta = \mp\epsilon (G + \lambda I)^{-1} \nabla\ell(z_m)`.
+
+The PBRF response of a measurement :math:`m` (default: the loss of each query) is the central difference
+
+.. math:: R(z_m, m) = \frac{m(\theta_{+\epsilon}) - m(\theta_{-\epsilon})}{2\epsilon}
+    \;\xrightarrow{\epsilon \to 0}\; -\nabla m^\top (G + \lambda I)^{-1} \nabla \ell(z_m),
+
+which is the sign convention of :func:`lightning_influence.influence.influence_scores`:
+:math:`I(z, q) = -\nabla\ell(q)^\top (G + \lambda I)^{-1} \nabla\ell(z)` is the change of the query loss per unit
+*upweighting* of :math:`z` (negative = :math:`z` helps :math:`q`). The central difference cancels the
+even-order terms, so its error is :math:`O(\epsilon^2)`; a small :math:`\epsilon` therefore checks the iHVP
+solvers, and :math:`\epsilon \approx 1/N` (removing or adding one example) checks the quadratic model itself.
+
+Everything runs in float64 (by default) on a **copy** of the model (``copy.deepcopy`` then ``.to(dtype)``); the
+trained weights are never touched. Both optimisers use only the objective's value/gradient and, for
+``"newton_cg"``, Gauss-Newton products:
+
+* ``"lbfgs"`` (default): full-batch :class:`torch.optim.LBFGS` with a strong-Wolfe line search; it never sees the
+  GNH, so agreement with GNH influence is an independent check;
+* ``"newton_cg"``: Gauss-Newton steps :math:`\theta \leftarrow \theta - (G(\theta) \pm \epsilon G_m(\theta) +
+  \lambda I)^{-1}\nabla F(\theta)` solved by conjugate gradient with our GNH operator (the Bregman divergence of
+  a canonical family has output Hessian :math:`S_h`, so :math:`G(\theta)` is exactly the data term's
+  Gauss-Newton matrix), accepted when the gradient norm decreases.
+
+Convergence is judged on the gradient: a solve has converged when
+:math:`\|\nabla F(\theta)\| \le \text{tol} \cdot \|\nabla F(\hat\theta)\| = \text{tol}\cdot\epsilon\|\nabla\ell(z_m)\|`.
+A solve that stops above the tolerance is *reported* (``RuntimeWarning`` with the residual, and
+``converged=False`` in the :class:`PBRFResult`), never hidden.
+
+Data parallelism: the data term is a sum over training units, so each rank passes its shard as ``data`` and a
+``reduce_fn`` that sums a flat tensor over ranks. Every objective/gradient evaluation makes exactly one
+reduction of ``(gradient sum, divergence sum, unit count)``; the example term, the proximity term and the
+measurement are computed identically on every rank (pass the same ``example`` and ``queries`` everywhere), so
+every rank takes the same optimiser steps.
+
+Example::
+
+    >>> from lightning_influence.tasks import Regression
+    >>> model = torch.nn.Linear(2, 1, bias=False).double()
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> y = torch.zeros(2, 1, dtype=torch.float64)
+    >>> pbrf = PBRF(model, Regression(), [(x, y)], damping=0.5, epsilon=1e-3)
+    >>> res = pbrf.response((x[:1], torch.ones(1, 1, dtype=torch.float64)), queries=[(x, y)])
+    >>> res.converged, tuple(res.response.shape)
+    (True, (2,))
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.exceptions import ConfigurationError, DivergenceError, NonFiniteError
+from lightning_influence.losses import LossFamily, SoftmaxCrossEntropy
+from lightning_influence.operators import GNHOperator, ReduceFn, curvature_mode, prepare_batch
+from lightning_influence.params import ParamTree, flatten, trainable_parameters, unflatten
+from lightning_influence.solvers import conjugate_gradient
+from lightning_influence.tasks import Task
+
+__all__ = [
+    "PBRF",
+    "Measurement",
+    "PBRFResult",
+    "SolveRecord",
+    "copy_model",
+    "pbrf_response",
+    "query_loss_measurement",
+    "stable_bregman",
+]
+
+#: A measurement maps the (float64 copy of the) model, with the perturbed parameters loaded, to a tensor.
+Measurement = Callable[[nn.Module], Tensor]
+OptimizerName = Literal["lbfgs", "newton_cg"]
+
+
+def copy_model(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A deep copy of ``model`` cast to ``dtype`` (the original is never modified).
+
+    A ``LightningModule`` drops its trainer reference when copied (its ``__getstate__``), so this is safe inside
+    callbacks. Frozen parameters stay frozen in the copy.
+
+    Example::
+
+        >>> m = torch.nn.Linear(2, 1)
+        >>> c = copy_model(m)
+        >>> c.weight.dtype, m.weight.dtype, c.weight.data_ptr() != m.weight.data_ptr()
+        (torch.float64, torch.float32, True)
+
+    Returns:
+        The copy.
+    """
+    with torch.no_grad():
+        clone = copy.deepcopy(model)
+    return clone.to(dtype)
+
+
+def stable_bregman(loss: LossFamily, outputs: Tensor, ref_outputs: Tensor, targets: Tensor) -> Tensor:
+    r"""Per-unit Bregman divergence, equal to ``loss.bregman`` but accurate to :math:`O(u\,|h - h'|)` near ``h'``.
+
+    For softmax cross-entropy, :math:`\mathrm{KL}(p_{h'} \| p_h) = \log \sum_k p'_k e^{\Delta_k}` with the
+    centred difference :math:`\Delta = (h - h') - \sum_k p'_k (h - h')_k`, evaluated as
+    ``log1p(sum p' (expm1(Δ) - Δ))``. The textbook form :math:`\sum p' (\log p' - \log p)` loses everything
+    below ~1e-16 *absolute*, which near the PBO minimum is the size of the objective's changes, so the L-BFGS line
+    search stalls; this form keeps the relative accuracy. Other families use ``loss.bregman`` (the Gaussian one is
+    already a squared difference).
+
+    Example::
+
+        >>> h, r = torch.linspace(-2, 2, 12, dtype=torch.float64).reshape(4, 3), torch.ones(4, 3, dtype=torch.float64)
+        >>> loss, y = SoftmaxCrossEntropy(), torch.tensor([0, 1, 2, 0])
+        >>> torch.allclose(stable_bregman(loss, h, r, y), loss.bregman(h, r, y))
+        True
+
+    Returns:
+        Per-unit divergences (zero at ignored units).
+    """
+    if not isinstance(loss, SoftmaxCrossEntropy):
+        return loss.bregman(outputs, ref_outputs, targets)
+    q = torch.softmax(ref_outputs, dim=-1)
+    delta = outputs - ref_outputs
+    delta = delta - (q * delta).sum(-1, keepdim=True)
+    kl = torch.log1p((q * (torch.expm1(delta) - delta)).sum(-1))
+    return kl * loss.unit_mask(outputs, targets).to(kl.dtype)
+
+
+def _per_example_losses(task: Task, model: nn.Module, batch: Any, params: ParamTree | None = None) -> Tensor:
+    outputs, targets = task(model, batch, params)
+    loss_sum, count = task.loss.per_example(outputs, targets)
+    return loss_sum / count.clamp_min(1.0)
+
+
+def query_loss_measurement(task: Task, queries: Sequence[Any] | Any) -> Measurement:
+    """The default measurement: the loss of every query example (mean over its units), concatenated.
+
+    Args:
+        task: The task that scores the queries.
+        queries: A list of collated batches, or one collated batch; the measurement has one entry per example, in
+            order.
+
+    Returns:
+        A :data:`Measurement` returning a tensor of shape ``(Q,)``.
+
+    Raises:
+        ConfigurationError: If there are no queries.
+    """
+    batches = list(queries) if isinstance(queries, list) else [queries]
+    if not batches:
+        raise ConfigurationError("queries is empty: pass at least one query batch (or a measurement function).")
+
+    def measure(model: nn.Module) -> Tensor:
+        first = next(iter(model.parameters()))
+        values = [_per_example_losses(task, model, prepare_batch(b, first.device, first.dtype)) for b in batches]
+        return torch.cat([v.reshape(-1) for v in values])
+
+    return measure
+
+
+@dataclass
+class SolveRecord:
+    r"""Certificate of one PBO minimisation (``sign=+1`` upweights the example, ``-1`` downweights it).
+
+    Attributes:
+        sign: ``+1`` or ``-1``.
+        iterations: Optimiser iterations (L-BFGS iterations or Gauss-Newton steps).
+        evaluations: Objective/gradient evaluations (each is one pass over the data and one reduction).
+        initial_grad_norm: :math:`\|\nabla F(\hat\theta)\| = \epsilon \|\nabla \ell(z_m)\|`.
+        grad_norm: :math:`\|\nabla F\|` at the returned parameters.
+        relative_grad_norm: ``grad_norm / initial_grad_norm`` (0 when the example has zero gradient).
+        converged: ``relative_grad_norm <= tol``.
+        shift_norm: :math:`\|\theta_{\pm\epsilon} - \hat\theta\|`.
+        products: Gauss-Newton products used (``newton_cg`` only).
+    """
+
+    sign: int
+    iterations: int
+    evaluations: int
+    initial_grad_norm: float
+    grad_norm: float
+    relative_grad_norm: float
+    converged: bool
+    shift_norm: float
+    products: int = 0
+
+
+@dataclass
+class PBRFResult:
+    r"""PBRF response of one training example and its certificate.
+
+    Attributes:
+        response: Central-difference response :math:`(m(\theta_{+\epsilon}) - m(\theta_{-\epsilon}))/(2\epsilon)`,
+            shaped like the measurement (``(Q,)`` for query losses); comparable to influence scores
+            :math:`I(z_m, q)`.
+        epsilon: :math:`\epsilon`.
+        damping: :math:`\lambda` of the proximity term.
+        optimizer: ``"lbfgs"`` or ``"newton_cg"``.
+        dtype: Dtype of the copy the PBO was solved in.
+        tol: Relative gradient tolerance.
+        converged: Both solves converged.
+        iterations: Total optimiser iterations of both solves.
+        grad_norm: Largest final gradient norm of the two solves.
+        relative_grad_norm: Largest final relative gradient norm of the two solves.
+        measurement_base: :math:`m(\hat\theta)`.
+        measurement_plus: :math:`m(\theta_{+\epsilon})`.
+        measurement_minus: :math:`m(\theta_{-\epsilon})`.
+        solves: The two :class:`SolveRecord` (``+ε`` then ``-ε``).
+        seconds: Wall time of both solves and measurements.
+    """
+
+    response: Tensor
+    epsilon: float
+    damping: float
+    optimizer: str
+    dtype: str
+    tol: float
+    converged: bool
+    iterations: int
+    grad_norm: float
+    relative_grad_norm: float
+    measurement_base: Tensor
+    measurement_plus: Tensor
+    measurement_minus: Tensor
+    solves: list[SolveRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (JSON-friendly) description, tensors as lists."""
+        return {
+            "response": self.response.tolist(),
+            "epsilon": self.epsilon,
+            "damping": self.damping,
+            "optimizer": self.optimizer,
+            "dtype": self.dtype,
+            "tol": self.tol,
+            "converged": self.converged,
+            "iterations": self.iterations,
+            "grad_norm": self.grad_norm,
+            "relative_grad_norm": self.relative_grad_norm,
+            "solves": [asdict(s) for s in self.solves],
+            "seconds": self.seconds,
+        }
+
+
+class PBRF:
+    r"""Minimise the proximal Bregman objective around a trained model and difference a measurement.
+
+    The reference outputs :math:`h(x_n;\hat\theta)` are computed once at construction; one object then serves
+    any number of training examples (:meth:`response`, :meth:`responses`), each costing two PBO solves.
+
+    Args:
+        model: The trained module (never modified: a ``dtype`` copy is made). Pass the unwrapped module.
+        task: Turns batches into ``(outputs, targets)``; its loss family supplies the Bregman divergence.
+        data: This rank's shard of the training sample, as collated batches
+            (:func:`~lightning_influence.operators.make_batches`). Empty on a rank with no shard is fine.
+        damping: :math:`\lambda > 0` of the proximity term; use the damping of the influence estimate being
+            validated.
+        epsilon: :math:`\epsilon > 0` (default: :math:`1/N` with :math:`N` the global number of units).
+        reduce_fn: Sums a flat tensor over ranks (``None`` on one process).
+        dtype: Floating dtype of the copy (default float64).
+        optimizer: ``"lbfgs"`` (default) or ``"newton_cg"``.
+        tol: Relative gradient-norm tolerance of each solve.
+        max_iter: Most optimiser iterations per solve.
+        history_size: L-BFGS memory.
+        cg_rtol: Relative residual of the inner CG solves (``newton_cg``).
+        warn: Emit a ``RuntimeWarning`` (with the residual) when a solve does not converge.
+
+    Raises:
+        ConfigurationError: For :math:`\epsilon \le 0`, :math:`\lambda \le 0`, an unknown optimiser, non-positive
+            ``tol``/``max_iter``, or a model without trainable parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        data: Sequence[Any],
+        *,
+        damping: float,
+        epsilon: float | None = None,
+        reduce_fn: ReduceFn | None = None,
+        dtype: torch.dtype = torch.float64,
+        optimizer: OptimizerName = "lbfgs",
+        tol: float = 1e-5,
+        max_iter: int = 500,
+        history_size: int = 50,
+        cg_rtol: float = 1e-8,
+        warn: bool = True,
+    ) -> None:
+        if epsilon is not None:
+            _check_epsilon(epsilon)
+        if not damping > 0:
+            raise ConfigurationError(
+                f"damping must be > 0 for the PBRF (the proximity term makes the objective strongly convex), got "
+                f"{damping}; use the damping of the influence scores you validate."
+            )
+        if optimizer not in ("lbfgs", "newton_cg"):
+            raise ConfigurationError(f"optimizer must be 'lbfgs' or 'newton_cg', got {optimizer!r}.")
+        if not tol > 0:
+            raise ConfigurationError(f"tol must be positive, got {tol}.")
+        if max_iter < 1:
+            raise ConfigurationError(f"max_iter must be >= 1, got {max_iter}.")
+        self.task = task
+        self.damping = float(damping)
+        self.reduce_fn = reduce_fn
+        self.dtype = dtype
+        self.optimizer: OptimizerName = optimizer
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.history_size = int(history_size)
+        self.cg_rtol = float(cg_rtol)
+        self.warn = warn
+        names = list(trainable_parameters(model))  # raises for a model with no trainable parameter
+        self.model = copy_model(model, dtype)
+        own = dict(self.model.named_parameters())
+        self._names = names
+        self._leaves: ParamTree = {k: own[k] for k in names}
+        first = self._leaves[names[0]]
+        self.device = first.device
+        self.theta_hat = flatten({k: p.detach() for k, p in self._leaves.items()}).clone()
+        self.data = [prepare_batch(b, self.device, dtype) for b in data]
+        with torch.no_grad(), curvature_mode(self.model):
+            self._ref = [self._outputs(b, None)[0].detach() for b in self.data]
+        self.num_units = self._global_units()
+        if self.num_units <= 0:
+            raise ConfigurationError("the PBRF training sample has no counted units (empty data on every rank).")
+        self.epsilon = float(epsilon) if epsilon is not None else 1.0 / self.num_units
+        #: Objective/gradient evaluations so far (each is one data pass and one reduction).
+        self.evaluations = 0
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def num_params(self) -> int:
+        """Number of trainable parameters :math:`P`."""
+        return int(self.theta_hat.numel())
+
+    def _tree(self, theta: Tensor) -> ParamTree:
+        return unflatten(theta, {k: p.detach() for k, p in self._leaves.items()})
+
+    def _outputs(self, batch: Any, params: ParamTree | None) -> tuple[Tensor, Tensor]:
+        return self.task(self.model, batch, params)
+
+    def _reduce(self, local: Tensor) -> Tensor:
+        return self.reduce_fn(local) if self.reduce_fn is not None else local
+
+    def _global_units(self) -> float:
+        count = torch.zeros((), dtype=self.dtype, device=self.device)
+        with torch.no_grad(), curvature_mode(self.model):
+            for b, ref in zip(self.data, self._ref, strict=True):
+                _, y = self._outputs(b, None)
+                count = count + self.task.loss.unit_mask(ref, y).sum().to(self.dtype)
+        return float(self._reduce(count.reshape(1))[0])
+
+    def _load(self, theta: Tensor) -> None:
+        with torch.no_grad():
+            for k, t in self._tree(theta).items():
+                self._leaves[k].copy_(t)
+
+    def _example_loss(self, example: Any, params: ParamTree) -> Tensor:
+        outputs, targets = self._outputs(example, params)
+        total, count = self.task.loss.sum_and_count(outputs, targets)
+        return total / count.clamp_min(1.0)
+
+    def objective(self, theta: Tensor, example: Any, signed_epsilon: float) -> tuple[Tensor, Tensor]:
+        r"""Value and gradient of :math:`F` at flat parameters ``theta`` (one reduction over ranks).
+
+        Args:
+            theta: Flat parameters of length ``P``.
+            example: The collated training example(s) :math:`z_m` (already on the device, in ``dtype``).
+            signed_epsilon: :math:`\pm\epsilon`.
+
+        Returns:
+            ``(value, gradient)`` as detached tensors.
+
+        Raises:
+            NonFiniteError: If the value or gradient is not finite.
+        """
+        theta = theta.detach().requires_grad_(True)
+        with curvature_mode(self.model):
+            params = self._tree(theta)
+            local = torch.zeros((), dtype=self.dtype, device=self.device)
+            count = torch.zeros((), dtype=self.dtype, device=self.device)
+            for b, ref in zip(self.data, self._ref, strict=True):
+                out, y = self._outputs(b, params)
+                local = local + stable_bregman(self.task.loss, out, ref, y).sum()
+                count = count + self.task.loss.unit_mask(out, y).sum().to(self.dtype)
+            grad_local = (
+                torch.autograd.grad(local, theta)[0] if local.requires_grad else torch.zeros_like(theta)
+            )
+            reduced = self._reduce(torch.cat([grad_local.detach(), local.detach().reshape(1), count.reshape(1)]))
+            n = reduced[-1].clamp_min(1.0)
+            ex = self._example_loss(example, params) - self._example_loss(example, self._tree(self.theta_hat)).detach()
+            diff = theta - self.theta_hat
+            extra = signed_epsilon * ex + 0.5 * self.damping * (diff * diff).sum()
+            grad_extra = torch.autograd.grad(extra, theta)[0]
+        self.evaluations += 1
+        value = reduced[-2] / n + extra.detach()
+        grad = reduced[:-2] / n + grad_extra.detach()
+        if not (bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all())):
+            raise NonFiniteError(
+                f"the proximal Bregman objective is not finite (epsilon={abs(signed_epsilon)}, damping="
+                f"{self.damping}); the step left the region where the model is finite. Reduce epsilon."
+            )
+        return value, grad
+
+    # ------------------------------------------------------------------------------------------ solves
+    def _lbfgs(self, example: Any, signed_eps: float, g0norm: float) -> tuple[Tensor, int, int, int]:
+        theta = self.theta_hat.clone().requires_grad_(True)
+        evals, iters = 0, 0
+        last_gnorm = math.inf
+
+        def closure() -> Tensor:
+            nonlocal evals, last_gnorm
+            value, grad = self.objective(theta, example, signed_eps)
+            evals += 1
+            last_gnorm = float(grad.norm())
+            theta.grad = grad
+            return value
+
+        # L-BFGS stops early when its line search can no longer resolve the objective's decrease; a fresh
+        # restart (new memory) from the current point usually makes further progress, so allow a few.
+        for _ in range(4):
+            remaining = self.max_iter - iters
+            if remaining <= 0:
+                break
+            opt = torch.optim.LBFGS(
+                [theta],
+                lr=1.0,
+                max_iter=remaining,
+                max_eval=remaining * 2,
+                tolerance_grad=self.tol * g0norm / math.sqrt(self.num_params) * 0.5,
+                tolerance_change=1e-300,
+                history_size=self.history_size,
+                line_search_fn="strong_wolfe",
+            )
+            opt.step(closure)
+            done = int(opt.state[theta].get("n_iter", 0))
+            iters += done
+            if last_gnorm <= self.tol * g0norm or done == 0:
+                break
+        return theta.detach().clone(), iters, evals, 0
+
+    def _newton_cg(self, example: Any, signed_eps: float, g0norm: float) -> tuple[Tensor, int, int, int]:
+        theta = self.theta_hat.clone()
+        _, grad = self.objective(theta, example, signed_eps)
+        gnorm = float(grad.norm())
+        evals, products, it = 1, 0, 0
+        while it < self.max_iter and gnorm > self.tol * g0norm:
+            self._load(theta)
+            data_op = GNHOperator(self.model, self.task, self.data, reduce_fn=self.reduce_fn, check_finite=True)
+            ex_op = GNHOperator(self.model, self.task, [example], check_finite=True)
+            combined = _WeightedSum(data_op, ex_op, signed_eps)
+            try:
+                sol = conjugate_gradient(combined, -grad, damping=self.damping, rtol=self.cg_rtol, warn=False)
+            except ConfigurationError:  # -eps * G_m made the model indefinite: drop it
+                sol = conjugate_gradient(data_op, -grad, damping=self.damping, rtol=self.cg_rtol, warn=False)
+            products += sol.num_products
+            step, accepted = sol.x, False
+            for _ in range(20):
+                candidate = theta + step
+                _, g_new = self.objective(candidate, example, signed_eps)
+                evals += 1
+                if float(g_new.norm()) < gnorm:
+                    theta, grad, gnorm, accepted = candidate, g_new, float(g_new.norm()), True
+                    break
+                step = 0.5 * step
+            it += 1
+            if not accepted:
+                break
+        self._load(self.theta_hat)
+        return theta, it, evals, products
+
+    def solve(self, example: Any, sign: int, epsilon: float | None = None) -> tuple[Tensor, SolveRecord]:
+        r"""Minimise :math:`F_{\pm\epsilon}` from :math:`\hat\theta`.
+
+        Args:
+            example: Collated batch holding :math:`z_m` (its mean loss over units is up/down-weighted).
+            sign: ``+1`` (upweight) or ``-1`` (downweight).
+            epsilon: Override of the object's :math:`\epsilon`.
+
+        Returns:
+            The flat minimiser and its :class:`SolveRecord`.
+
+        Raises:
+            ConfigurationError: For :math:`\epsilon \le 0` or a sign other than :math:`\pm 1`.
+            NonFiniteError: If the objective becomes non-finite.
+        """
+        eps = self.epsilon if epsilon is None else float(epsilon)
+        _check_epsilon(eps)
+        if sign not in (1, -1):
+            raise ConfigurationError(f"sign must be +1 or -1, got {sign}.")
+        example = prepare_batch(example, self.device, self.dtype)
+        _, g0 = self.objective(self.theta_hat, example, sign * eps)
+        g0norm = float(g0.norm())
+        if g0norm == 0.0:
+            rec = SolveRecord(sign, 0, 1, 0.0, 0.0, 0.0, True, 0.0)
+            return self.theta_hat.clone(), rec
+        run = self._lbfgs if self.optimizer == "lbfgs" else self._newton_cg
+        theta, iters, evals, products = run(example, sign * eps, g0norm)
+        _, g = self.objective(theta, example, sign * eps)
+        gnorm = float(g.norm())
+        rel = gnorm / g0norm
+        rec = SolveRecord(
+            sign=sign,
+            iterations=iters,
+            evaluations=evals + 2,
+            initial_grad_norm=g0norm,
+            grad_norm=gnorm,
+            relative_grad_norm=rel,
+            converged=rel <= self.tol,
+            shift_norm=float((theta - self.theta_hat).norm()),
+            products=products,
+        )
+        return theta, rec
+
+    def measure(self, theta: Tensor, measurement: Measurement) -> Tensor:
+        """Evaluate ``measurement`` on the copy with flat parameters ``theta`` loaded (restored afterwards)."""
+        self._load(theta)
+        try:
+            with torch.no_grad(), curvature_mode(self.model):
+                value = measurement(self.model).detach().clone()
+        finally:
+            self._load(self.theta_hat)
+        return value
+
+    # -------------------------------------------------------------------------------------- responses
+    def response(
+        self,
+        example: Any,
+        *,
+        queries: Sequence[Any] | Any | None = None,
+        measurement: Measurement | None = None,
+        epsilon: float | None = None,
+    ) -> PBRFResult:
+        r"""PBRF response of a measurement to upweighting ``example``: two PBO solves and a central difference.
+
+        Args:
+            example: Collated batch holding the training example :math:`z_m` (a one-example batch).
+            queries: Query batches; the default measurement is their per-example losses (one solve pair serves
+                every query).
+            measurement: Any :data:`Measurement` instead of the query losses.
+            epsilon: Override of the object's :math:`\epsilon`.
+
+        Returns:
+            The response and its certificate.
+
+        Raises:
+            ConfigurationError: For :math:`\epsilon \le 0` or neither/both of ``queries`` and ``measurement``.
+            DivergenceError: If the measurement is not finite at a perturbed solution.
+        """
+        eps = self.epsilon if epsilon is None else float(epsilon)
+        _check_epsilon(eps)
+        if (queries is None) == (measurement is None):
+            raise ConfigurationError("pass exactly one of queries (default query-loss measurement) or measurement.")
+        meas = measurement if measurement is not None else query_loss_measurement(self.task, queries)
+        start = time.perf_counter()
+        theta_p, rec_p = self.solve(example, +1, eps)
+        theta_m, rec_m = self.solve(example, -1, eps)
+        base = self.measure(self.theta_hat, meas)
+        plus, minus = self.measure(theta_p, meas), self.measure(theta_m, meas)
+        response = (plus - minus) / (2.0 * eps)
+        if not bool(torch.isfinite(response).all()):
+            raise DivergenceError(
+                f"the PBRF measurement is not finite at the perturbed parameters (epsilon={eps}); reduce epsilon."
+            )
+        converged = rec_p.converged and rec_m.converged
+        result = PBRFResult(
+            response=response,
+            epsilon=eps,
+            damping=self.damping,
+            optimizer=self.optimizer,
+            dtype=str(self.dtype).replace("torch.", ""),
+            tol=self.tol,
+            converged=converged,
+            iterations=rec_p.iterations + rec_m.iterations,
+            grad_norm=max(rec_p.grad_norm, rec_m.grad_norm),
+            relative_grad_norm=max(rec_p.relative_grad_norm, rec_m.relative_grad_norm),
+            measurement_base=base,
+            measurement_plus=plus,
+            measurement_minus=minus,
+            solves=[rec_p, rec_m],
+            seconds=time.perf_counter() - start,
+        )
+        if not converged and self.warn:
+            warnings.warn(
+                f"PBRF ({self.optimizer}) did not converge: relative gradient norm {result.relative_grad_norm:.3g} "
+                f"(gradient norm {result.grad_norm:.3g}) > tol={self.tol} after {result.iterations} iterations "
+                f"(epsilon={eps}, damping={self.damping}). Raise max_iter, increase damping, or use "
+                "optimizer='newton_cg'; the response is reported but less trustworthy.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return result
+
+    def responses(
+        self,
+        examples: Sequence[Any],
+        *,
+        queries: Sequence[Any] | Any | None = None,
+        measurement: Measurement | None = None,
+        epsilon: float | None = None,
+    ) -> tuple[Tensor, list[PBRFResult]]:
+        """:meth:`response` for several training examples.
+
+        Returns:
+            ``(matrix, results)``: the responses stacked to shape ``(M, *measurement_shape)`` (``(M, Q)`` for
+            query losses) and the per-example results.
+
+        Raises:
+            ConfigurationError: If ``examples`` is empty (and as :meth:`response`).
+        """
+        results = [self.response(e, queries=queries, measurement=measurement, epsilon=epsilon) for e in examples]
+        if not results:
+            raise ConfigurationError("examples is empty: pass at least one training example batch.")
+        return torch.stack([r.response for r in results]), results
+
+    def to_dict(self) -> dict[str, Any]:
+        """Configuration for reports."""
+        return {
+            "epsilon": self.epsilon,
+            "damping": self.damping,
+            "optimizer": self.optimizer,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "num_units": self.num_units,
+            "num_params": self.num_params,
+        }
+
+
+class _WeightedSum:
+    """``A + w B`` as an operator (the Gauss-Newton matrix of the PBO without its damping)."""
+
+    def __init__(self, a: GNHOperator, b: GNHOperator, weight: float) -> None:
+        self.a, self.b, self.weight = a, b, weight
+
+    @property
+    def num_params(self) -> int:
+        return self.a.num_params
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.a.matvec(v) + self.weight * self.b.matvec(v)
+
+    def quadratic_form(self, v: Tensor) -> Tensor:
+        return torch.dot(v, self.matvec(v))
+
+
+def _check_epsilon(epsilon: float) -> None:
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        raise ConfigurationError(
+            f"epsilon must be a finite number > 0 (the up/down-weighting of the training example), got {epsilon}; "
+            "the PBRF uses a central difference over +epsilon and -epsilon, so its sign is already covered. "
+            "Typical values: 1/N (one example of N) or smaller."
+        )
+
+
+def pbrf_response(
+    model: nn.Module,
+    task: Task,
+    data: Sequence[Any],
+    example: Any,
+    *,
+    damping: float,
+    queries: Sequence[Any] | Any | None = None,
+    measurement: Measurement | None = None,
+    epsilon: float | None = None,
+    reduce_fn: ReduceFn | None = None,
+    **kwargs: Any,
+) -> PBRFResult:
+    """One-shot :class:`PBRF` response of one training example (see :class:`PBRF` for every argument).
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> model = torch.nn.Linear(1, 1, bias=False).double()
+        >>> x = torch.ones(4, 1, dtype=torch.float64)
+        >>> r = pbrf_response(model, Regression(), [(x, 0 * x)], (x[:1], 1 + x[:1]), damping=1.0,
+        ...                   queries=[(x[:1], 0 * x[:1])], epsilon=1e-3)
+        >>> bool(r.converged)
+        True
+
+    Returns:
+        The response and its certificate.
+    """
+    pbrf = PBRF(model, task, data, damping=damping, epsilon=epsilon, reduce_fn=reduce_fn, **kwargs)
+    return pbrf.response(example, queries=queries, measurement=measurement)
