@@ -74,15 +74,21 @@ class LossFamily(ABC):
 
     @abstractmethod
     def output_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """:math:`\\nabla_h \\ell(h, y)` per unit (shape of ``outputs``), zero at ignored units."""
+        r""":math:`\nabla_h \ell(h, y)` per unit (shape of ``outputs``), zero at ignored units."""
 
     @abstractmethod
     def expected_fisher_output_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
-        """:math:`\\sum_y p_h(y) g_y g_y^\\top v` by explicit enumeration/expectation (independent of ``output_hvp``)."""
+        r""":math:`\sum_y p_h(y) g_y g_y^\top v` by explicit enumeration/expectation (independent of ``output_hvp``)."""
 
     @abstractmethod
-    def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
-        """Labels drawn from the model's predictive distribution; ignored units stay ignored."""
+    def sample_targets(
+        self, outputs: Tensor, targets: Tensor, generator: torch.Generator, num_samples: int | None = None
+    ) -> Tensor:
+        """Labels drawn from the model's predictive distribution; ignored units stay ignored.
+
+        With ``num_samples`` the result has a leading dimension of that size (all draws in one call), and
+        :meth:`output_grad` accepts such stacked targets.
+        """
 
     @abstractmethod
     def bregman(self, outputs: Tensor, ref_outputs: Tensor, targets: Tensor) -> Tensor:
@@ -167,7 +173,7 @@ class SoftmaxCrossEntropy(LossFamily):
         return flat.reshape(targets.shape)
 
     def output_hvp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
-        """:math:`(\\mathrm{diag}(p) - pp^\\top) v`."""
+        r""":math:`(\mathrm{diag}(p) - pp^\top) v`."""
         p = torch.softmax(outputs, dim=-1)
         pv = p * v
         out = pv - p * pv.sum(-1, keepdim=True)
@@ -175,13 +181,13 @@ class SoftmaxCrossEntropy(LossFamily):
 
     def output_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """:math:`p - e_y`."""
-        mask = self.unit_mask(outputs, targets)
+        mask = targets != self.ignore_index  # may carry a leading sample dimension
         p = torch.softmax(outputs, dim=-1)
         onehot = F.one_hot(torch.where(mask, targets, 0), outputs.shape[-1]).to(p.dtype)
         return (p - onehot) * mask.unsqueeze(-1).to(p.dtype)
 
     def expected_fisher_output_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
-        """:math:`\\sum_k p_k (p - e_k)(p - e_k)^\\top v`, enumerating all ``K`` labels."""
+        r""":math:`\sum_k p_k (p - e_k)(p - e_k)^\top v`, enumerating all ``K`` labels."""
         p = torch.softmax(outputs, dim=-1)
         eye = torch.eye(outputs.shape[-1], dtype=p.dtype, device=p.device)
         g = p.unsqueeze(-2) - eye  # (..., K labels, K outputs): g[..., k, :] = p - e_k
@@ -189,16 +195,20 @@ class SoftmaxCrossEntropy(LossFamily):
         out = (coef.unsqueeze(-1) * g).sum(-2)
         return out * self.unit_mask(outputs, targets).unsqueeze(-1).to(out.dtype)
 
-    def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+    def sample_targets(
+        self, outputs: Tensor, targets: Tensor, generator: torch.Generator, num_samples: int | None = None
+    ) -> Tensor:
         """Categorical draws from ``softmax(outputs)``."""
         k = outputs.shape[-1]
+        m = 1 if num_samples is None else num_samples
         p = torch.softmax(outputs.detach(), dim=-1).reshape(-1, k)
-        draws = torch.multinomial(p.to(generator.device), 1, generator=generator).reshape(targets.shape)
-        draws = draws.to(targets.device)
-        return torch.where(self.unit_mask(outputs, targets), draws, targets)
+        draws = torch.multinomial(p.to(generator.device), m, replacement=True, generator=generator)
+        draws = draws.T.reshape(m, *targets.shape).to(targets.device)
+        draws = torch.where(self.unit_mask(outputs, targets), draws, targets)
+        return draws[0] if num_samples is None else draws
 
     def bregman(self, outputs: Tensor, ref_outputs: Tensor, targets: Tensor) -> Tensor:
-        """:math:`\\mathrm{KL}(\\mathrm{softmax}(h') \\| \\mathrm{softmax}(h))`."""
+        r""":math:`\mathrm{KL}(\mathrm{softmax}(h') \| \mathrm{softmax}(h))`."""
         logp = torch.log_softmax(outputs, dim=-1)
         logq = torch.log_softmax(ref_outputs, dim=-1)
         kl = (logq.exp() * (logq - logp)).sum(-1)
@@ -253,22 +263,31 @@ class BinaryLogistic(LossFamily):
         return F.softplus(h) - targets.reshape(h.shape).to(h.dtype) * h
 
     def output_hvp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
-        """:math:`\\sigma(1-\\sigma) v`."""
+        r""":math:`\sigma(1-\sigma) v`."""
         s = torch.sigmoid(outputs)
         return s * (1 - s) * v
 
     def output_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """:math:`\\sigma(h) - y`."""
-        return torch.sigmoid(outputs) - targets.reshape(outputs.shape).to(outputs.dtype)
+        r""":math:`\sigma(h) - y`."""
+        y = (
+            targets.reshape(outputs.shape)
+            if targets.numel() == outputs.numel()
+            else targets.reshape(-1, *outputs.shape)
+        )
+        return torch.sigmoid(outputs) - y.to(outputs.dtype)
 
     def expected_fisher_output_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
-        """:math:`\\sigma (\\sigma - 1)^2 v + (1 - \\sigma) \\sigma^2 v` (both labels enumerated)."""
+        r""":math:`\sigma (\sigma - 1)^2 v + (1 - \sigma) \sigma^2 v` (both labels enumerated)."""
         s = torch.sigmoid(outputs)
         return (s * (s - 1) ** 2 + (1 - s) * s**2) * v
 
-    def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+    def sample_targets(
+        self, outputs: Tensor, targets: Tensor, generator: torch.Generator, num_samples: int | None = None
+    ) -> Tensor:
         """Bernoulli draws with probability ``sigmoid(outputs)``."""
         p = torch.sigmoid(outputs.detach()).reshape(targets.shape).to(generator.device)
+        if num_samples is not None:
+            p = p.expand(num_samples, *p.shape)
         return torch.bernoulli(p, generator=generator).to(device=targets.device, dtype=targets.dtype)
 
     def bregman(self, outputs: Tensor, ref_outputs: Tensor, targets: Tensor) -> Tensor:
@@ -329,31 +348,37 @@ class GaussianNLL(LossFamily):
         return 0.5 * (diff**2).sum(1) / self.variance
 
     def output_hvp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
-        """:math:`v / \\sigma^2`."""
+        r""":math:`v / \sigma^2`."""
         return v / self.variance
 
     def output_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """:math:`(h - y) / \\sigma^2`."""
+        r""":math:`(h - y) / \sigma^2`."""
         return (outputs - targets.to(outputs.dtype)) / self.variance
 
     def expected_fisher_output_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
-        """:math:`\\mathbb{E}[(h-y)(h-y)^\\top] v / \\sigma^4 = v / \\sigma^2` for :math:`y \\sim N(h, \\sigma^2 I)`."""
+        r""":math:`\mathbb{E}[(h-y)(h-y)^\top] v / \sigma^4 = v / \sigma^2` for :math:`y \sim N(h, \sigma^2 I)`."""
         second_moment = self.variance  # E[(h - y)_i (h - y)_j] = variance * delta_ij
         return second_moment * v / self.variance**2
 
-    def sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+    def sample_targets(
+        self, outputs: Tensor, targets: Tensor, generator: torch.Generator, num_samples: int | None = None
+    ) -> Tensor:
         """``outputs + sigma * noise``."""
-        noise = torch.randn(outputs.shape, generator=generator, device=generator.device, dtype=outputs.dtype)
+        shape = outputs.shape if num_samples is None else (num_samples, *outputs.shape)
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=outputs.dtype)
         return (outputs.detach() + noise.to(outputs.device) * self.variance**0.5).to(targets.dtype)
 
     def bregman(self, outputs: Tensor, ref_outputs: Tensor, targets: Tensor) -> Tensor:
-        """:math:`\\|h - h'\\|^2 / (2\\sigma^2)` per example."""
+        r""":math:`\|h - h'\|^2 / (2\sigma^2)` per example."""
         diff = (outputs - ref_outputs).reshape(outputs.shape[0], -1)
         return 0.5 * (diff**2).sum(1) / self.variance
 
 
 def get_loss(name: str | LossFamily) -> LossFamily:
     """Resolve a loss by name (``"cross_entropy"``, ``"binary"``, ``"mse"``/``"gaussian"``) or pass one through.
+
+    Returns:
+        The :class:`LossFamily` instance (``name`` itself when it already is one).
 
     Raises:
         ConfigurationError: For an unknown name; the message lists the known ones.

@@ -39,11 +39,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwad
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from lightning_influence.exceptions import ConfigurationError, NonFiniteError
-from lightning_influence.params import ParamTree, flatten, make_generator, num_parameters, trainable_parameters, unflatten
+from lightning_influence.params import (
+    ParamTree,
+    flatten,
+    make_generator,
+    num_parameters,
+    trainable_parameters,
+    unflatten,
+)
 from lightning_influence.tasks import Task
 
 ReduceFn = Callable[[Tensor], Tensor]
@@ -76,6 +83,9 @@ def prepare_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = 
     """Move every tensor of a batch to ``device``; clone inference-mode tensors so autograd can use them.
 
     Floating tensors are cast to ``dtype`` when given (e.g. float64 for exact checks).
+
+    Returns:
+        The batch with the same structure, its tensors on ``device``.
     """
 
     def move(x: Any) -> Any:
@@ -131,7 +141,7 @@ def make_batches(
 
 
 class CurvatureOperator:
-    """Base class: a symmetric, matrix-free operator averaged over a fixed sample.
+    r"""Base class: a symmetric, matrix-free operator averaged over a fixed sample.
 
     Subclasses implement :meth:`_batch_product` (the unnormalised sum of per-unit products over one batch).
 
@@ -139,7 +149,7 @@ class CurvatureOperator:
         model: The module; only its trainable parameters are differentiated.
         task: Turns batches into ``(outputs, targets)`` and names the loss family.
         data: Collated batches (this rank's shard under data parallelism); see :func:`make_batches`.
-        damping: :math:`\\lambda \\ge 0` added as :math:`\\lambda I`.
+        damping: :math:`\lambda \ge 0` added as :math:`\lambda I`.
         reduce_fn: Sums a flat tensor over ranks (``None`` on a single process).
         dtype: Cast floating inputs in the batches to this dtype (``None`` keeps them; the model's parameter
             dtype is always used for the products).
@@ -224,6 +234,9 @@ class CurvatureOperator:
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`A v` for a flat vector ``v`` of length ``P``.
 
+        Returns:
+            The flat product :math:`A v` (length ``P``).
+
         Raises:
             ConfigurationError: If ``v`` has the wrong shape.
             NonFiniteError: If the product is not finite (names the first offending batch).
@@ -268,20 +281,62 @@ class CurvatureOperator:
         )
 
     def matmat(self, matrix: Tensor) -> Tensor:
-        """:math:`A V` for ``V`` of shape ``(P, k)``, column by column."""
-        if matrix.ndim != 2:
-            raise ConfigurationError(f"matmat expects a (P, k) matrix, got shape {tuple(matrix.shape)}.")
-        return torch.stack([self.matvec(matrix[:, j]) for j in range(matrix.shape[1])], dim=1)
+        """:math:`A V` for ``V`` of shape ``(P, k)``.
+
+        Operators with a vectorised batch product (``torch.func.vmap`` over the columns) use it, with one
+        reduction for all columns; otherwise the columns go through :meth:`matvec` one by one.
+
+        Returns:
+            The product :math:`A V` of shape ``(P, k)``.
+
+        Raises:
+            ConfigurationError: If ``matrix`` is not ``(P, k)``.
+            NonFiniteError: If the product is not finite.
+        """
+        if matrix.ndim != 2 or matrix.shape[0] != self.num_params:
+            raise ConfigurationError(f"matmat expects a ({self.num_params}, k) matrix, got {tuple(matrix.shape)}.")
+        if not self._vectorized:
+            return torch.stack([self.matvec(matrix[:, j]) for j in range(matrix.shape[1])], dim=1)
+        matrix = matrix.to(device=self.device, dtype=self.param_dtype)
+        k = matrix.shape[1]
+        vtree = {name: leaf.movedim(-1, 0) for name, leaf in unflatten(matrix, self.params).items()}
+        total = torch.zeros(k, self.num_params, dtype=matrix.dtype, device=matrix.device)
+        count = torch.zeros((), dtype=matrix.dtype, device=matrix.device)
+        with curvature_mode(self.model):
+            for i, batch in enumerate(self.data):
+                prod, n = self._batch_matmat(i, batch, vtree)
+                total = total + torch.cat([leaf.reshape(k, -1) for leaf in prod.values()], dim=1).detach()
+                count = count + n
+                self.examples_processed += self.task.batch_size(batch)
+        reduced = self._reduce(torch.cat([total.reshape(-1), count.reshape(1)]))
+        self.num_products += k
+        self._count = float(reduced[-1])
+        if self._count <= 0:
+            raise ConfigurationError(f"{type(self).__name__}: the sample has no counted units.")
+        result = reduced[:-1].reshape(k, -1).T / self._count + self.damping * matrix
+        if self.check_finite and not bool(torch.isfinite(result).all()):
+            self._raise_non_finite(unflatten(matrix[:, 0], self.params))
+        return result
+
+    #: Whether :meth:`_batch_matmat` is implemented.
+    _vectorized = False
+
+    def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
+        """Vectorised :meth:`_batch_product` over a leading column dimension of every leaf of ``vs``."""
+        raise NotImplementedError(f"{type(self).__name__} has no vectorised product")  # pragma: no cover
 
     def __matmul__(self, other: Tensor) -> Tensor:
         return self.matvec(other) if other.ndim == 1 else self.matmat(other)
 
     def quadratic_form(self, v: Tensor) -> Tensor:
-        """:math:`v^\\top A v` (subclasses may do this more cheaply than a full product)."""
+        r""":math:`v^\top A v` (subclasses may do this more cheaply than a full product)."""
         return torch.dot(v.to(self.param_dtype), self.matvec(v))
 
     def dense(self) -> Tensor:
         """The full ``(P, P)`` matrix, for tiny models and tests.
+
+        Returns:
+            The dense ``(P, P)`` matrix :math:`A`.
 
         Raises:
             ConfigurationError: If ``P`` exceeds 5,000 (use the matrix-free products instead).
@@ -340,7 +395,18 @@ class _OutputSpaceOperator(CurvatureOperator):
         c = self._output_map(batch_index, outputs.detach(), targets, jv)
         names = list(leaves)
         grads = torch.autograd.grad(outputs, [leaves[k] for k in names], grad_outputs=c, allow_unused=True)
-        prod = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, grads)}
+        prod = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, grads, strict=True)}
+        return prod, self.task.loss.unit_mask(outputs, targets).sum().to(outputs.dtype)
+
+    _vectorized = True
+
+    def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
+        f, targets = self._validated(batch)
+        outputs, pullback = vjp(f, self.params)  # type: ignore[misc]
+        self.task.loss.validate(outputs.detach(), targets)
+        jvs = vmap(lambda v: jvp(f, (self.params,), (v,))[1])(vs)  # (k, *outputs.shape)
+        c = self._output_map(batch_index, outputs.detach(), targets, jvs.detach())
+        (prod,) = vmap(pullback)(c)
         return prod, self.task.loss.unit_mask(outputs, targets).sum().to(outputs.dtype)
 
     def quadratic_form(self, v: Tensor) -> Tensor:
@@ -352,7 +418,7 @@ class _OutputSpaceOperator(CurvatureOperator):
         with curvature_mode(self.model):
             for i, batch in enumerate(self.data):
                 f, targets = self._validated(batch)
-                outputs, jv = jvp(f, (self.params,), (vtree,))
+                outputs, jv = jvp(f, (self.params,), (vtree,))  # type: ignore[misc]
                 c = self._output_map(i, outputs.detach(), targets, jv.detach())
                 total = total + (jv.detach() * c).sum()
                 count = count + self.task.loss.unit_mask(outputs, targets).sum().to(v.dtype)
@@ -366,6 +432,48 @@ class _OutputSpaceOperator(CurvatureOperator):
         if self.check_finite and not bool(torch.isfinite(value)):
             self._raise_non_finite(vtree)
         return value
+
+
+    def quadratic_forms(self, matrix: Tensor) -> Tensor:
+        r""":math:`v_j^\top A v_j` for every column of ``matrix`` ``(P, k)``: one vectorised forward-mode pass.
+
+        Returns:
+            A length-``k`` vector of the quadratic forms, damping included.
+
+        Raises:
+            ConfigurationError: If the sample has no counted units.
+
+        Example::
+
+            >>> from lightning_influence.tasks import Regression
+            >>> m = torch.nn.Linear(2, 1, bias=False).double()
+            >>> op = GNHOperator(m, Regression(), [(torch.eye(2, dtype=torch.float64), torch.zeros(2, 1).double())])
+            >>> op.quadratic_forms(torch.eye(2, dtype=torch.float64))
+            tensor([0.5000, 0.5000], dtype=torch.float64)
+        """
+        matrix = matrix.to(device=self.device, dtype=self.param_dtype)
+        k = matrix.shape[1]
+        vs = {name: leaf.movedim(-1, 0) for name, leaf in unflatten(matrix, self.params).items()}
+        total = torch.zeros(k, dtype=matrix.dtype, device=matrix.device)
+        count = torch.zeros((), dtype=matrix.dtype, device=matrix.device)
+        with curvature_mode(self.model):
+            for i, batch in enumerate(self.data):
+                f, targets = self._validated(batch)
+                outputs, jvs = vmap(lambda v, f=f: jvp(f, (self.params,), (v,)), out_dims=(None, 0))(vs)  # type: ignore[misc, arg-type]
+                self.task.loss.validate(outputs.detach(), targets)
+                c = self._output_map(i, outputs.detach(), targets, jvs.detach())
+                total = total + (jvs.detach() * c).reshape(k, -1).sum(1)
+                count = count + self.task.loss.unit_mask(outputs, targets).sum().to(matrix.dtype)
+                self.examples_processed += self.task.batch_size(batch)
+        reduced = self._reduce(torch.cat([total, count.reshape(1)]))
+        self.num_products += k
+        self._count = float(reduced[-1])
+        if self._count <= 0:
+            raise ConfigurationError(f"{type(self).__name__}: the sample has no counted units.")
+        values = reduced[:-1] / self._count + self.damping * (matrix * matrix).sum(0)
+        if self.check_finite and not bool(torch.isfinite(values).all()):
+            self._raise_non_finite(unflatten(matrix[:, 0], self.params))
+        return values
 
 
 class GNHOperator(_OutputSpaceOperator):
@@ -423,17 +531,15 @@ class SampledFisherOperator(_OutputSpaceOperator):
     def _output_map(self, batch_index: int, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor:
         if batch_index not in self._grads:
             gen = make_generator(self.seed + 7919 * batch_index)
-            draws = [self.task.loss.sample_targets(outputs, targets, gen) for _ in range(self.mc_samples)]
-            self._grads[batch_index] = torch.stack([self.task.loss.output_grad(outputs, y) for y in draws])
+            draws = self.task.loss.sample_targets(outputs, targets, gen, num_samples=self.mc_samples)
+            grads = self.task.loss.output_grad(outputs, draws)
+            self._grads[batch_index] = grads.reshape(self.mc_samples, *outputs.shape)
         g = self._grads[batch_index]  # (m, *outputs.shape)
-        if outputs.ndim == g.ndim - 1 and g.shape[-1] == outputs.shape[-1] and outputs.ndim >= 2 and (
-            self.task.loss.unit_mask(outputs, targets).shape == outputs.shape[:-1]
-        ):
-            coef = (g * jv).sum(-1, keepdim=True)
-        else:  # one output per unit (binary) or the whole row is one unit (Gaussian)
-            coef = (g * jv).reshape(g.shape[0], g.shape[1], -1).sum(-1).reshape(
-                g.shape[0], g.shape[1], *([1] * (g.ndim - 2))
-            )
+        extra = jv.ndim - outputs.ndim  # 1 when a column dimension leads (vectorised products)
+        g = g.reshape(g.shape[0], *([1] * extra), *g.shape[1:])
+        event_dims = outputs.ndim - self.task.loss.unit_mask(outputs, targets).ndim
+        prod = g * jv  # (m, [k], *outputs.shape)
+        coef = prod.sum(dim=tuple(range(-event_dims, 0)), keepdim=True) if event_dims else prod  # g^T J v per unit
         return (g * coef).mean(0)
 
 
@@ -447,6 +553,7 @@ class FiniteDifferenceGNHOperator(_OutputSpaceOperator):
     """
 
     kind = "finite_difference_gnh"
+    _vectorized = False  # the central difference is taken per direction
 
     def __init__(self, model: nn.Module, task: Task, data: Sequence[Any], *, step: float | None = None,
                  **kwargs: Any) -> None:
@@ -488,17 +595,34 @@ class HessianOperator(CurvatureOperator):
         def loss_sum(p: ParamTree) -> Tensor:
             return self.task.loss.unit_losses(f(p), targets).sum()
 
-        _, hv = jvp(grad(loss_sum), (self.params,), (v,))
+        _, hv = jvp(grad(loss_sum), (self.params,), (v,))  # type: ignore[misc]
         with torch.no_grad():
             out = f(self.params)
         self.task.loss.validate(out, targets)
         return hv, self.task.loss.unit_mask(out, targets).sum().to(out.dtype)
+
+    _vectorized = True
+
+    def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
+        f, targets = self._validated(batch)
+
+        def loss_sum(p: ParamTree) -> Tensor:
+            return self.task.loss.unit_losses(f(p), targets).sum()
+
+        hvs = vmap(lambda v: jvp(grad(loss_sum), (self.params,), (v,))[1])(vs)
+        with torch.no_grad():
+            out = f(self.params)
+        self.task.loss.validate(out, targets)
+        return hvs, self.task.loss.unit_mask(out, targets).sum().to(out.dtype)
 
 
 def gnh_product_reference(model: nn.Module, task: Task, batch: Any, v: Tensor) -> Tensor:
     """Unnormalised GNH product of one batch by ``torch.func.jvp`` then ``torch.func.vjp`` (two forward passes).
 
     A second, independent implementation kept for tests and benchmarks.
+
+    Returns:
+        The flat, unnormalised GNH product for ``batch`` (length ``P``).
     """
     params = trainable_parameters(model)
     inputs, targets = task.split(batch)
@@ -508,15 +632,18 @@ def gnh_product_reference(model: nn.Module, task: Task, batch: Any, v: Tensor) -
         return out
 
     with curvature_mode(model):
-        outputs, jv = jvp(f, (params,), (unflatten(v, params),))
+        outputs, jv = jvp(f, (params,), (unflatten(v, params),))  # type: ignore[misc]
         c = task.loss.output_hvp(outputs, targets, jv)
-        _, pullback = vjp(f, params)
+        _, pullback = vjp(f, params)  # type: ignore[misc]
         (prod,) = pullback(c)
     return flatten(prod)
 
 
 def loss_gradient(model: nn.Module, task: Task, data: Sequence[Any], reduce_fn: ReduceFn | None = None) -> Tensor:
     """Flat gradient of the mean loss over ``data`` (one forward and one backward per batch), via ``torch.func``.
+
+    Returns:
+        The flat gradient (length ``P``) of the loss averaged over all counted units.
 
     Example::
 

@@ -57,6 +57,9 @@ def num_parameters(tree: ParamTree) -> int:
 def flatten(tree: ParamTree) -> Tensor:
     """Concatenate a parameter tree into one flat vector, in the tree's key order.
 
+    Returns:
+        The flat vector of all leaves.
+
     Example::
 
         >>> flatten({"a": torch.ones(2, 2), "b": torch.zeros(1)}).tolist()

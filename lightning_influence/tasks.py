@@ -49,6 +49,9 @@ class Task:
     def split(self, batch: Any) -> tuple[Inputs, Tensor]:
         """Split a collated batch into a tuple of positional model inputs and the targets.
 
+        Returns:
+            ``(inputs, targets)`` with ``inputs`` a tuple of positional model inputs.
+
         Raises:
             BatchFormatError: If the batch is not a ``(inputs, targets)`` pair.
         """
