@@ -394,6 +394,7 @@ def test_wandb_offline_gets_image_table_histogram(tmp_path: Path, monkeypatch: p
     assert summary["pbrf/scatter"]["_type"] == "images/separated"
     assert summary["influence/top_k"]["_type"] == "table-file" and summary["influence/top_k"]["nrows"] == 2
     assert summary["influence/self_influence"]["_type"] == "histogram"
+    assert summary["influence/summary"]["_type"] == "table-file"  # W&B has no text panel: a one-cell table
     assert summary["trainer/global_step"] == 2
     assert list(files_dir.glob("media/images/pbrf/scatter_*.png"))
     table_file = next(files_dir.glob("media/table/influence/top_k_*.table.json"))

@@ -342,6 +342,14 @@ def to_image_array(image: Any) -> Any:
 
     Returns:
         A float array or ``None``.
+
+    Example::
+
+        >>> to_image_array([[0.0, 2.0], [4.0, 8.0]]).tolist()
+        [[0.0, 0.25], [0.5, 1.0]]
+        >>> import torch
+        >>> to_image_array(torch.zeros(3, 5, 4)).shape  # CxHxW → HxWxC
+        (5, 4, 3)
     """
     import numpy as np
 
@@ -436,6 +444,13 @@ def image_to_png_base64(image: Any) -> str | None:
 
     Raises:
         ImportError: If matplotlib is not installed.
+
+    Example::
+
+        >>> image_to_png_base64([[0.0, 1.0], [1.0, 0.0]])[:8]
+        'iVBORw0K'
+        >>> image_to_png_base64([1.0, 2.0, 3.0]) is None
+        True
     """
     if not _MATPLOTLIB_AVAILABLE:
         raise ImportError(
@@ -460,6 +475,12 @@ def figure_to_png_base64(fig: Figure, dpi: int = 100) -> str:
 
     Returns:
         ASCII base64 of the PNG bytes.
+
+    Example::
+
+        >>> fig = histogram_figure([1.0, 2.0], "h")
+        >>> figure_to_png_base64(fig).startswith("iVBORw0K"), fig.axes
+        (True, [])
     """
     buf = io.BytesIO()
     try:
@@ -470,7 +491,18 @@ def figure_to_png_base64(fig: Figure, dpi: int = 100) -> str:
 
 
 def close_figure(fig: Figure) -> None:
-    """Release a figure, whether or not it is registered with pyplot."""
+    """Release a figure, whether or not it is registered with pyplot.
+
+    Args:
+        fig: The figure.
+
+    Example::
+
+        >>> fig = histogram_figure([1.0], "h")
+        >>> close_figure(fig)
+        >>> fig.axes
+        []
+    """
     import sys
 
     if "matplotlib.pyplot" in sys.modules:

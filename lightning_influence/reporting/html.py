@@ -134,6 +134,11 @@ def fmt(value: Any) -> str:
 
     Returns:
         The text (not escaped; the template escapes it).
+
+    Example::
+
+        >>> fmt(0.123456), fmt(1e-7), fmt(None), fmt(True), fmt([1, 2.5])
+        ('0.1235', '1.000e-07', '—', 'yes', '[1, 2.5]')
     """
     if value is None:
         return "—"

@@ -174,6 +174,12 @@ def log_text(loggers: Any, tag: str, text: str, step: int | None = None) -> None
         tag: Text tag/key.
         text: The text (TensorBoard renders Markdown).
         step: Global step.
+
+    Example::
+
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> import tempfile
+        >>> log_text(TensorBoardLogger(tempfile.mkdtemp()), "influence/summary", "CG: 12 iterations", step=5)
     """
     for logger in _as_list(loggers):
         if _is_tensorboard(logger):
@@ -195,6 +201,12 @@ def log_histogram(loggers: Any, tag: str, values: Any, step: int | None = None) 
 
     Raises:
         ImportError: If a WandbLogger is present but ``wandb`` is not installed.
+
+    Example::
+
+        >>> import torch, tempfile
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> log_histogram([TensorBoardLogger(tempfile.mkdtemp())], "influence/self", torch.rand(100), step=0)
     """
     arr = None
     for logger in _as_list(loggers):
@@ -228,6 +240,12 @@ def log_table(
 
     Raises:
         ValueError: If a row's length differs from the number of columns.
+
+    Example::
+
+        >>> import tempfile
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> log_table([TensorBoardLogger(tempfile.mkdtemp())], "pbrf/corr", ["estimator", "pearson"], [["cg", 0.99]])
     """
     clean = [[_cell(v) for v in row] for row in rows]
     for i, row in enumerate(clean):
