@@ -664,7 +664,7 @@ def lissa(
     summary: dict[str, float] = {}
     source = "explicit"
     chosen: LissaSettings | None = None
-    dataset_size = sampled.pool_size if sampled is not None else None
+    dataset_size = sampled.pool_size if sampled is not None and not sampled.replacement else None
     if isinstance(settings, LissaSettings):
         chosen, source = settings, "settings"
         if abs(settings.damping - damping) > 1e-12 * max(1.0, damping):
@@ -753,8 +753,9 @@ def lissa(
         assert isinstance(sampler, SampledCurvature)
         restarts.append({"step": t, "batch_size": sampler.batch_size, "constant": constant})
         constant *= 2.0
-        new_batch = min(max(sampler.batch_size + 1, math.ceil(constant * summary["trace"] / summary["lambda_max"])),
-                        sampler.pool_size)
+        new_batch = max(sampler.batch_size + 1, math.ceil(constant * summary["trace"] / summary["lambda_max"]))
+        if not sampler.replacement:
+            new_batch = min(new_batch, sampler.pool_size)
         if new_batch <= sampler.batch_size:
             break
         warnings.warn(f"{div_msg} Restarting with C={constant:g}, |B|={new_batch} (restart {len(restarts)} of "
