@@ -331,11 +331,11 @@ class InfluenceResult:
 
 # ===================================================================================== per-example grads
 def _as_dataset(data: Any, name: str) -> Any:
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
+    if isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data):
         return torch.utils.data.TensorDataset(*data)
     if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
         raise ConfigurationError(
-            f"{name} must be a map-style dataset (with __len__ and __getitem__) or a tuple of tensors, "
+            f"{name} must be a map-style dataset (with __len__ and __getitem__) or a tuple of tensors (a list is treated as a data set), "
             f"got {type(data).__name__}."
         )
     return data
