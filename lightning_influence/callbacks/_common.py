@@ -50,6 +50,7 @@ __all__ = [
     "resolve_data",
     "resolve_dataset",
     "unwrap_module",
+    "warn_no_logger",
 ]
 
 #: Strategies the callbacks support (curvature work is sharded data-parallel over the unwrapped module).
@@ -275,6 +276,29 @@ def output_dir(trainer: pl.Trainer, subdir: str = "influence") -> Path:
 _WARNED_NO_LOGGER: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def warn_no_logger(trainer: pl.Trainer, who: str = "lightning_influence") -> bool:
+    """Warn (once per Trainer, rank 0) when no logger is attached; :func:`log_scalars` then only mirrors.
+
+    Args:
+        trainer: The Trainer.
+        who: The callback's name, for the message.
+
+    Returns:
+        ``True`` if the Trainer has no logger.
+    """
+    if trainer.loggers:
+        return False
+    if trainer not in _WARNED_NO_LOGGER:
+        _WARNED_NO_LOGGER.add(trainer)
+        rank_zero_warn(
+            f"{who}: no logger is attached to the Trainer, so its scalars are only available in "
+            "`trainer.callback_metrics`. Pass `logger=TensorBoardLogger(...)` (or another logger) to the Trainer to "
+            "see them as curves.",
+            category=UserWarning,
+        )
+    return True
+
+
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
     """Log scalars to every attached logger (rank 0) and mirror them into ``trainer.callback_metrics`` (all ranks).
 
@@ -291,12 +315,5 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-    if not trainer.loggers and trainer not in _WARNED_NO_LOGGER:
-        _WARNED_NO_LOGGER.add(trainer)
-        rank_zero_warn(
-            "lightning_influence: no logger is attached to the Trainer, so curvature and influence scalars are only "
-            "available in `trainer.callback_metrics`. Pass `logger=TensorBoardLogger(...)` (or another logger) to "
-            "the Trainer to see them as curves.",
-            category=UserWarning,
-        )
+    warn_no_logger(trainer)
     trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})

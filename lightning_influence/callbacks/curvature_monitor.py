@@ -1,0 +1,423 @@
+r"""CurvatureMonitor: track the Gauss-Newton curvature of the training loss while a model trains.
+
+At every checkpoint the Trainer saves (and optionally every ``n`` steps or epochs) the monitor measures, on a
+fixed seeded sample of the training data,
+
+* :math:`\mathrm{Tr}(G)` by Hutchinson's estimator, with its standard error,
+* :math:`\lambda_{\max}(G)` by Lanczos,
+* the critical batch size :math:`\mathrm{Tr}(G)/\lambda_{\max}(G)`,
+* the LiSSA settings they imply (paper 1, §3: :math:`\eta = 1/(\lambda_{\max}+\lambda)`,
+  :math:`|B| = \lceil C\,\mathrm{Tr}/\lambda_{\max} \rceil`, :math:`T = \lceil 2/(\lambda\eta) \rceil`),
+
+of the unit-averaged GNH :math:`G = \frac1N\sum_n J_n^\top S_n J_n` (see :mod:`lightning_influence.operators` and
+:mod:`lightning_influence.spectrum`). Under DDP every rank draws the same sample, works on its own unpadded slice
+through the unwrapped LightningModule and one sum-reduction completes each product
+(:mod:`lightning_influence.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_influence.callbacks._common import (
+    MisconfigurationError,
+    ResolvedData,
+    check_strategy,
+    log_scalars,
+    make_reduce_fn,
+    output_dir,
+    rank_world,
+    resolve_data,
+    unwrap_module,
+    warn_no_logger,
+)
+from lightning_influence.distributed import ShardSpec, make_shard
+from lightning_influence.exceptions import BatchFormatError, ConfigurationError
+from lightning_influence.operators import GNHOperator, curvature_mode, make_batches, prepare_batch
+from lightning_influence.spectrum import LissaSettings, SpectrumSummary, estimate_spectrum
+from lightning_influence.tasks import LanguageModeling, Task
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["CurvatureMonitor"]
+
+_WHO = "CurvatureMonitor"
+
+
+@contextlib.contextmanager
+def _isolated_rng() -> Iterator[None]:
+    """Restore torch's CPU RNG, Python's ``random`` and NumPy's global RNG (dataset ``__getitem__`` may use them)."""
+    py_state = random.getstate()
+    np_state = None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        np = None  # type: ignore[assignment]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None and np_state is not None:
+                np.random.set_state(np_state)
+
+
+class CurvatureMonitor(Callback):
+    r"""Measure Tr(GNH), λ_max, the critical batch size and the implied LiSSA settings during training.
+
+    Measurements happen
+
+    * whenever the Trainer saves a checkpoint (``on_checkpoint=True``): the values are stored in the checkpoint
+      next to the weights they describe (``checkpoint["lightning_influence/curvature"]``, and the callback state);
+    * every ``every_n_steps`` optimizer steps and/or at the end of every ``every_n_epochs`` training epochs.
+
+    A global step is measured at most once (a checkpoint saved right after a cadence measurement reuses it, and a
+    resumed run never re-measures a step already in its history). Every measurement uses the same fixed sample
+    (``sample_size`` examples drawn once with ``seed``) and the same probe seed, so the curves show how the
+    curvature changes, not probe noise.
+
+    The monitor never changes training: the model is evaluated in eval mode (restored afterwards) through
+    ``torch.func`` so no ``.grad`` is written and BatchNorm statistics are untouched, the global RNGs are never
+    used (dataset access is RNG-isolated), and autograd is forced on when Lightning runs hooks under
+    ``torch.inference_mode``. Supported strategies: single device and DDP (``ddp``, ``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``).
+
+    At the end of training a figure of all curves is logged to TensorBoard / W&B (``curvature/history``) and the
+    history is written to the ``"curvature"`` section of ``<log_dir>/influence/report.json`` / ``report.html``.
+
+    Logged metrics (to every attached logger at ``trainer.global_step``, and as float64 tensors into
+    ``trainer.callback_metrics`` so ``ModelCheckpoint``/``EarlyStopping`` can monitor them):
+
+    * ``curvature/trace``: Hutchinson estimate of :math:`\mathrm{Tr}(G)` (``trace_probes`` Rademacher probes).
+    * ``curvature/trace_stderr``: its standard error (sample std of the probes / sqrt(probes)).
+    * ``curvature/lambda_max``: largest eigenvalue of :math:`G` by Lanczos (at most ``lanczos_iter`` products).
+    * ``curvature/critical_batch_size``: ``trace / lambda_max`` (the effective rank; paper 1, §3).
+    * ``lissa/eta``: recommended LiSSA step size :math:`1/(\lambda_{\max} + \text{damping})`.
+    * ``lissa/batch_size``: recommended LiSSA batch, :math:`\lceil 2\,\mathrm{Tr}/\lambda_{\max} \rceil` units
+      (capped at the dataset size for per-example tasks).
+    * ``lissa/steps``: recommended LiSSA steps, :math:`\lceil 2(\lambda_{\max}+\text{damping})/\text{damping} \rceil`.
+
+    Args:
+        task: How a batch becomes ``(outputs, targets)`` and which loss family (e.g. ``Classification()``);
+            a loss name (``"cross_entropy"``, ``"mse"``, ...) builds a plain :class:`~lightning_influence.tasks.Task`.
+        dataset: ``"train"`` (default: the dataset behind the Trainer's train dataloader, with its collate
+            function), ``"val"``, or a map-style dataset.
+        sample_size: Examples in the fixed curvature sample (default 256); ``None`` uses the whole dataset.
+        batch_size: Examples per forward pass inside a measurement (default 256).
+        trace_probes: Hutchinson probes per measurement (default 16; at least 2).
+        lanczos_iter: Most Lanczos products per measurement (default 10).
+        lanczos_tol: Lanczos stops once the Ritz residual is below ``lanczos_tol * lambda_max`` (default 1e-2).
+        damping: The damping :math:`\lambda` the LiSSA settings are computed for (default 1e-3; must be > 0).
+        seed: Seed of the sample draw and of the probes (default 0).
+        every_n_steps: Also measure when ``trainer.global_step`` is a positive multiple of this (default ``None``).
+        every_n_epochs: Also measure at the end of every ``every_n_epochs``-th training epoch (default ``None``).
+        on_checkpoint: Measure whenever a checkpoint is saved (default ``True``).
+        log_figure: Log the figure of all curves at the end of training (default ``True``).
+        write_report: Write the history to ``<log_dir>/influence/report.json`` at the end of training (default
+            ``True``).
+
+    Raises:
+        MisconfigurationError: In ``__init__`` for invalid values (non-positive sizes, fewer than 2 probes,
+            ``damping <= 0``, nothing that would ever trigger a measurement); in ``setup`` for an unsupported
+            strategy; at the start of training for a ``sample_size`` larger than the dataset, a dataset that is not
+            map-style, or a ``task`` that cannot turn the dataset's batches into ``(outputs, targets)``.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Classification
+        >>> monitor = CurvatureMonitor(Classification(), every_n_steps=100)
+        >>> monitor.latest is None, monitor.history
+        (True, [])
+        >>> # trainer = L.Trainer(callbacks=[monitor], logger=TensorBoardLogger("runs")); trainer.fit(model)
+    """
+
+    #: Key under which each checkpoint stores the measurement made for it.
+    CHECKPOINT_KEY = "lightning_influence/curvature"
+
+    def __init__(
+        self,
+        task: Task | str,
+        *,
+        dataset: Literal["train", "val"] | Any = "train",
+        sample_size: int | None = 256,
+        batch_size: int = 256,
+        trace_probes: int = 16,
+        lanczos_iter: int = 10,
+        lanczos_tol: float = 1e-2,
+        damping: float = 1e-3,
+        seed: int = 0,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        on_checkpoint: bool = True,
+        log_figure: bool = True,
+        write_report: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(task, str):
+            try:
+                task = Task(task)
+            except (ConfigurationError, ValueError, KeyError) as err:
+                raise MisconfigurationError(f"{_WHO}: task={task!r} is not a known loss name ({err}).") from err
+        if not isinstance(task, Task):
+            raise MisconfigurationError(
+                f"{_WHO}: task must be a lightning_influence.tasks.Task (e.g. Classification()), got "
+                f"{type(task).__name__}."
+            )
+        if isinstance(dataset, str) and dataset not in ("train", "val"):
+            raise MisconfigurationError(f"{_WHO}: dataset must be 'train', 'val' or a Dataset, got {dataset!r}.")
+        for name, value in (("batch_size", batch_size), ("lanczos_iter", lanczos_iter)):
+            if int(value) < 1:
+                raise MisconfigurationError(f"{_WHO}: {name} must be >= 1, got {value}.")
+        if sample_size is not None and sample_size < 1:
+            raise MisconfigurationError(f"{_WHO}: sample_size must be >= 1 (or None for all), got {sample_size}.")
+        if trace_probes < 2:
+            raise MisconfigurationError(f"{_WHO}: trace_probes must be >= 2 for a standard error, got {trace_probes}.")
+        if not lanczos_tol > 0:
+            raise MisconfigurationError(f"{_WHO}: lanczos_tol must be > 0, got {lanczos_tol}.")
+        if not damping > 0:
+            raise MisconfigurationError(
+                f"{_WHO}: damping must be > 0 (got {damping}); the LiSSA step count grows like 1/damping."
+            )
+        for name, n in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if n is not None and n < 1:
+                raise MisconfigurationError(f"{_WHO}: {name} must be >= 1 or None, got {n}.")
+        if not on_checkpoint and every_n_steps is None and every_n_epochs is None:
+            raise MisconfigurationError(
+                f"{_WHO} would never measure: set every_n_steps or every_n_epochs, or keep on_checkpoint=True."
+            )
+        self.task = task
+        self.dataset = dataset
+        self.sample_size = sample_size
+        self.batch_size = int(batch_size)
+        self.trace_probes = int(trace_probes)
+        self.lanczos_iter = int(lanczos_iter)
+        self.lanczos_tol = float(lanczos_tol)
+        self.damping = float(damping)
+        self.seed = int(seed)
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.on_checkpoint = on_checkpoint
+        self.log_figure = log_figure
+        self.write_report = write_report
+
+        #: One plain dict per measurement, oldest first: ``step``, ``epoch``, ``trigger`` and
+        #: :meth:`SpectrumSummary.to_dict` fields (``trace``, ``lambda_max``, ``lissa`` {...}, ...).
+        self.history: list[dict[str, Any]] = []
+        #: This rank's shard of the sample (set at the start of training).
+        self.shard: ShardSpec | None = None
+        #: Examples this rank pushed through the model in the last measurement (sharding check).
+        self.last_examples_processed = 0
+        self._batches: list[Any] | None = None
+        self._data: ResolvedData | None = None
+        self._dataset_len: int | None = None
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    @override
+    def state_key(self) -> str:
+        dataset = self.dataset if isinstance(self.dataset, str) else type(self.dataset).__name__
+        return self._generate_state_key(task=type(self.task).__name__, dataset=dataset, seed=self.seed,
+                                        sample_size=self.sample_size)
+
+    @property
+    def latest(self) -> SpectrumSummary | None:
+        """The most recent measurement (``None`` before the first), e.g. to tune LiSSA in another callback."""
+        return self._summary_from_row(self.history[-1]) if self.history else None
+
+    @property
+    def measured_steps(self) -> list[int]:
+        """Global steps measured so far (strictly increasing)."""
+        return [int(r["step"]) for r in self.history]
+
+    @staticmethod
+    def _summary_from_row(row: dict[str, Any]) -> SpectrumSummary:
+        fields = {k: row[k] for k in SpectrumSummary.__dataclass_fields__ if k in row and k != "lissa"}
+        return SpectrumSummary(lissa=LissaSettings(**row["lissa"]), **fields)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(r) for r in self.history], "seed": self.seed, "sample_size": self.sample_size}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+
+    # ------------------------------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, _WHO)
+        warn_no_logger(trainer, _WHO)
+        if not isinstance(self.dataset, str):  # a user dataset can be checked before anything runs
+            data = resolve_data(trainer, self.dataset, _WHO)
+            self._check_sample_size(len(data.dataset))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
+            self._measure(trainer, pl_module, "step")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._measure(trainer, pl_module, "epoch")
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Runs on every rank inside trainer.save_checkpoint, so the collectives of a measurement line up.
+        if not self.on_checkpoint or self._batches is None:
+            return
+        row = self._measure(trainer, pl_module, "checkpoint")
+        if row is not None:
+            checkpoint[self.CHECKPOINT_KEY] = dict(row)
+        callbacks = checkpoint.get("callbacks")
+        if isinstance(callbacks, dict) and self.state_key in callbacks:  # state_dict() was taken before this hook
+            callbacks[self.state_key] = self.state_dict()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.log_figure or self.write_report):
+            return
+        directory = output_dir(trainer, "influence") if self.write_report else None  # collective: all ranks
+        if not trainer.is_global_zero or not self.history:
+            return
+        if self.log_figure and trainer.loggers:
+            from lightning_influence.reporting.figures import curvature_figure
+            from lightning_influence.reporting.media import log_figure
+
+            log_figure(trainer.loggers, "curvature/history", curvature_figure(self.history), step=trainer.global_step)
+        if directory is not None:
+            from lightning_influence.reporting import ReportStore
+
+            ReportStore(directory).update("curvature", self.report_section(trainer))
+
+    # ------------------------------------------------------------------------------------------ work
+    def report_section(self, trainer: pl.Trainer | None = None) -> dict[str, Any]:
+        """The ``"curvature"`` report section: history, configuration and a summary of the last measurement.
+
+        Returns:
+            A JSON-friendly dict (see :mod:`lightning_influence.reporting.html` for the schema).
+        """
+        config = self.config()
+        if self.shard is not None:
+            config.update({"world_size": self.shard.world_size, "dataset_size": self.shard.dataset_size})
+        last = self.history[-1] if self.history else {}
+        keys = ("step", "trace", "trace_stderr", "lambda_max", "critical_batch_size")
+        summary = {k: last[k] for k in keys if k in last}
+        return {"history": [dict(r) for r in self.history], "config": config, "summary": summary}
+
+    def config(self) -> dict[str, Any]:
+        """The monitor's settings as plain values.
+
+        Returns:
+            ``name -> value`` for every constructor argument except the dataset object.
+        """
+        return {
+            "task": self.task.to_dict(),
+            "dataset": self.dataset if isinstance(self.dataset, str) else type(self.dataset).__name__,
+            "sample_size": self.sample_size,
+            "batch_size": self.batch_size,
+            "trace_probes": self.trace_probes,
+            "lanczos_iter": self.lanczos_iter,
+            "lanczos_tol": self.lanczos_tol,
+            "damping": self.damping,
+            "seed": self.seed,
+            "every_n_steps": self.every_n_steps,
+            "every_n_epochs": self.every_n_epochs,
+            "on_checkpoint": self.on_checkpoint,
+        }
+
+    def _check_sample_size(self, n: int) -> None:
+        if self.sample_size is not None and self.sample_size > n:
+            raise MisconfigurationError(
+                f"{_WHO}: sample_size={self.sample_size} is larger than the dataset ({n} examples); pass "
+                f"sample_size <= {n} (or sample_size=None to use every example)."
+            )
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Draw the sample, take this rank's shard, collate it once, and check that the task fits (all ranks)."""
+        data = resolve_data(trainer, self.dataset, _WHO)
+        n = len(data.dataset)
+        if n < 1:
+            raise MisconfigurationError(f"{_WHO}: the {data.source} dataset is empty; pass dataset=... with examples.")
+        self._check_sample_size(n)
+        rank, world = rank_world(trainer)
+        shard = make_shard(n, self.sample_size, self.seed, rank, world)
+        module = unwrap_module(pl_module)
+        with _isolated_rng():  # a dataset's __getitem__ (augmentations) must not advance the training RNG
+            probe_batch = make_batches(data.dataset, shard.global_indices[: min(2, shard.global_size)],
+                                       batch_size=2, collate_fn=data.collate_fn)
+            batches = make_batches(data.dataset, shard.indices, self.batch_size, data.collate_fn)
+        self._check_task(module, probe_batch[0], data.source)
+        self._data, self._dataset_len, self.shard, self._batches = data, n, shard, batches
+
+    def _check_task(self, module: torch.nn.Module, batch: Any, source: str) -> None:
+        param = next((p for p in module.parameters() if p.requires_grad), None)
+        if param is None:
+            raise MisconfigurationError(f"{_WHO}: the LightningModule has no trainable parameter to measure.")
+        try:
+            with _isolated_rng(), curvature_mode(module), torch.no_grad():
+                self.task(module, prepare_batch(batch, param.device))
+        except BatchFormatError as err:
+            raise MisconfigurationError(
+                f"{_WHO}: task={self.task!r} does not fit the {source} batches: {err} Pass a task whose split()/"
+                "outputs() match this data (subclass the task for custom batch formats)."
+            ) from err
+        except (ConfigurationError, ValueError, RuntimeError, TypeError) as err:
+            raise MisconfigurationError(
+                f"{_WHO}: task={self.task!r} failed on a {source} batch ({type(err).__name__}: {err}). Check that the "
+                "task's loss matches the model's outputs and the targets (e.g. class indices for Classification)."
+            ) from err
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> dict[str, Any] | None:
+        """Measure at ``trainer.global_step`` unless already done; same decision and collectives on every rank.
+
+        Returns:
+            The history row for this step (new or existing), or ``None`` if the sample is not prepared.
+        """
+        if self._batches is None:
+            return None
+        step = int(trainer.global_step)
+        for old in reversed(self.history):
+            if int(old["step"]) == step:
+                return old
+        module = unwrap_module(pl_module)
+        with torch.inference_mode(False), torch.enable_grad():
+            op = GNHOperator(module, self.task, self._batches, reduce_fn=make_reduce_fn(trainer))
+            summary = estimate_spectrum(
+                op,
+                damping=self.damping,
+                trace_probes=self.trace_probes,
+                lanczos_iter=self.lanczos_iter,
+                lanczos_tol=self.lanczos_tol,
+                seed=self.seed,
+                dataset_size=None if isinstance(self.task, LanguageModeling) else self._dataset_len,
+            )
+        self.last_examples_processed = op.examples_processed
+        row: dict[str, Any] = {"step": step, "epoch": int(trainer.current_epoch), "trigger": trigger,
+                               **summary.to_dict()}
+        self.history.append(row)
+        metrics = {k: v for k, v in summary.metrics().items() if math.isfinite(v)}
+        log_scalars(trainer, metrics, step=step)
+        return row
