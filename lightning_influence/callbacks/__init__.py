@@ -7,5 +7,6 @@ resolution, output directories, scalar logging) is in :mod:`lightning_influence.
 from __future__ import annotations
 
 from lightning_influence.callbacks._common import SUPPORTED_STRATEGIES, MisconfigurationError
+from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
 
-__all__ = ["SUPPORTED_STRATEGIES", "MisconfigurationError"]
+__all__ = ["SUPPORTED_STRATEGIES", "CurvatureMonitor", "MisconfigurationError"]
