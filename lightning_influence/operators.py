@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
@@ -58,7 +59,7 @@ ReduceFn = Callable[[Tensor], Tensor]
 
 @contextlib.contextmanager
 def curvature_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode with autograd forced on; restores every submodule's training flag on exit.
+    """Eval mode with autograd forced on and math attention; restores every submodule's training flag on exit.
 
     Example::
 
@@ -70,11 +71,17 @@ def curvature_mode(model: nn.Module) -> Iterator[None]:
         True
     """
     modes = [(m, m.training) for m in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    # nn.MultiheadAttention / TransformerEncoderLayer take a fused eval-mode "fast path" without forward-mode AD.
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        # Fused attention kernels (flash / memory-efficient) have no forward-mode derivative; the math backend
+        # computes the same attention and supports jvp, vmap and double backward.
+        with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, mode in modes:
             module.training = mode
 

@@ -294,3 +294,38 @@ def test_negative_damping_rejected() -> None:
     model, task, data = mlp_case()
     with pytest.raises(ConfigurationError, match="damping"):
         GNHOperator(model, task, data, damping=-1.0)
+
+
+def test_stock_transformer_layer_supports_forward_mode() -> None:
+    """nn.TransformerEncoderLayer's fused eval fast path and flash attention have no jvp; the operators avoid them."""
+
+    class Stock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(5, 4)
+            self.layer = nn.TransformerEncoderLayer(4, 1, 6, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.head(self.layer(self.emb(ids)))
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Stock().double()
+    ids = torch.randint(0, 5, (2, 4), generator=_gen(11))
+    task, data = LanguageModeling(), [ids]
+    params = trainable_parameters(model)
+    flat = flatten(params)
+    x, y = ids[:, :-1], ids[:, 1:]
+    from lightning_influence.operators import curvature_mode
+
+    with curvature_mode(model):
+        out = functional_call(model, unflatten(flat, params), (x,))
+        J = jacrev(lambda t: functional_call(model, unflatten(t, params), (x,)))(flat).reshape(-1, flat.numel())
+        S = hessian(lambda o: _independent_loss_sum(task, o.reshape(out.shape), y))(out.reshape(-1))
+    expected = J.T @ S @ J / y.numel()
+    op = GNHOperator(model, task, data)
+    v = torch.randn(flat.numel(), generator=_gen(12), dtype=DT)
+    assert _rel(op.matvec(v), expected @ v) <= 1e-10
+    assert abs(float(op.quadratic_form(v)) - float(v @ expected @ v)) <= 1e-10 * float(v @ expected @ v)
+    assert torch.backends.mha.get_fastpath_enabled()  # global switch restored
