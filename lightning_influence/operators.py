@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwad
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from lightning_influence.exceptions import ConfigurationError, NonFiniteError
