@@ -69,6 +69,7 @@ from lightning_influence.solvers import (
     _operator_class,
     conjugate_gradient,
     lissa,
+    local_curvature_matmat,
 )
 from lightning_influence.spectrum import LissaSettings, SpectrumSummary
 from lightning_influence.tasks import Task
@@ -335,8 +336,8 @@ def _as_dataset(data: Any, name: str) -> Any:
         return torch.utils.data.TensorDataset(*data)
     if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
         raise ConfigurationError(
-            f"{name} must be a map-style dataset (with __len__ and __getitem__) or a tuple of tensors (a list is treated as a data set), "
-            f"got {type(data).__name__}."
+            f"{name} must be a map-style dataset (with __len__ and __getitem__) or a tuple of tensors (a list is "
+            f"treated as a data set), got {type(data).__name__}."
         )
     return data
 
@@ -601,7 +602,7 @@ def _build_ihvp(
     cls = _operator_class(cfg.curvature)
     extra: dict[str, Any] = {"seed": cfg.seed} if cfg.curvature == "sampled_fisher" else {}
     if cfg.solver == "cg":
-        op: CurvatureOperator = cls(model, task, batches, reduce_fn=reduce_fn, dtype=dtype, **extra)
+        op = _MultiVectorOperator(cls(model, task, batches, reduce_fn=reduce_fn, dtype=dtype, **extra), cfg)
 
         def solve_cg(B: Tensor) -> tuple[Tensor, SolveResult]:
             before = op.examples_processed
@@ -650,6 +651,49 @@ def _build_ihvp(
     return _IHVP(solve_lissa, state)
 
 
+class _MultiVectorOperator:
+    """A fixed-sample operator whose ``matmat`` pushes all columns through one vectorised pass and one reduction."""
+
+    def __init__(self, op: CurvatureOperator, cfg: InfluenceConfig) -> None:
+        self.op = op
+        self.curvature = cfg.curvature
+        self.seed = cfg.seed
+        self.examples_processed = 0
+        self._local_examples = sum(op.task.batch_size(b) for b in op.data)
+
+    @property
+    def num_params(self) -> int:
+        return self.op.num_params
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.op.param_dtype
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v.reshape(-1, 1))[:, 0]
+
+    def quadratic_form(self, v: Tensor) -> Tensor:
+        return torch.dot(v, self.matvec(v))
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        if self.curvature not in ("gnh", "expected_fisher"):
+            self.examples_processed += self._local_examples * matrix.shape[1]
+            return self.op.matmat(matrix)
+        total, count = local_curvature_matmat(self.op.model, self.op.task, self.op.data, matrix,
+                                              curvature=self.curvature, seed=self.seed)
+        flat = torch.cat([total.reshape(-1), count.reshape(1)])
+        if self.op.reduce_fn is not None:
+            flat = self.op.reduce_fn(flat)
+        n = float(flat[-1])
+        if n <= 0:
+            raise ConfigurationError("the curvature sample has no counted units (empty data, or all targets ignored).")
+        self.examples_processed += self._local_examples * matrix.shape[1]
+        out = flat[:-1].reshape(total.shape) / n
+        if self.op.check_finite and not bool(torch.isfinite(out).all()):
+            raise NonFiniteError("a curvature product is not finite; check the inputs and the model's outputs.")
+        return out
+
+
 def _output_dim(model: nn.Module, task: Task, batches: Sequence[Any], dtype: torch.dtype | None) -> int:
     """Outputs per example (for cost accounting of the Jacobian-based dense curvature)."""
     if not batches:
@@ -675,6 +719,7 @@ def influence_scores(
     curvature_indices: Sequence[int] | Tensor | None = None,
     spectrum: SpectrumSummary | LissaSettings | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    query_collate_fn: Callable[[list[Any]], Any] | None = None,
     reduce_fn: ReduceFn | None = None,
     rank: int = 0,
     world_size: int = 1,
@@ -699,7 +744,8 @@ def influence_scores(
         curvature_indices: Training examples forming :math:`G` (default: the whole training set).
         spectrum: A :class:`SpectrumSummary` (e.g. ``CurvatureMonitor.latest``) or :class:`LissaSettings` for
             LiSSA; measured on the spot when ``None``.
-        collate_fn: Collation for both data sets.
+        collate_fn: Collation of the training set (and of the queries unless ``query_collate_fn`` is given).
+        query_collate_fn: Collation of the query set.
         reduce_fn: Sums a flat tensor over ranks (data parallel), else ``None``.
         rank: This process's rank.
         world_size: Number of ranks.
@@ -746,7 +792,8 @@ def influence_scores(
     counters: dict[str, float] = {"example_gradients": 0.0, "example_products": 0.0}
     # -------------------------------------------------------------------------------- query gradients
     Q_parts, q_losses = [], []
-    for _, g, loss in iter_per_example_gradients(model, task, query_ds, q_idx, **grad_kw):
+    q_kw = {**grad_kw, "collate_fn": query_collate_fn or collate_fn}
+    for _, g, loss in iter_per_example_gradients(model, task, query_ds, q_idx, **q_kw):
         Q_parts.append(g)
         q_losses.append(loss)
     Q = torch.cat(Q_parts, 0)  # (k, P) on every rank
@@ -828,6 +875,7 @@ def influence_scores(
         "num_params": P,
         "world_size": world_size,
         "curvature_examples": int(pool.numel()),
+        "curvature_indices": None if curvature_indices is None else pool.tolist(),
         "spectrum": res.info.get("spectrum") or ihvp.certificate.get("spectrum"),
     }
     return InfluenceResult(

@@ -142,7 +142,11 @@ def conjugate_gradient(
         raise ConfigurationError(f"right-hand side has {n} rows but the operator has {op.num_params} parameters.")
     apply = _damped(op, damping)
 
+    op_matmat = getattr(op, "matmat", None)
+
     def matmat(X: Tensor) -> Tensor:
+        if op_matmat is not None:  # one (possibly vectorised) multi-vector product
+            return op_matmat(X) + damping * X
         return torch.stack([apply(X[:, j]) for j in range(X.shape[1])], 1)
 
     limit = max_iter if max_iter is not None else min(n, 1000)

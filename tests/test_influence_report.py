@@ -1,0 +1,197 @@
+"""InfluenceReport in a real Trainer: files, logs, monitor-tuned LiSSA, DDP parity, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence.callbacks._common import MisconfigurationError
+from lightning_influence.callbacks.influence_report import InfluenceReport
+from lightning_influence.influence import InfluenceConfig, InfluenceResult, influence_scores
+from lightning_influence.tasks import Classification
+from tests.helpers.data import digits_tensors
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class DigitsModule(L.LightningModule):
+    """64-6-10 tanh MLP in float64, seeded; ``lr=0`` keeps the weights fixed (for exact DDP parity)."""
+
+    def __init__(self, lr: float = 0.05, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 10)).double()
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class DigitsData(L.LightningDataModule):
+    def __init__(self, n_train: int = 121, n_val: int = 9) -> None:
+        super().__init__()
+        x, y = digits_tensors(F64)
+        self.train_set = TensorDataset(x[:n_train], y[:n_train])
+        self.val_set = TensorDataset(x[1000 : 1000 + n_val], y[1000 : 1000 + n_val])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=32)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=32)
+
+
+def _trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> L.Trainer:
+    base: dict[str, Any] = {
+        "default_root_dir": tmp_path, "max_steps": 8, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+        "enable_model_summary": False, "enable_checkpointing": False, "limit_val_batches": 1, "logger": False,
+    }
+    base.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **base)
+
+
+def test_report_files_logs_and_scores_match_numerics(tmp_path: Path) -> None:
+    task = Classification()
+    cb = InfluenceReport(task, solver="cg", damping=1e-2, top_k=3, images=True, max_train=40,
+                         config=InfluenceConfig(cg_rtol=1e-11))
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = _trainer(tmp_path, [cb], logger=logger)
+    model, dm = DigitsModule(), DigitsData()
+    trainer.fit(model, datamodule=dm)
+    assert cb.result is not None and cb.scores_path is not None
+    out = cb.scores_path.parent
+    assert out == Path(trainer.log_dir) / "influence"
+    # the callback's scores are exactly the numerics' scores on the trained model
+    ref = influence_scores(model, task, dm.train_set, dm.val_set, solver="exact", damping=1e-2,
+                           train_indices=cb.result.train_indices)
+    assert torch.allclose(cb.result.scores, ref.scores, rtol=1e-5, atol=1e-9)
+    assert cb.result.self_influence is not None
+    assert torch.allclose(cb.result.self_influence, ref.self_influence, rtol=1e-5)
+    loaded = InfluenceReport.load_result(out)
+    assert torch.equal(loaded.scores, cb.result.scores)
+    report = json.loads((out / "report.json").read_text())
+    sec = report["influence"]
+    assert sec["config"]["solver"] == "cg" and len(sec["queries"]) == 9
+    q0 = sec["queries"][0]
+    assert q0["proponents"][0]["score"] <= q0["proponents"][-1]["score"] <= 0 or q0["proponents"][0]["score"] < 0
+    assert len(sec["self_influence"]["values"]) == 40
+    assert sec["train_images"] and len(sec["query_images"]) == 9  # 8x8 digits drawn as images
+    assert sec["solver"]["converged"] is True
+    assert (out / "report.html").exists() and "Influence" in (out / "report.html").read_text()
+    m = trainer.callback_metrics
+    assert float(m["influence/solver_iterations"]) == cb.result.solve["iterations"]
+    assert float(m["influence/solver_residual"]) <= 1e-9
+    assert float(m["influence/num_train"]) == 40
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logger.log_dir), size_guidance={"tensors": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "influence/solver_residual" in tags["scalars"]
+    assert "influence/self_influence" in tags["histograms"]
+    assert "influence/solver_convergence" in tags["images"]
+    assert any(t.startswith("influence/summary") for t in tags["tensors"])
+
+
+def test_lissa_uses_curvature_monitor_spectrum(tmp_path: Path) -> None:
+    from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
+
+    task = Classification()
+    monitor = CurvatureMonitor(task, sample_size=None, every_n_epochs=1, on_checkpoint=False, write_report=False,
+                               log_figure=False, damping=1e-2)
+    cb = InfluenceReport(task, solver="lissa", damping=1e-2, max_train=20, max_queries=3, self_influence=False)
+    trainer = _trainer(tmp_path, [monitor, cb], max_steps=4, max_epochs=1)
+    trainer.fit(DigitsModule(), datamodule=DigitsData())
+    assert monitor.latest is not None and cb.result is not None
+    info = cb.result.solve["info"]
+    assert info["settings_source"] == "spectrum_summary"
+    assert info["spectrum"]["trace"] == pytest.approx(monitor.latest.trace)
+    assert cb.result.diagnostics["spectrum_source"] == "CurvatureMonitor"
+    assert cb.result.scores.shape == (3, 20)
+
+
+def test_errors(tmp_path: Path) -> None:
+    task = Classification()
+    with pytest.raises(MisconfigurationError, match="damping must be > 0"):
+        InfluenceReport(task, damping=0.0)
+    with pytest.raises(MisconfigurationError, match="solver"):
+        InfluenceReport(task, solver="newton")
+    with pytest.raises(MisconfigurationError, match="query_indices is empty"):
+        InfluenceReport(task, query_indices=[])
+    with pytest.raises(MisconfigurationError, match="query_data"):
+        InfluenceReport(task, query_data="test")
+    empty = TensorDataset(torch.zeros(0, 64, dtype=F64), torch.zeros(0, dtype=torch.long))
+    cb = InfluenceReport(task, query_data=empty)
+    with pytest.raises(MisconfigurationError, match="empty"):
+        _trainer(tmp_path, [cb], max_steps=1).fit(DigitsModule(), datamodule=DigitsData())
+
+
+# ------------------------------------------------------------------------------------------ DDP parity
+def _parity_callbacks() -> list[Any]:
+    task = Classification()
+    return [
+        InfluenceReport(task, solver="cg", damping=1e-2, max_queries=4, subdir="inf_cg", progress_bar=False,
+                        config=InfluenceConfig(cg_rtol=1e-12)),
+        InfluenceReport(task, solver="lissa", damping=1e-2, max_queries=4, max_train=30, self_influence=False,
+                        subdir="inf_lissa",
+                        config=_lissa_config()),
+    ]
+
+
+def _lissa_config() -> InfluenceConfig:
+    return InfluenceConfig(lissa_batch_size=13, lissa_steps=25, lissa_eta=2.0, lissa_certificate_size=40)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
+    results: dict[int, dict[str, InfluenceResult]] = {}
+    metrics: dict[int, float] = {}
+    for devices in (1, 2):
+        root = tmp_path / f"d{devices}"
+        kwargs: dict[str, Any] = {"devices": devices, "max_steps": 2}
+        if devices == 2:
+            kwargs["strategy"] = "ddp_spawn"
+        trainer = _trainer(root, _parity_callbacks(), **kwargs)
+        trainer.fit(DigitsModule(lr=0.0), datamodule=DigitsData())  # lr=0: both runs score the same weights
+        results[devices] = {sub: InfluenceReport.load_result(root / sub) for sub in ("inf_cg", "inf_lissa")}
+        metrics[devices] = float(trainer.callback_metrics["influence/num_train"])
+    for sub in ("inf_cg", "inf_lissa"):
+        one, two = results[1][sub], results[2][sub]
+        assert torch.equal(one.train_indices, two.train_indices) and torch.equal(one.query_indices, two.query_indices)
+        # CG (to 1e-12) and a fixed LiSSA recursion only differ by the order of floating-point sums
+        assert torch.allclose(one.scores, two.scores, rtol=1e-8, atol=1e-10), sub
+        assert two.diagnostics["world_size"] == 2 and one.diagnostics["world_size"] == 1
+        if one.self_influence is not None:
+            assert two.self_influence is not None
+            assert torch.allclose(one.self_influence, two.self_influence, rtol=1e-8)  # joint sharded solves
+    assert metrics[1] == metrics[2]  # ddp_spawn mirrors metrics back to the parent
