@@ -573,6 +573,7 @@ def approximate_cv(
     prox_tol: float = 1e-12,
     prox_max_iter: int = 10_000,
     dense_max_params: int = 2000,
+    center: bool = False,
     reduce_fn: ReduceFn | None = None,
     num_examples: int | None = None,
 ) -> CVResult:
@@ -601,6 +602,10 @@ def approximate_cv(
         prox_tol: Relative residual tolerance of the metric prox.
         prox_max_iter: FISTA iteration cap of the prox.
         dense_max_params: Largest ``P`` for which ``"auto"`` forms dense matrices.
+        center: For weights that are not (yet) a minimiser, e.g. mid-training: subtract the step the full data
+            would still take, :math:`\tilde\theta_k \leftarrow \tilde\theta_k + \hat\theta - T(\hat\theta)`
+            with :math:`T` the same update on all the data, so only the effect of removing the fold remains. At a
+            minimiser :math:`T(\hat\theta) = \hat\theta` and this changes nothing (one extra solve and prox).
         reduce_fn: Sums a flat tensor over ranks (``None`` on one process).
         num_examples: Global training-set size for the pass count (default: counted, one extra reduction).
 
@@ -673,11 +678,9 @@ def approximate_cv(
                 dense_sums.append(torch.zeros(p, p, dtype=theta_hat.dtype, device=theta_hat.device))
         full_mean = sum(dense_sums, torch.zeros(p, p, dtype=theta_hat.dtype, device=theta_hat.device)) / total_units
 
-    results: list[FoldResult] = []
-    thetas: list[Tensor] = []
-    certs: list[dict[str, Any]] = []
-    for j in range(k):
-        c = scale_for(j)
+    def update(j: int | None) -> tuple[Tensor, dict[str, Any]]:
+        """AFIF step without fold ``j`` (``None``: on all the data, for ``center``)."""
+        c = scale_for(j) if j is not None else 1.0 / total_units
         others = [i for i in range(k) if i != j]
         b = c * sum((grad_sums[i] for i in others), torch.zeros_like(theta_hat))
         cert: dict[str, Any] = {}
@@ -693,11 +696,11 @@ def approximate_cv(
             sol = dense_solve(a, b)
             metric: Any = a
         else:
-            batches = [bb for i in (others if downdate else range(k)) for bb in folds[i]]
-            n_ex = float(sum(local_examples[i] for i in (others if downdate else range(k))))
+            used = others if downdate else list(range(k))
+            batches = [bb for i in used for bb in folds[i]]
+            n_ex = float(sum(local_examples[i] for i in used))
             op = op_cls(model, task, batches, reduce_fn=reduce_fn)
-            count = (total_units - units[j]) if downdate else total_units
-            scale = c * count if downdate else 1.0
+            scale = c * sum(units[i] for i in used) if downdate else 1.0
             lin = _ScaledOperator(op, scale, damping, counter, cost_attr, n_ex)
             sol = conjugate_gradient(lin, b, rtol=cg_rtol, max_iter=cg_max_iter)
             metric = lin
@@ -708,9 +711,20 @@ def approximate_cv(
         theta = prox.x.to(theta_hat)
         if not bool(torch.isfinite(theta).all()):
             raise NonFiniteError(
-                f"approximate refit of fold {j} is not finite; the curvature is probably singular: add damping."
+                f"approximate refit (fold {j}) is not finite; the curvature is probably singular: add damping."
             )
-        thetas.append(theta)
+        return theta, cert
+
+    shift = torch.zeros_like(theta_hat)
+    if center:
+        full_step, _ = update(None)
+        shift = theta_hat - full_step
+    results: list[FoldResult] = []
+    thetas: list[Tensor] = []
+    certs: list[dict[str, Any]] = []
+    for j in range(k):
+        theta, cert = update(j)
+        thetas.append(theta + shift)
         certs.append(cert)
 
     # Held-out losses: fold j at theta_j (one forward pass over fold j each).
@@ -730,7 +744,7 @@ def approximate_cv(
     config = {
         "curvature": curvature, "downdate": downdate, "fold_objective": fold_objective,
         "solver": "dense" if use_dense else "cg", "damping": damping, "cg_rtol": cg_rtol, "prox_tol": prox_tol,
-        "regularizer": reg.to_dict(), "folds": k, "num_params": p, "task": task.to_dict(),
+        "regularizer": reg.to_dict(), "folds": k, "num_params": p, "task": task.to_dict(), "center": center,
     }
     return _finish(results, f"afif-{curvature}", counter, reduce_fn, theta_hat.device, start, config)
 

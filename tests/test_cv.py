@@ -176,6 +176,9 @@ def test_empty_fold_returns_theta_hat(reg_name: str) -> None:
     assert torch.equal(empty.theta == 0, theta_hat == 0) or reg_name == "group_lasso"
     # non-empty folds do move
     assert res.folds[0].step_norm > 1e-3
+    # at a minimiser, centring on the full-data step changes nothing
+    centred = approximate_cv(model, task, fb, reg, center=True)
+    np.testing.assert_allclose(centred.fold_losses[:2], res.fold_losses[:2], rtol=1e-8)
     assert res.estimate == pytest.approx(np.mean(res.fold_losses[:2]))
 
 

@@ -170,6 +170,8 @@ class ApproximateCV(Callback):
         dense_max_params: Largest model handled with dense matrices under ``solver="auto"``.
         exact_tol: Tolerance of the exact refits (gradient-mapping norm).
         exact_max_iter: Iteration cap of each exact refit.
+        center: Subtract the step the full data would still take (see :func:`lightning_influence.cv.approximate_cv`);
+            use it for per-epoch curves or when training stops before convergence. No effect at a minimiser.
         report: Write the report section (``<log_dir>/influence``).
 
     Raises:
@@ -215,6 +217,7 @@ class ApproximateCV(Callback):
         dense_max_params: int = 2000,
         exact_tol: float = 1e-8,
         exact_max_iter: int = 20_000,
+        center: bool = False,
         report: bool = True,
     ) -> None:
         if not isinstance(task, Task):
@@ -262,6 +265,7 @@ class ApproximateCV(Callback):
         self.dense_max_params = dense_max_params
         self.exact_tol = exact_tol
         self.exact_max_iter = exact_max_iter
+        self.center = center
         self.report = report
         #: One row per run: epoch, step, approx (and exact) estimates.
         self.history: list[dict[str, Any]] = []
@@ -347,7 +351,8 @@ class ApproximateCV(Callback):
         result = approximate_cv(
             module, self.task, fold_batches, self._reg, curvature=self.curvature, downdate=self.downdate,
             fold_objective=self.fold_objective, solver=self.solver, damping=self.damping, cg_rtol=self.cg_rtol,
-            prox_tol=self.prox_tol, dense_max_params=self.dense_max_params, reduce_fn=reduce_fn, num_examples=n,
+            prox_tol=self.prox_tol, dense_max_params=self.dense_max_params, center=self.center, reduce_fn=reduce_fn,
+            num_examples=n,
         )
         exact = None
         if self.exact_check:
