@@ -12,8 +12,9 @@ where :math:`D` is the Bregman divergence of the loss in output space (:meth:`Lo
 :func:`stable_bregman`;
 :math:`\mathrm{KL}(p_{\hat h} \| p_h)` for softmax cross-entropy), the average runs over the *units* of the
 training sample exactly like :class:`~lightning_influence.operators.GNHOperator` (examples, or tokens for
-language models), :math:`\ell(z_m;\theta)` is the mean loss over the units of :math:`z_m` (the convention of
-:func:`~lightning_influence.operators.loss_gradient`), and the constant :math:`\ell(z_m;\hat\theta)` only keeps
+language models), :math:`\ell(z_m;\theta)` is the loss of :math:`z_m` summed over its units (``normalization=
+"sum"``, the convention of :mod:`lightning_influence.influence`; one unit for classification, so this is just its
+loss) or averaged over them (``"mean"``), and the constant :math:`\ell(z_m;\hat\theta)` only keeps
 objective values small (it changes neither the minimiser nor the gradient). At :math:`\hat\theta` the data term
 has zero gradient and Hessian :math:`G` (the GNH), so to first order
 :math:`\theta_{\pm\epsilon} - \hat\theta = \mp\epsilon (G + \lambda I)^{-1} \nabla\ell(z_m)`.
@@ -33,12 +34,16 @@ Everything runs in float64 (by default) on a **copy** of the model (``copy.deepc
 trained weights are never touched. Both optimisers use only the objective's value/gradient and, for
 ``"newton_cg"``, Gauss-Newton products:
 
-* ``"lbfgs"`` (default): full-batch :class:`torch.optim.LBFGS` with a strong-Wolfe line search; it never sees the
-  GNH, so agreement with GNH influence is an independent check;
-* ``"newton_cg"``: Gauss-Newton steps :math:`\theta \leftarrow \theta - (G(\theta) \pm \epsilon G_m(\theta) +
+* ``"newton_cg"`` (default): Gauss-Newton steps :math:`\theta \leftarrow \theta - (G(\theta) \pm \epsilon G_m(\theta) +
   \lambda I)^{-1}\nabla F(\theta)` solved by conjugate gradient with our GNH operator (the Bregman divergence of
   a canonical family has output Hessian :math:`S_h`, so :math:`G(\theta)` is exactly the data term's
-  Gauss-Newton matrix), accepted when the gradient norm decreases.
+  Gauss-Newton matrix), accepted when the gradient norm decreases. The Gauss-Newton matrix only steers the
+  steps: the fixed point is wherever the true PBO gradient vanishes, and convergence is judged on that gradient.
+  It reaches relative gradient norms of 1e-8 in two or three steps;
+* ``"lbfgs"``: full-batch :class:`torch.optim.LBFGS` with a strong-Wolfe line search (restarted when its line
+  search stalls); it never sees the GNH, so agreement with GNH influence is a fully independent check. Its line
+  search needs objective *values*, whose float64 resolution limits it to relative gradient norms of about
+  1e-5..1e-6 (less when the example's gradient is tiny); non-convergence is then reported, not hidden.
 
 Convergence is judged on the gradient: a solve has converged when
 :math:`\|\nabla F(\theta)\| \le \text{tol} \cdot \|\nabla F(\hat\theta)\| = \text{tol}\cdot\epsilon\|\nabla\ell(z_m)\|`.
@@ -149,33 +154,46 @@ def stable_bregman(loss: LossFamily, outputs: Tensor, ref_outputs: Tensor, targe
     return kl * loss.unit_mask(outputs, targets).to(kl.dtype)
 
 
-def _per_example_losses(task: Task, model: nn.Module, batch: Any, params: ParamTree | None = None) -> Tensor:
+def _per_example_losses(
+    task: Task, model: nn.Module, batch: Any, params: ParamTree | None = None, normalization: str = "sum"
+) -> Tensor:
     outputs, targets = task(model, batch, params)
     loss_sum, count = task.loss.per_example(outputs, targets)
-    return loss_sum / count.clamp_min(1.0)
+    return loss_sum if normalization == "sum" else loss_sum / count.clamp_min(1.0)
 
 
-def query_loss_measurement(task: Task, queries: Sequence[Any] | Any) -> Measurement:
-    """The default measurement: the loss of every query example (mean over its units), concatenated.
+def _check_normalization(normalization: str) -> None:
+    if normalization not in ("sum", "mean"):
+        raise ConfigurationError(f"normalization must be 'sum' or 'mean', got {normalization!r}.")
+
+
+def query_loss_measurement(task: Task, queries: Sequence[Any] | Any, normalization: str = "sum") -> Measurement:
+    """The default measurement: the loss of every query example, concatenated.
 
     Args:
         task: The task that scores the queries.
         queries: A list of collated batches, or one collated batch; the measurement has one entry per example, in
             order.
+        normalization: ``"sum"`` (loss summed over the example's units, as in
+            :mod:`lightning_influence.influence`) or ``"mean"``.
 
     Returns:
         A :data:`Measurement` returning a tensor of shape ``(Q,)``.
 
     Raises:
-        ConfigurationError: If there are no queries.
+        ConfigurationError: If there are no queries or the normalization is unknown.
     """
+    _check_normalization(normalization)
     batches = list(queries) if isinstance(queries, list) else [queries]
     if not batches:
         raise ConfigurationError("queries is empty: pass at least one query batch (or a measurement function).")
 
     def measure(model: nn.Module) -> Tensor:
         first = next(iter(model.parameters()))
-        values = [_per_example_losses(task, model, prepare_batch(b, first.device, first.dtype)) for b in batches]
+        values = [
+            _per_example_losses(task, model, prepare_batch(b, first.device, first.dtype), normalization=normalization)
+            for b in batches
+        ]
         return torch.cat([v.reshape(-1) for v in values])
 
     return measure
@@ -282,16 +300,18 @@ class PBRF:
         epsilon: :math:`\epsilon > 0` (default: :math:`1/N` with :math:`N` the global number of units).
         reduce_fn: Sums a flat tensor over ranks (``None`` on one process).
         dtype: Floating dtype of the copy (default float64).
-        optimizer: ``"lbfgs"`` (default) or ``"newton_cg"``.
+        optimizer: ``"newton_cg"`` (default) or ``"lbfgs"``.
         tol: Relative gradient-norm tolerance of each solve.
         max_iter: Most optimiser iterations per solve.
         history_size: L-BFGS memory.
         cg_rtol: Relative residual of the inner CG solves (``newton_cg``).
+        normalization: ``"sum"`` (default) or ``"mean"``: how the example term and the default query-loss
+            measurement treat an example's units (match the influence scores being validated).
         warn: Emit a ``RuntimeWarning`` (with the residual) when a solve does not converge.
 
     Raises:
-        ConfigurationError: For :math:`\epsilon \le 0`, :math:`\lambda \le 0`, an unknown optimiser, non-positive
-            ``tol``/``max_iter``, or a model without trainable parameters.
+        ConfigurationError: For :math:`\epsilon \le 0`, :math:`\lambda \le 0`, an unknown optimiser or
+            normalization, non-positive ``tol``/``max_iter``, or a model without trainable parameters.
     """
 
     def __init__(
@@ -304,13 +324,15 @@ class PBRF:
         epsilon: float | None = None,
         reduce_fn: ReduceFn | None = None,
         dtype: torch.dtype = torch.float64,
-        optimizer: OptimizerName = "lbfgs",
+        optimizer: OptimizerName = "newton_cg",
         tol: float = 1e-5,
         max_iter: int = 500,
         history_size: int = 50,
         cg_rtol: float = 1e-8,
+        normalization: str = "sum",
         warn: bool = True,
     ) -> None:
+        _check_normalization(normalization)
         if epsilon is not None:
             _check_epsilon(epsilon)
         if not damping > 0:
@@ -333,6 +355,7 @@ class PBRF:
         self.max_iter = int(max_iter)
         self.history_size = int(history_size)
         self.cg_rtol = float(cg_rtol)
+        self.normalization = normalization
         self.warn = warn
         names = list(trainable_parameters(model))  # raises for a model with no trainable parameter
         self.model = copy_model(model, dtype)
@@ -383,7 +406,7 @@ class PBRF:
     def _example_loss(self, example: Any, params: ParamTree) -> Tensor:
         outputs, targets = self._outputs(example, params)
         total, count = self.task.loss.sum_and_count(outputs, targets)
-        return total / count.clamp_min(1.0)
+        return total if self.normalization == "sum" else total / count.clamp_min(1.0)
 
     def objective(self, theta: Tensor, example: Any, signed_epsilon: float) -> tuple[Tensor, Tensor]:
         r"""Value and gradient of :math:`F` at flat parameters ``theta`` (one reduction over ranks).
@@ -576,7 +599,9 @@ class PBRF:
         _check_epsilon(eps)
         if (queries is None) == (measurement is None):
             raise ConfigurationError("pass exactly one of queries (default query-loss measurement) or measurement.")
-        meas = measurement if measurement is not None else query_loss_measurement(self.task, queries)
+        meas = measurement if measurement is not None else query_loss_measurement(
+            self.task, queries, self.normalization
+        )
         start = time.perf_counter()
         theta_p, rec_p = self.solve(example, +1, eps)
         theta_m, rec_m = self.solve(example, -1, eps)
@@ -609,8 +634,8 @@ class PBRF:
             warnings.warn(
                 f"PBRF ({self.optimizer}) did not converge: relative gradient norm {result.relative_grad_norm:.3g} "
                 f"(gradient norm {result.grad_norm:.3g}) > tol={self.tol} after {result.iterations} iterations "
-                f"(epsilon={eps}, damping={self.damping}). Raise max_iter, increase damping, or use "
-                "optimizer='newton_cg'; the response is reported but less trustworthy.",
+                f"(epsilon={eps}, damping={self.damping}). Raise max_iter or damping, or switch the "
+                "optimizer ('newton_cg' / 'lbfgs'); the response is reported but less trustworthy.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -648,6 +673,7 @@ class PBRF:
             "tol": self.tol,
             "max_iter": self.max_iter,
             "num_units": self.num_units,
+            "normalization": self.normalization,
             "num_params": self.num_params,
         }
 
