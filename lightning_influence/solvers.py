@@ -724,6 +724,7 @@ def lissa(
     can_restart = isinstance(sampler, SampledCurvature) and batch_size is None and "trace" in summary
     restarts: list[dict[str, Any]] = []
     products = 0
+    example_products = 0  # global examples pushed through the model by the steps (cost accounting)
     while True:
         X = X0.clone()
         avg = torch.zeros_like(X)
@@ -736,6 +737,7 @@ def lissa(
         for t in range(1, steps_used + 1):
             HX = sampler(t, X)
             products += X.shape[1]
+            example_products += X.shape[1] * (batch_used or 0)
             grad_q = HX + damping * X - B
             history.append(float((grad_q.norm(dim=0) / safe_bnorm).max()))
             X = X - eta_used * grad_q
@@ -770,6 +772,7 @@ def lissa(
         "damping": damping, "eta": eta_used, "steps": steps_used, "batch_size": batch_used, "constant": constant,
         "settings_source": source, "spectrum": summary, "average": average, "divergence_slack": divergence_slack,
         "norm_history": norm_history, "certificate": None, "restarts": restarts,
+        "example_products": example_products,
     }
     if diverged:
         info["divergence_message"] = div_msg

@@ -275,8 +275,7 @@ def test_auto_tuned_lissa_scores_match_exact_digits_mlp() -> None:
     task = Classification()
     common: dict[str, Any] = {"train_indices": range(100), "damping": 1e-3, "self_influence": False}
     exact = influence_scores(model, task, (x, y), (xq, yq), solver="exact", **common)
-    with pytest.warns(RuntimeWarning, match="Restarting"):  # C = 2 is too small for this model; C = 4 works
-        lis = influence_scores(model, task, (x, y), (xq, yq), solver="lissa", **common)
+    lis = influence_scores(model, task, (x, y), (xq, yq), solver="lissa", **common)  # default settings
     assert lis.solve["info"]["settings_source"] == "measured"
     assert not lis.solve["diverged"]
     pearson = _corr(lis.scores, exact.scores)
@@ -285,6 +284,15 @@ def test_auto_tuned_lissa_scores_match_exact_digits_mlp() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- errors
+def test_lissa_restarts_with_a_larger_batch_after_divergence() -> None:
+    model, x, y, xq, yq = digits_model()
+    with pytest.warns(RuntimeWarning, match="Restarting with C=4"):  # C = 2 (paper 1) diverges on this model
+        r = influence_scores(model, Classification(), (x, y), (xq, yq), solver="lissa", damping=1e-3,
+                             lissa_constant=2.0, train_indices=range(10), self_influence=False)
+    assert not r.solve["diverged"] and r.solve["info"]["restarts"][0]["constant"] == 2.0
+    assert r.solve["info"]["constant"] == 4.0
+
+
 def test_clear_errors() -> None:
     model, task, (x, y) = _tiny_problem(12)
     with pytest.raises(ConfigurationError, match="query set is empty"):
