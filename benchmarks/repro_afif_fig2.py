@@ -16,7 +16,14 @@ with ``regularization_penalty`` so training and CV use the same regulariser. Aft
 * the Hessian-based variant (centred, damped by ``--hessian-damping``; skipped at an epoch where a fold Hessian is
   still indefinite).
 
-The curvature is singular (more parameters than examples), so every curvature gets ``--damping``.
+The curvature is singular (more parameters than examples), so every curvature gets ``--damping``. The damping
+stands in for the implicit regularisation of a short training run and matters: at epoch 10 (exact CV 0.133) the
+centred estimate is 0.153 / 0.139 / 0.132 / 0.123 for damping 1e-3 / 1e-2 / 3e-2 / 1e-1 (default 1e-2).
+
+Cost, honestly: with P parameters the dense path costs about (4/3) P gradient-equivalent passes per estimate
+(899 here), the matrix-free path more (CG + a prox of ~200 FISTA products per fold: 1836 passes, same estimate),
+while retraining 5 small models for e epochs costs 4e passes. In this regime (a few cheap SGD epochs) approximate
+CV is *not* faster than exact CV; it pays off when refits are expensive (Figure 1, the L1-logistic tests).
 
 Usage::
 
@@ -89,8 +96,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--l1", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--damping", type=float, default=1e-4)
-    parser.add_argument("--hessian-damping", type=float, default=1e-1)
+    parser.add_argument("--damping", type=float, default=1e-2)
+    parser.add_argument("--hessian-damping", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     args = parser.parse_args()
