@@ -622,7 +622,9 @@ def approximate_cv(
 
         >>> from lightning_influence.tasks import Regression
         >>> model = torch.nn.Linear(2, 1).double()
-        >>> data = [(torch.randn(2, dtype=torch.float64), torch.randn(1, dtype=torch.float64)) for _ in range(12)]
+        >>> g = torch.Generator().manual_seed(0)
+        >>> data = [(torch.randn(2, generator=g, dtype=torch.float64), torch.randn(1, generator=g, dtype=torch.float64))
+        ...         for _ in range(12)]
         >>> folds = make_fold_batches(data, kfold_indices(12, 3))
         >>> approximate_cv(model, Regression(), folds).method
         'afif-fisher'
@@ -993,7 +995,9 @@ def exact_cv(
 
         >>> from lightning_influence.tasks import Regression
         >>> model = torch.nn.Linear(2, 1).double()
-        >>> data = [(torch.randn(2, dtype=torch.float64), torch.randn(1, dtype=torch.float64)) for _ in range(12)]
+        >>> g = torch.Generator().manual_seed(0)
+        >>> data = [(torch.randn(2, generator=g, dtype=torch.float64), torch.randn(1, generator=g, dtype=torch.float64))
+        ...         for _ in range(12)]
         >>> exact_cv(model, Regression(), make_fold_batches(data, kfold_indices(12, 3))).method
         'exact-fista'
     """
