@@ -92,9 +92,11 @@ class _Snapshot(Callback):
             trainer.callback_metrics["test/weights_unchanged"] = torch.tensor(float(self.ok))
 
 
-def _callbacks(num_train: int = 4, num_queries: int = 10, **kw) -> tuple[list[Callback], PBRFValidation]:
+def _callbacks(
+    num_train: int = 4, num_queries: int = 10, solver: str = "cg", **kw
+) -> tuple[list[Callback], PBRFValidation]:
     _, query = _digits()
-    report = InfluenceReport(Classification(), query_data=query, solver="cg", damping=DAMPING, max_train=40,
+    report = InfluenceReport(Classification(), query_data=query, solver=solver, damping=DAMPING, max_train=40,
                              self_influence=False, progress_bar=False)
     before = _Snapshot()
     pbrf = PBRFValidation(Classification(), num_train=num_train, num_queries=num_queries, **kw)
@@ -143,6 +145,27 @@ def test_table_matches_independent_pbrf_and_weights_unchanged(tmp_path: Path) ->
     assert {r["estimator"] for r in section["correlations"]} == {"cg", "exact", "gradient_dot"}
     assert len(section["scatter"][0]["pbrf"]) == 4 * 10
     assert (Path(trainer.log_dir) / "influence" / "report.html").exists()
+    # TensorBoard got the table (text), the verdict and one scatter image per estimator.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trainer.log_dir), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"pbrf/scatter_cg", "pbrf/scatter_exact", "pbrf/scatter_gradient_dot"} <= set(tags["images"])
+    assert any(t.startswith("pbrf/correlations") for t in tags["tensors"])
+    assert "pbrf/pearson_cg" in tags["scalars"]
+
+
+def test_auto_lissa_report_tracks_pbrf_and_beats_gradient_dot(tmp_path: Path) -> None:
+    """Issue 7: auto-tuned LiSSA vs PBRF Pearson >= 0.80 and at least 0.15 above the gradient-dot baseline."""
+    callbacks, cb = _callbacks(num_train=8, num_queries=30, solver="lissa")
+    trainer = _trainer(tmp_path, callbacks, accelerator="cpu", devices=1, logger=False)
+    trainer.fit(PretrainedDigits())
+    m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("pbrf/")}
+    assert m["pbrf/pearson_lissa"] >= 0.80, m
+    assert m["pbrf/pearson_lissa"] >= m["pbrf/pearson_gradient_dot"] + 0.15, m
+    assert m["pbrf/pearson_exact"] >= 0.85, m
+    assert cb.result is not None and cb.result.config["report_solver"] == "lissa"
 
 
 def test_missing_influence_report_names_the_callback_to_add(tmp_path: Path) -> None:
