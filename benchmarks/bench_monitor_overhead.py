@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="/tmp/bench_monitor_overhead")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every-n-epochs", type=int, default=1, help="1: Lightning's default")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise when shared)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for monitor in (False, True):
             start_cpu = time.process_time()
             res = mnist_cnn_monitor.run(args.out, args.max_epochs, monitor, None, 64, args.seed,
-                                        name=f"{'on' if monitor else 'off'}{r}")
+                                        name=f"{'on' if monitor else 'off'}{r}",
+                                        checkpoint_every_n_epochs=args.checkpoint_every_n_epochs)
             cpu = time.process_time() - start_cpu
             (on if monitor else off).append(res["seconds"])
             (on_cpu if monitor else off_cpu).append(cpu)
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     result: dict[str, object] = {
         "benchmark": "monitor_overhead",
         "max_epochs": args.max_epochs,
+        "checkpoint_every_n_epochs": args.checkpoint_every_n_epochs,
         "repeats": args.repeats,
         "train_steps": steps,
         "measurements_per_run": len(rows),

@@ -23,6 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -82,12 +83,13 @@ def run(
     batch_size: int = 64,
     seed: int = 0,
     name: str = "lightning_logs",
+    checkpoint_every_n_epochs: int = 1,
 ) -> dict[str, Any]:
     """Train once; return wall time, final weights checksum, the monitor (if any) and the log directory."""
     L.seed_everything(seed, verbose=False)
     train, val = load_mnist(seed=seed)
     model = SmallCNN()
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [ModelCheckpoint(every_n_epochs=checkpoint_every_n_epochs)]  # 1 = Lightning's default
     mon = None
     if monitor:
         mon = CurvatureMonitor(Classification(), every_n_steps=every_n_steps)
@@ -120,9 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every-n-steps", type=int, default=None, help="also measure every n optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every-n-epochs", type=int, default=1, help="ModelCheckpoint cadence")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    res = run(args.out, args.max_epochs, True, args.every_n_steps, args.batch_size, args.seed)
+    res = run(args.out, args.max_epochs, True, args.every_n_steps, args.batch_size, args.seed,
+              checkpoint_every_n_epochs=args.checkpoint_every_n_epochs)
     mon = res["monitor"]
     print(f"trained {args.max_epochs} epochs in {res['seconds']:.1f} s, val_acc={res['val_acc']:.3f}")
     header = ("step", "trigger", "trace", "±stderr", "λ_max", "Tr/λ_max", "LiSSA |B|", "T", "s")

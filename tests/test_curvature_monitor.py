@@ -384,6 +384,9 @@ def test_ddp_spawn_matches_single_process_with_uneven_shards(tmp_path: Path) -> 
 
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     ref = single.history[0]
+    for key in ("trace", "lambda_max", "critical_batch_size"):
+        print(f"ddp parity {key}: 1 process {ref[key]!r}, 2 processes {[res['history'][0][key] for res in ranks]!r}")
+    print("examples per rank:", [len(res["indices"]) for res in ranks], [res["examples_processed"] for res in ranks])
     for r, res in enumerate(ranks):
         (row,) = res["history"]
         assert row["trace"] == pytest.approx(ref["trace"], rel=1e-10), r
