@@ -191,6 +191,9 @@ class PBRFValidation(Callback):
     gradient-dot baseline with it. Under DDP the data term is sharded across ranks (one reduction per objective
     evaluation); every rank computes the same table, rank 0 logs and writes.
 
+    Cost: two PBO solves per validated training example, each a few Gauss-Newton steps whose CG iterations are
+    full passes over the training set (typically 20-100 passes per solve); keep ``num_train`` small on large data.
+
     Args:
         task: The task (same as InfluenceReport's).
         num_train: Training examples validated (two PBO solves each); clipped to those the report scored.
@@ -202,7 +205,8 @@ class PBRFValidation(Callback):
         tol: Relative gradient-norm tolerance of each PBO solve.
         max_iter: Optimiser iterations per solve.
         exact_max_params: Compute the exact damped-GNH influence when the model has at most this many
-            parameters (``0`` disables it).
+            parameters (``0`` disables it; the dense GNH costs about :math:`N K P^2` flops for :math:`N` training
+            examples with :math:`K` outputs).
         batch_size: Examples per batch of the PBO data term.
         subdir: Report directory under the log dir (InfluenceReport's report, ``"influence"``).
 
@@ -241,7 +245,7 @@ class PBRFValidation(Callback):
         optimizer: str = "newton_cg",
         tol: float = 1e-5,
         max_iter: int = 500,
-        exact_max_params: int = 3000,
+        exact_max_params: int = 1000,
         batch_size: int = 512,
         subdir: str = "influence",
     ) -> None:
