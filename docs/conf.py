@@ -40,7 +40,10 @@ napoleon_use_rtype = False
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+# ``:members:`` is given per module in api.rst, not here: the packages (``lightning_influence``,
+# ``.callbacks``, ``.reporting``) re-export classes through ``__all__``, and documenting them there as well as in
+# their defining module would be a duplicate object description.
+autodoc_default_options = {"show-inheritance": True}
 
 # MyST: $...$ / $$...$$ maths in the Markdown pages, and heading anchors for cross-page links.
 myst_enable_extensions = ["dollarmath", "amsmath"]
