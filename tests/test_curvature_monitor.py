@@ -145,6 +145,24 @@ def test_wandb_offline_run_holds_every_key(tmp_path: Path, monkeypatch: pytest.M
         run.finish()
 
 
+def test_epoch_cadence_on_the_val_set_and_on_a_user_dataset(tmp_path: Path) -> None:
+    val = CurvatureMonitor(Classification(), dataset="val", sample_size=None, every_n_epochs=1, on_checkpoint=False,
+                           trace_probes=4, lanczos_iter=6)
+    user_set = TinyClassifier(n=12, data_seed=3).train_set
+    user = CurvatureMonitor(Classification(), dataset=user_set, sample_size=5, every_n_epochs=2, trace_probes=4,
+                            lanczos_iter=6, seed=1)
+    model = TinyClassifier(n=32, n_val=8)
+    _trainer(tmp_path, max_epochs=2, logger=False, callbacks=[val, user], enable_checkpointing=False).fit(model)
+    assert [(r["step"], r["trigger"], r["num_units"]) for r in val.history] == [(4, "epoch", 8.0), (8, "epoch", 8.0)]
+    assert [(r["step"], r["trigger"], r["num_units"]) for r in user.history] == [(8, "epoch", 5.0)]
+    assert val.state_key != user.state_key  # two monitors can share a Trainer
+    idx = global_sample_indices(12, 5, seed=1)
+    op = GNHOperator(model, user.task, make_batches(user_set, idx, user.batch_size))
+    direct = estimate_spectrum(op, damping=user.damping, trace_probes=4, lanczos_iter=6, lanczos_tol=user.lanczos_tol,
+                               seed=1, dataset_size=12)
+    assert user.history[0]["trace"] == pytest.approx(direct.trace, rel=1e-10)  # measured on the final weights
+
+
 # --------------------------------------------------------------------------------- training invariance
 class _GradAndModeSpy(Callback):
     """After the monitor's hooks, the module must be in train mode with no .grad written by the monitor."""
