@@ -114,7 +114,9 @@ class InfluenceConfig:
         lissa_constant: :math:`C` of the batch rule :math:`|B| \ge C\,\mathrm{Tr}/\lambda_{\max}` (default 4:
             paper 1 takes 2, but its own App. C check needs 4 for GPT-2, our digits MLPs diverge at 2, and the
             sampling error falls like :math:`1/|B|`; LiSSA still doubles it after a detected divergence).
-        lissa_average: Fraction of final LiSSA iterates averaged.
+        lissa_average: Fraction of final LiSSA iterates averaged (default 0.75: at the paper's
+            :math:`T = 2/(\lambda\eta)` the last iterate is dominated by sampling noise; on digits MLPs averaging the
+            last 75 % beat the last 50 % for every seed we tried, and both beat the last iterate by far).
         lissa_max_steps: Cap on LiSSA steps.
         lissa_max_restarts: Restarts with doubled :math:`C` after a detected divergence.
         lissa_on_divergence: ``"raise"`` or ``"warn"``.
@@ -122,6 +124,9 @@ class InfluenceConfig:
         lissa_batch_size: Override of the derived LiSSA batch size.
         lissa_steps: Override of the derived number of steps.
         lissa_eta: Override of the derived step size.
+        lissa_measure_constant: Measure condition C.1's constant on the model
+            (:func:`~lightning_influence.solvers.measure_batch_constant`) and use it when it exceeds
+            ``lissa_constant``.
         seed: Seed of every random draw (LiSSA batches, probes, sampled labels).
         dtype: ``"float64"``/``"float32"`` to cast floating inputs (the model's dtype is used for products).
     """
@@ -137,7 +142,7 @@ class InfluenceConfig:
     cg_rtol: float = 1e-6
     cg_max_iter: int | None = None
     lissa_constant: float = 4.0
-    lissa_average: float = 0.5
+    lissa_average: float = 0.75
     lissa_max_steps: int = 20_000
     lissa_max_restarts: int = 2
     lissa_on_divergence: str = "raise"
@@ -145,6 +150,7 @@ class InfluenceConfig:
     lissa_batch_size: int | None = None
     lissa_steps: int | None = None
     lissa_eta: float | None = None
+    lissa_measure_constant: bool = True
     seed: int = 0
     dtype: str | None = None
 
@@ -630,7 +636,7 @@ def _build_ihvp(
             constant=cfg.lissa_constant, max_steps=cfg.lissa_max_steps, average=cfg.lissa_average,
             on_divergence=cfg.lissa_on_divergence, max_restarts=cfg.lissa_max_restarts,
             certificate_size=cfg.lissa_certificate_size or None,
-            spectrum_kwargs={"seed": cfg.seed},
+            spectrum_kwargs={"seed": cfg.seed}, measure_constant=cfg.lissa_measure_constant,
         )
         counters["example_products"] += res.info.get("example_products", 0) / world_size  # global -> per rank
         if spectrum_op is not None:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from lightning_influence.exceptions import ConfigurationError, DivergenceError, NonFiniteError
 from lightning_influence.operators import CurvatureOperator, curvature_mode, make_batches, prepare_batch
@@ -527,6 +528,124 @@ class SampledCurvature:
         return self.operator(self.pool[torch.randperm(self.pool.numel(), generator=gen)[:n]].sort().values)
 
 
+def _per_example_gnh_sums(model: nn.Module, task: Task, batch: Any, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-column sums over the batch's examples of ``H_n v`` and ``||H_n v||^2`` (``H_n``: one example's GNH).
+
+    Returns:
+        ``(sum_n H_n V (P, m), sum_n ||H_n v_j||^2 (m,), unit count)``.
+    """
+    params = trainable_parameters(model)
+    names = list(params)
+    inputs, targets = task.split(batch)
+
+    def one(p: ParamTree, x: Any, y: Tensor, v: ParamTree) -> Tensor:
+        x1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
+        y1 = y.unsqueeze(0)
+
+        def f(pp: ParamTree) -> Tensor:
+            out, _ = task.targets(task.outputs(task.forward(model, pp, x1)), y1)
+            return out
+
+        _, yy = task.targets(torch.empty(0), y1)
+        out, jv = jvp(f, (p,), (v,))  # type: ignore[misc]
+        c = task.loss.output_hvp(out, yy, jv)
+        _, pull = vjp(f, p)  # type: ignore[misc]
+        (g,) = pull(c)
+        return torch.cat([g[k].reshape(-1) for k in names])
+
+    with torch.no_grad():
+        out, y = task.targets(task.outputs(task.forward(model, params, inputs)), targets)
+        count = task.loss.unit_mask(out, y).sum().to(V.dtype)
+    s1 = torch.zeros_like(V)
+    s2 = torch.zeros(V.shape[1], dtype=V.dtype, device=V.device)
+    for j in range(V.shape[1]):
+        vtree = unflatten(V[:, j], params)
+        hn = vmap(one, in_dims=(None, 0, 0, None))(params, inputs, targets, vtree).detach()  # (B, P)
+        s1[:, j] = hn.sum(0)
+        s2[j] = hn.pow(2).sum()
+    return s1, s2, count
+
+
+def measure_batch_constant(
+    sampler: SampledCurvature,
+    trace: float,
+    *,
+    directions: int | Tensor = 4,
+    sample_size: int = 512,
+    power_iter: int = 15,
+    seed: int = 0,
+) -> dict[str, Any]:
+    r"""Condition C.1's constant :math:`C` measured along the top curvature directions (paper 1, §3 and App. C).
+
+    LiSSA's batch rule :math:`|B| \ge C\,\mathrm{Tr}(H)/\lambda_{\max}` rests on
+    :math:`\mathbb{E}	ilde H_t^2 - H^2 \preceq rac{C}{|B|}\mathrm{Tr}(H) H`. For a batch of one example
+    the excess second moment along a unit direction :math:`v` is
+    :math:`\overline{\|H_n v\|^2} - \|H v\|^2`, so
+
+    .. math:: C(v) = rac{\overline{\|H_n v\|^2} - \|H v\|^2}{\mathrm{Tr}(H)\, v^	op H v},
+
+    with :math:`H_n` the GNH of example :math:`n`. Lemma 3's divergence happens along the top eigenvectors, so
+    :math:`C` is the maximum of :math:`C(v)` over the top ``directions`` (found by subspace iteration on a fixed
+    sample of ``sample_size`` pool examples). The paper assumes :math:`C = 2`; its App. C finds 4 for GPT-2.
+    Costs ``power_iter`` block products plus one per-example product per direction and example.
+
+    Args:
+        sampler: The LiSSA sampler (pool, sharding and reduction are reused).
+        trace: :math:`\mathrm{Tr}(H)` of the unit-averaged GNH.
+        directions: Number of top directions, or the directions themselves as a ``(P, m)`` tensor.
+        sample_size: Examples in the fixed sample.
+        power_iter: Subspace iterations.
+        seed: Seed of the sample and start block.
+
+    Returns:
+        ``{"constant": max C(v), "per_direction": [...], "rayleigh": [v^T H v ...], "sample_size": n}``.
+
+    Raises:
+        ConfigurationError: For a non-positive trace or an empty sample.
+    """
+    if not trace > 0:
+        raise ConfigurationError(f"measure_batch_constant needs a positive trace, got {trace}.")
+    gen = make_generator(seed + 2750159)
+    n = min(int(sample_size), sampler.pool_size)
+    idx = sampler.pool[torch.randperm(sampler.pool_size, generator=gen)[:n]].sort().values
+    mine = idx[sampler.rank :: sampler.world_size].tolist()
+    raw = make_batches(sampler.dataset, mine, batch_size=64, collate_fn=sampler.collate_fn) if mine else []
+    batches = [prepare_batch(b, sampler.device, sampler.dtype) for b in raw]
+
+    def reduce(flat: Tensor) -> Tensor:
+        return sampler.reduce_fn(flat) if sampler.reduce_fn is not None else flat
+
+    if isinstance(directions, Tensor):
+        V = directions.to(device=sampler.device, dtype=sampler.param_dtype)
+        V = V / V.norm(dim=0, keepdim=True)
+    else:
+        V = torch.randn(sampler.num_params, int(directions), generator=gen, dtype=sampler.param_dtype).to(
+            sampler.device)
+        V, _ = torch.linalg.qr(V)
+        for _ in range(power_iter):
+            total, count = local_curvature_matmat(sampler.model, sampler.task, batches, V, curvature=sampler.curvature)
+            flat = reduce(torch.cat([total.reshape(-1), count.reshape(1)]))
+            V, _ = torch.linalg.qr(flat[:-1].reshape(total.shape) / flat[-1].clamp_min(1.0))
+    m = V.shape[1]
+    s1 = torch.zeros_like(V)
+    s2 = torch.zeros(m, dtype=V.dtype, device=V.device)
+    count = torch.zeros((), dtype=V.dtype, device=V.device)
+    with curvature_mode(sampler.model):
+        for batch in batches:
+            a, b2, c = _per_example_gnh_sums(sampler.model, sampler.task, batch, V)
+            s1, s2, count = s1 + a, s2 + b2, count + c
+    flat = reduce(torch.cat([s1.reshape(-1), s2, count.reshape(1)]))
+    units = float(flat[-1])
+    if units <= 0:
+        raise ConfigurationError("measure_batch_constant: the sample has no counted units.")
+    hv = flat[: V.numel()].reshape(V.shape) / units
+    second = flat[V.numel() : V.numel() + m] / units
+    rayleigh = (V * hv).sum(0)
+    per_dir = (second - hv.pow(2).sum(0)) / (trace * rayleigh.clamp_min(1e-300))
+    return {"constant": float(per_dir.max()), "per_direction": per_dir.tolist(), "rayleigh": rayleigh.tolist(),
+            "sample_size": n}
+
+
 def _divergence_message(step: int, norm: float, bound: float, damping: float, eta: float, batch_size: int | None,
                         summary: dict[str, float]) -> str:
     msg = (f"LiSSA diverged at step {step}: ||u_t|| = {norm:.3g} exceeds the bound ||g||/lambda (times 1+slack) = "
@@ -563,6 +682,7 @@ def lissa(
     certificate_size: int | None = 512,
     certificate_rtol: float = 0.1,
     spectrum_kwargs: dict[str, Any] | None = None,
+    measure_constant: bool = False,
     callback: Callable[[int, Tensor], None] | None = None,
 ) -> SolveResult:
     r"""LiSSA for :math:`(H + \lambda I)^{-1} g` with fresh sampled batches, auto-tuned from the spectrum.
@@ -627,6 +747,10 @@ def lissa(
         certificate_size: Examples in the sampler-built certificate sample; ``None`` skips the certificate.
         certificate_rtol: Certificate tolerance for ``converged``.
         spectrum_kwargs: Extra arguments to :func:`estimate_spectrum` when measuring on the spot.
+        measure_constant: With a :class:`SampledCurvature` and a spectrum (given or measured), measure
+            condition C.1's constant on the model (:func:`measure_batch_constant`) and use
+            :math:`\max(C_{\text{measured}}, \text{constant})` in the batch rule; recorded in
+            ``info["measured_constant"]``.
         callback: Called as ``callback(step, x_t)`` after every step (``x_t`` of shape ``(P, k)``).
 
     Returns:
@@ -696,6 +820,13 @@ def lissa(
         summary = {"trace": spec.trace, "lambda_max": spec.lambda_max, "trace_stderr": spec.trace_stderr,
                    "num_products": float(spec.num_products)}
         chosen, source = spec.lissa, "measured"
+    measured: dict[str, Any] | None = None
+    if measure_constant and sampled is not None and "trace" in summary:
+        measured = measure_batch_constant(sampled, summary["trace"], seed=sampled.seed)
+        if measured["constant"] > constant:
+            constant = measured["constant"]
+            chosen = lissa_settings(summary["trace"], summary["lambda_max"], damping, constant=constant,
+                                    dataset_size=dataset_size)
     eta_used = float(eta) if eta is not None else (chosen.eta if chosen is not None else float("nan"))
     if chosen is not None and steps is None and chosen.steps > max_steps:
         warnings.warn(f"LiSSA would need {chosen.steps} steps (2(lambda_max+lambda)/lambda); capped at max_steps="
@@ -772,7 +903,7 @@ def lissa(
         "damping": damping, "eta": eta_used, "steps": steps_used, "batch_size": batch_used, "constant": constant,
         "settings_source": source, "spectrum": summary, "average": average, "divergence_slack": divergence_slack,
         "norm_history": norm_history, "certificate": None, "restarts": restarts,
-        "example_products": example_products,
+        "example_products": example_products, "measured_constant": measured,
     }
     if diverged:
         info["divergence_message"] = div_msg

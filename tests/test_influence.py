@@ -277,6 +277,7 @@ def test_auto_tuned_lissa_scores_match_exact_digits_mlp() -> None:
     exact = influence_scores(model, task, (x, y), (xq, yq), solver="exact", **common)
     lis = influence_scores(model, task, (x, y), (xq, yq), solver="lissa", **common)  # default settings
     assert lis.solve["info"]["settings_source"] == "measured"
+    assert lis.solve["info"]["measured_constant"]["constant"] > 2.0  # C.1's constant on this model exceeds 2
     assert not lis.solve["diverged"]
     pearson = _corr(lis.scores, exact.scores)
     assert pearson >= 0.98, pearson
@@ -288,7 +289,8 @@ def test_lissa_restarts_with_a_larger_batch_after_divergence() -> None:
     model, x, y, xq, yq = digits_model()
     with pytest.warns(RuntimeWarning, match="Restarting with C=4"):  # C = 2 (paper 1) diverges on this model
         r = influence_scores(model, Classification(), (x, y), (xq, yq), solver="lissa", damping=1e-3,
-                             lissa_constant=2.0, train_indices=range(10), self_influence=False)
+                             lissa_constant=2.0, lissa_measure_constant=False, train_indices=range(10),
+                             self_influence=False)
     assert not r.solve["diverged"] and r.solve["info"]["restarts"][0]["constant"] == 2.0
     assert r.solve["info"]["constant"] == 4.0
 

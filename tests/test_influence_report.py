@@ -168,7 +168,8 @@ def _parity_callbacks() -> list[Any]:
 
 
 def _lissa_config() -> InfluenceConfig:
-    return InfluenceConfig(lissa_batch_size=13, lissa_steps=25, lissa_eta=2.0, lissa_certificate_size=40)
+    # settings measured on the spot (sharded spectrum and C.1 constant), steps capped to keep the test short
+    return InfluenceConfig(lissa_max_steps=25, lissa_certificate_size=40)
 
 
 @pytest.mark.ddp

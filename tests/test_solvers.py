@@ -19,6 +19,7 @@ from lightning_influence.solvers import (
     dense_solve,
     lissa,
     local_curvature_matmat,
+    measure_batch_constant,
 )
 from lightning_influence.spectrum import DenseOperator, estimate_spectrum, lissa_settings
 from lightning_influence.tasks import Classification, Regression, Task
@@ -231,3 +232,41 @@ def test_lemma3_mean_square_growth_matches_theory() -> None:
                     divergence_slack=math.inf, certificate_size=None)
         sq.append(float(res.x.norm() ** 2))
     assert sum(sq) / len(sq) > 100 * float(u0.norm() ** 2)  # grows by orders of magnitude in 12 steps
+
+
+# ------------------------------------------------------------------------- condition C.1's constant
+def test_measured_batch_constant_is_exact_on_lemma3_construction() -> None:
+    """On Lemma 3's data E H̃² − H² = (Tr(H) H − H²)/|B|, so along an eigenvector C(v) = 1 − λ_v/Tr(H)."""
+    model, task, ds, H = _lemma3_problem()
+    evals, evecs = torch.linalg.eigh(H)
+    tr = float(evals.sum())
+    sampler = SampledCurvature(model, task, ds, batch_size=1)
+    dirs = evecs[:, [-1, -2, 0]]
+    out = measure_batch_constant(sampler, tr, directions=dirs, sample_size=32)
+    expected = 1.0 - evals[[-1, -2, 0]] / tr
+    assert torch.allclose(torch.tensor(out["per_direction"], dtype=F64), expected, rtol=1e-10)
+    assert torch.allclose(torch.tensor(out["rayleigh"], dtype=F64), evals[[-1, -2, 0]], rtol=1e-10)
+
+
+def test_measured_batch_constant_matches_dense_per_example_gnh() -> None:
+    model, x, y = digits_mlp()
+    task = Classification()
+    ds = torch.utils.data.TensorDataset(x[:40], y[:40])
+    per_example = [dense_curvature(model, task, [(x[i : i + 1], y[i : i + 1])]) for i in range(40)]
+    H = torch.stack(per_example).mean(0)
+    tr = float(torch.trace(H))
+    V = torch.randn(H.shape[0], 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    V = V / V.norm(dim=0)
+    second = torch.stack([torch.stack([(Hn @ V[:, j]).pow(2).sum() for Hn in per_example]).mean() for j in (0, 1)])
+    hv = H @ V
+    expected = (second - hv.pow(2).sum(0)) / (tr * (V * hv).sum(0))
+    out = measure_batch_constant(SampledCurvature(model, task, ds, batch_size=1), tr, directions=V, sample_size=40)
+    assert torch.allclose(torch.tensor(out["per_direction"], dtype=F64), expected, rtol=1e-9)
+    # subspace iteration finds the top directions; LiSSA then uses max(C_measured, C)
+    auto = measure_batch_constant(SampledCurvature(model, task, ds, batch_size=1), tr, directions=2, sample_size=40)
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    assert max(auto["rayleigh"]) == pytest.approx(top, rel=1e-3)
+    res = lissa(SampledCurvature(model, task, ds, batch_size=1), torch.ones(H.shape[0], dtype=F64), damping=0.05,
+                measure_constant=True, constant=0.5, certificate_size=None, steps=3)
+    assert res.info["measured_constant"]["constant"] > 0.5
+    assert res.info["constant"] == pytest.approx(res.info["measured_constant"]["constant"])
