@@ -598,7 +598,8 @@ def measure_batch_constant(
         seed: Seed of the sample and start block.
 
     Returns:
-        ``{"constant": max C(v), "per_direction": [...], "rayleigh": [v^T H v ...], "sample_size": n}``.
+        ``{"constant": max C(v), "per_direction": [...], "rayleigh": [v^T H v ...], "sample_size": n,
+        "example_products": examples pushed through the model (all ranks)}``.
 
     Raises:
         ConfigurationError: For a non-positive trace or an empty sample.
@@ -642,8 +643,9 @@ def measure_batch_constant(
     second = flat[V.numel() : V.numel() + m] / units
     rayleigh = (V * hv).sum(0)
     per_dir = (second - hv.pow(2).sum(0)) / (trace * rayleigh.clamp_min(1e-300))
+    iters = 0 if isinstance(directions, Tensor) else power_iter
     return {"constant": float(per_dir.max()), "per_direction": per_dir.tolist(), "rayleigh": rayleigh.tolist(),
-            "sample_size": n}
+            "sample_size": n, "example_products": (iters + 1) * m * n}
 
 
 def _divergence_message(step: int, norm: float, bound: float, damping: float, eta: float, batch_size: int | None,
@@ -855,7 +857,7 @@ def lissa(
     can_restart = isinstance(sampler, SampledCurvature) and batch_size is None and "trace" in summary
     restarts: list[dict[str, Any]] = []
     products = 0
-    example_products = 0  # global examples pushed through the model by the steps (cost accounting)
+    example_products = int(measured["example_products"]) if measured else 0  # global, for cost accounting
     while True:
         X = X0.clone()
         avg = torch.zeros_like(X)
