@@ -578,11 +578,11 @@ def measure_batch_constant(
     r"""Condition C.1's constant :math:`C` measured along the top curvature directions (paper 1, §3 and App. C).
 
     LiSSA's batch rule :math:`|B| \ge C\,\mathrm{Tr}(H)/\lambda_{\max}` rests on
-    :math:`\mathbb{E}	ilde H_t^2 - H^2 \preceq rac{C}{|B|}\mathrm{Tr}(H) H`. For a batch of one example
+    :math:`\mathbb{E}\tilde H_t^2 - H^2 \preceq \frac{C}{|B|}\mathrm{Tr}(H) H`. For a batch of one example
     the excess second moment along a unit direction :math:`v` is
     :math:`\overline{\|H_n v\|^2} - \|H v\|^2`, so
 
-    .. math:: C(v) = rac{\overline{\|H_n v\|^2} - \|H v\|^2}{\mathrm{Tr}(H)\, v^	op H v},
+    .. math:: C(v) = \frac{\overline{\|H_n v\|^2} - \|H v\|^2}{\mathrm{Tr}(H)\, v^\top H v},
 
     with :math:`H_n` the GNH of example :math:`n`. Lemma 3's divergence happens along the top eigenvectors, so
     :math:`C` is the maximum of :math:`C(v)` over the top ``directions`` (found by subspace iteration on a fixed
