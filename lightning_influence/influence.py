@@ -71,7 +71,7 @@ from lightning_influence.solvers import (
     lissa,
     local_curvature_matmat,
 )
-from lightning_influence.spectrum import LissaSettings, SpectrumSummary
+from lightning_influence.spectrum import DEFAULT_LISSA_CONSTANT, LissaSettings, SpectrumSummary
 from lightning_influence.tasks import Task
 
 ReduceFn = Callable[[Tensor], Tensor]
@@ -141,7 +141,7 @@ class InfluenceConfig:
     top_k: int = 10
     cg_rtol: float = 1e-6
     cg_max_iter: int | None = None
-    lissa_constant: float = 4.0
+    lissa_constant: float = DEFAULT_LISSA_CONSTANT
     lissa_average: float = 0.75
     lissa_max_steps: int = 20_000
     lissa_max_restarts: int = 2

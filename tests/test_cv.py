@@ -6,8 +6,6 @@ model is exact), our own proximal-Newton / FISTA refits for L1-logistic regressi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -30,18 +28,6 @@ from lightning_influence.losses import GaussianNLL
 from lightning_influence.params import flatten, trainable_parameters
 from lightning_influence.regularizers import L1, ElasticNet, GroupLasso, NoRegularizer, mask_from_named_parameters
 from lightning_influence.tasks import Classification, Regression, Task
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These problems are tiny: one intra-op thread is faster, and much faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------------------------------ data
 

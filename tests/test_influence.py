@@ -3,7 +3,6 @@ exact leave-one-out retraining (L2-logistic regression on breast_cancer) and aut
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -31,14 +30,6 @@ from tests.helpers.models import tiny_mlp, tiny_transformer_lm
 
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny products are overhead-bound; on a loaded 2-core machine two intra-op threads are ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _corr(a: Tensor, b: Tensor) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -21,15 +20,6 @@ from tests.helpers.data import digits_tensors
 
 DAMPING = 3e-2
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _digits() -> tuple[TensorDataset, TensorDataset]:

@@ -104,7 +104,8 @@ class CurvatureMonitor(Callback):
     * ``curvature/lambda_max``: largest eigenvalue of :math:`G` by Lanczos (at most ``lanczos_iter`` products).
     * ``curvature/critical_batch_size``: ``trace / lambda_max`` (the effective rank; paper 1, §3).
     * ``lissa/eta``: recommended LiSSA step size :math:`1/(\lambda_{\max} + \text{damping})`.
-    * ``lissa/batch_size``: recommended LiSSA batch, :math:`\lceil 2\,\mathrm{Tr}/\lambda_{\max} \rceil` units
+    * ``lissa/batch_size``: recommended LiSSA batch, :math:`\lceil C\,\mathrm{Tr}/\lambda_{\max} \rceil` units with
+      ``C = DEFAULT_LISSA_CONSTANT`` (4, the value :class:`InfluenceReport` uses; paper 1 suggests 2)
       (capped at the dataset size for per-example tasks).
     * ``lissa/steps``: recommended LiSSA steps, :math:`\lceil 2(\lambda_{\max}+\text{damping})/\text{damping} \rceil`.
 
