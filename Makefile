@@ -1,8 +1,9 @@
 # Every target sets up its own virtual environment first, so a fresh clone needs nothing but python3.
 #
 #   make venv    create $(VENV) and install the package with its dev extras (fast no-op when up to date)
-#   make test    ruff, mypy, pytest (what CI runs through .ci/run)
-#   make demo    train a small MLP on sklearn's digits and print its curvature summary
+#   make test    ruff, mypy, pytest (what CI runs through .ci/run); installs headless Chromium first if it can
+#   make demo    train a small MLP on sklearn's digits with all four callbacks; prints the TensorBoard/report paths
+#   make browser install Debian's chromium for the report's browser test (needs root; skipped with a note otherwise)
 #   make docs    build the Sphinx HTML docs with warnings as errors
 #   make bench   run the benchmarks in benchmarks/ (ratios measured in one run)
 #   make clean   remove build output, caches and run directories (keeps $(VENV); see distclean)
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv test lint typecheck pytest demo docs bench clean distclean
+.PHONY: venv test lint typecheck pytest demo docs bench clean distclean browser
 
 venv: $(STAMP)
 
@@ -28,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
-test: venv
+test: venv browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=300 $(PYTEST_ARGS)
@@ -41,6 +42,15 @@ typecheck: venv
 
 pytest: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=300 $(PYTEST_ARGS)
+
+# The report test (tests/test_reporting.py, tests/test_report_browser.py) opens report.html in headless Chromium.
+# Installing it needs root and network; without them the browser tests skip and say why, and make goes on.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
+	        echo "make browser: could not install chromium; the browser tests will skip"; \
+	    else echo "make browser: chromium missing and not root; install Debian's chromium to run the browser tests"; fi; }
 
 demo: venv
 	$(BIN)/lightning-influence demo --out runs/demo

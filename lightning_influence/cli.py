@@ -3,15 +3,23 @@
 Subcommands:
 
 ``demo``
-    Train a small MLP on sklearn's digits with Lightning and print its Gauss-Newton curvature summary
-    (trace ± standard error, λ_max, critical batch size, LiSSA settings). See :mod:`lightning_influence.demo`.
+    Train a small MLP on sklearn's digits with all four callbacks (CurvatureMonitor, InfluenceReport,
+    ApproximateCV, PBRFValidation), print the curvature summary and where the TensorBoard logs and
+    ``report.html`` are. See :mod:`lightning_influence.demo`.
 
 ``report RUN_DIR``
-    Rebuild ``report.html`` from a run directory. Not implemented in this version (exit status 2).
+    Rebuild every ``report.html`` under a run directory from its ``report.json``
+    (:func:`lightning_influence.reporting.rebuild_reports`).
+
+``fit ...``
+    Pass everything after ``fit`` to :class:`lightning.pytorch.cli.LightningCLI` (``fit --config
+    configs/digits_all_callbacks.yaml``); needs ``jsonargparse[signatures]`` (the ``cli`` extra).
 
 Example::
 
     $ lightning-influence demo --out runs/demo --max-epochs 5
+    $ lightning-influence report runs/demo
+    $ lightning-influence fit --config configs/digits_all_callbacks.yaml --trainer.max_epochs 3
 """
 
 from __future__ import annotations
@@ -23,15 +31,16 @@ from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
-#: Exit status of a subcommand that exists but is not implemented yet (same as an argparse usage error).
-EXIT_NOT_IMPLEMENTED = 2
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of ``lightning-influence``.
 
     Returns:
         The parser, with one subparser per subcommand.
+
+    Example::
+
+        >>> build_parser().parse_args(["demo", "--max-epochs", "3"]).max_epochs
+        3
     """
     parser = argparse.ArgumentParser(
         prog="lightning-influence",
@@ -58,10 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report",
-        help="rebuild report.html from a run directory (not implemented in this version)",
-        description="Rebuild <RUN_DIR>/influence/report.html from the saved scores. Not implemented in this version.",
+        help="rebuild report.html from a run directory",
+        description="Rebuild every <...>/influence/report.html under RUN_DIR from its report.json.",
     )
-    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's log directory")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's log directory (or its influence/)")
+
+    sub.add_parser(
+        "fit",
+        help="LightningCLI passthrough: lightning-influence fit --config configs/<name>.yaml [overrides]",
+        description="Everything after `fit` goes to lightning.pytorch.cli.LightningCLI (subcommand fit).",
+        add_help=False,
+    )
     return parser
 
 
@@ -72,8 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
-        The process exit status: 0 on success, 2 for a subcommand that is not implemented yet.
+        The process exit status: 0 on success, 1 when ``report`` finds no report under ``RUN_DIR``.
+
+    Example::
+
+        >>> import tempfile
+        >>> main(["report", tempfile.mkdtemp()])  # an empty directory holds no report.json
+        1
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:
+        return _lightning_cli(argv)
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from lightning_influence.demo import run_demo
@@ -81,12 +106,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_demo(out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed)
         return 0
     # args.command == "report" (argparse rejects anything else)
-    print(
-        f"lightning-influence report {args.run_dir}: not yet implemented in this version: rebuild of reports "
-        "lands with the report issue.",
-        file=sys.stderr,
-    )
-    return EXIT_NOT_IMPLEMENTED
+    from lightning_influence.reporting import rebuild_reports
+
+    try:
+        written = rebuild_reports(args.run_dir)
+    except FileNotFoundError as err:
+        print(f"lightning-influence report: {err}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"rebuilt {path}")
+    return 0
+
+
+def _lightning_cli(argv: list[str]) -> int:
+    """Run ``LightningCLI`` on ``argv`` (which starts with ``fit``); models and data modules come from the config."""
+    try:
+        from lightning.pytorch.cli import LightningCLI
+    except ImportError as err:  # pragma: no cover - jsonargparse missing
+        print(f"lightning-influence fit needs jsonargparse[signatures] (pip install 'lightning-influence[cli]'): {err}",
+              file=sys.stderr)
+        return 2
+    LightningCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+    return 0
 
 
 def _positive_int(text: str) -> int:

@@ -1,18 +1,23 @@
-r"""End-to-end demo: train a small MLP on sklearn's digits and measure its Gauss-Newton curvature.
+r"""End-to-end demo: a small MLP on sklearn's digits with all four lightning_influence callbacks.
 
-This is what ``lightning-influence demo`` (and ``make demo``) runs. It uses a plain
-:class:`lightning.LightningModule` and :class:`lightning.Trainer`, then, once training has finished, calls the
-Lightning-free numerics layers directly on the trained network:
+This is what ``lightning-influence demo`` (and ``make demo``) runs. A :class:`DigitsClassifier` (64-16-10 tanh
+MLP, 1,210 parameters, with an L1 penalty it declares as ``self.regularizer``) is trained with a plain
+:class:`lightning.Trainer` on :class:`DigitsDataModule`, with
 
-1. a seeded sample of 512 training examples is cut into batches (:func:`~lightning_influence.operators.make_batches`),
-2. a GNH operator :math:`G = \frac{1}{N}\sum_i J_i^\top S_i J_i` is built over them
-   (:class:`~lightning_influence.operators.GNHOperator`),
-3. :func:`~lightning_influence.spectrum.estimate_spectrum` returns the Hutchinson trace with its standard error,
-   :math:`\lambda_{\max}` by Lanczos, the critical batch size :math:`\operatorname{Tr}(G)/\lambda_{\max}` and
-   the LiSSA settings :math:`(\eta, |B|, T)` derived from them.
+1. :class:`~lightning_influence.callbacks.curvature_monitor.CurvatureMonitor`: GNH trace ± standard error,
+   :math:`\lambda_{\max}`, critical batch size and LiSSA settings every ``monitor_every`` epochs on a fixed
+   sample of 512 training examples;
+2. :class:`~lightning_influence.callbacks.influence_report.InfluenceReport`: influence of 400 training examples
+   on 20 validation queries (exact damped-GNH solve: the model is tiny), self-influence ranking, 8x8 images;
+3. :class:`~lightning_influence.callbacks.approximate_cv.ApproximateCV`: approximate 5-fold CV of the
+   L1-penalised loss (AFIF: downdated Fisher + proximal step);
+4. :class:`~lightning_influence.callbacks.pbrf_validation.PBRFValidation`: the influence scores of 3 training
+   examples checked against the proximal Bregman response function.
 
-The summary is printed, logged to TensorBoard under ``curvature/*`` and ``lissa/*``, and written to
-``curvature.json`` in the run's log directory.
+Outputs: TensorBoard logs in ``<out>/lightning_logs/version_<n>/``, the HTML report
+``<log_dir>/influence/report.html`` (with ``report.json``), ``curvature.json`` (the last curvature summary)
+and ``curvature.png`` (the monitor's curvature figure). :class:`DigitsClassifier` and :class:`DigitsDataModule`
+are also what ``configs/digits_all_callbacks.yaml`` trains through LightningCLI.
 
 scikit-learn is needed for the data set only (``pip install scikit-learn`` or the ``demo`` extra).
 """
@@ -31,31 +36,48 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["DigitsClassifier", "load_digits_datasets", "run_demo"]
+__all__ = ["DigitsClassifier", "DigitsDataModule", "demo_callbacks", "load_digits_datasets", "run_demo"]
 
 #: Number of training examples the curvature summary is computed on.
 CURVATURE_SAMPLE = 512
 #: Batch size of the fixed batches the GNH operator averages over.
 CURVATURE_BATCH_SIZE = 128
-#: Damping λ used for the LiSSA recommendation (η = 1/(λ_max + λ), T = 2/(λη)).
+#: Damping λ used for the LiSSA recommendation (η = 1/(λ_max + λ), T = 2/(λη)) and the influence solve.
 CURVATURE_DAMPING = 1e-3
 
 
 class DigitsClassifier(L.LightningModule):
-    """A 64-32-10 tanh MLP trained with softmax cross-entropy and SGD with momentum.
+    r"""A 64-16-10 tanh MLP trained with softmax cross-entropy (+ an optional L1 penalty) and SGD with momentum.
+
+    The module declares its penalty as ``self.regularizer`` (an :class:`~lightning_influence.regularizers.L1` on
+    every parameter) and adds :func:`~lightning_influence.cv.regularization_penalty` of that very object to the
+    training loss, which is how :class:`~lightning_influence.callbacks.approximate_cv.ApproximateCV` learns what
+    was minimised.
 
     Args:
         in_features: Input dimension (64 pixels for digits).
         hidden: Width of the hidden layer.
         num_classes: Number of classes.
         lr: SGD learning rate.
+        l1: Strength of the L1 penalty :math:`\lambda\lVert\theta\rVert_1` (0 for none).
+
+    Example::
+
+        >>> model = DigitsClassifier(hidden=8, l1=1e-4)
+        >>> model(torch.zeros(2, 64)).shape, model.regularizer.strength
+        (torch.Size([2, 10]), 0.0001)
     """
 
-    def __init__(self, in_features: int = 64, hidden: int = 32, num_classes: int = 10, lr: float = 0.05) -> None:
+    def __init__(
+        self, in_features: int = 64, hidden: int = 16, num_classes: int = 10, lr: float = 0.05, l1: float = 1e-4
+    ) -> None:
+        from lightning_influence.regularizers import L1
+
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, num_classes))
         self.lr = lr
+        self.regularizer = L1(l1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits for a batch of flattened images."""
@@ -65,6 +87,10 @@ class DigitsClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
+        if stage == "train" and self.regularizer.strength > 0:
+            from lightning_influence.cv import regularization_penalty
+
+            loss = loss + regularization_penalty(self, self.regularizer)
         acc = (logits.argmax(dim=-1) == y).float().mean()
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", on_step=False, on_epoch=True)
         self.log(f"{stage}/acc", acc, prog_bar=stage == "val", on_step=False, on_epoch=True)
@@ -94,6 +120,12 @@ def load_digits_datasets(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
 
     Raises:
         ImportError: If scikit-learn is not installed.
+
+    Example::
+
+        >>> train, val = load_digits_datasets(seed=0)
+        >>> len(train), len(val), train[0][0].shape
+        (1437, 360, torch.Size([64]))
     """
     try:
         from sklearn.datasets import load_digits
@@ -118,92 +150,234 @@ def load_digits_datasets(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     return as_dataset(x_train, y_train), as_dataset(x_val, y_val)
 
 
-def run_demo(out_dir: str | Path, max_epochs: int = 20, seed: int = 0) -> dict[str, Any]:
-    """Train the digits MLP with Lightning, then print and return its curvature summary.
+class DigitsDataModule(L.LightningDataModule):
+    """sklearn's digits as a LightningDataModule (standardised, stratified 80/20 split, see load_digits_datasets).
+
+    Args:
+        batch_size: Training batch size (validation uses 256).
+        seed: Seed of the split and of the training data order.
+
+    Example::
+
+        >>> dm = DigitsDataModule(batch_size=32)
+        >>> dm.setup("fit")
+        >>> len(dm.train_set), len(dm.val_set)
+        (1437, 360)
+    """
+
+    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.seed = seed
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+
+    def setup(self, stage: str) -> None:
+        """Load and split the data (once)."""
+        if self.train_set is None:
+            self.train_set, self.val_set = load_digits_datasets(self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (seeded generator)."""
+        assert self.train_set is not None
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches of 256."""
+        assert self.val_set is not None
+        return DataLoader(self.val_set, batch_size=256)
+
+
+class _StageBar(L.Callback):
+    """Open a progress bar for the post-training stage of the callback that follows it (and close the last one)."""
+
+    def __init__(self, stages: list[str], index: int, show: bool) -> None:
+        self.stages, self.index, self.show = stages, index, show
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = _StageBar._open
+        if state is not None:
+            state.update(1)
+            state.close()
+            _StageBar._open = None
+        if self.show and self.index < len(self.stages) and trainer.is_global_zero:
+            from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+            _StageBar._open = tqdm(total=1, desc=f"[{self.index + 1}/{len(self.stages)}] {self.stages[self.index]}",
+                                   bar_format="{desc}: {bar} {elapsed}", leave=True)
+
+    _open: Any = None
+
+
+def demo_callbacks(
+    monitor_every: int = 4, num_queries: int = 20, max_train: int = 400, pbrf_train: int = 3, progress: bool = True
+) -> list[L.Callback]:
+    """The four lightning_influence callbacks the demo trains with, interleaved with post-training stage bars.
+
+    Args:
+        monitor_every: CurvatureMonitor cadence in epochs.
+        num_queries: Validation queries of InfluenceReport.
+        max_train: Training examples InfluenceReport scores (the curvature uses all of them).
+        pbrf_train: Training examples PBRFValidation checks (two PBO solves each).
+        progress: Show a progress bar per post-training stage on rank 0.
+
+    Returns:
+        ``[CurvatureMonitor, bar, InfluenceReport, bar, ApproximateCV, bar, PBRFValidation, bar]``.
+
+    Example::
+
+        >>> [type(cb).__name__ for cb in demo_callbacks(progress=False)][::2]
+        ['CurvatureMonitor', 'InfluenceReport', 'ApproximateCV', 'PBRFValidation']
+    """
+    from lightning_influence.callbacks.approximate_cv import ApproximateCV
+    from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
+    from lightning_influence.callbacks.influence_report import InfluenceReport
+    from lightning_influence.callbacks.pbrf_validation import PBRFValidation
+    from lightning_influence.tasks import Classification
+
+    task = Classification()
+    stages = [
+        "CurvatureMonitor: curvature figure",
+        f"InfluenceReport: {num_queries} queries x {max_train} training examples",
+        "ApproximateCV: 5-fold approximate CV",
+        f"PBRFValidation: {pbrf_train} training examples x 2 PBO solves",
+    ]
+    main = [
+        CurvatureMonitor(task, every_n_epochs=monitor_every, on_checkpoint=False, sample_size=CURVATURE_SAMPLE,
+                         damping=CURVATURE_DAMPING, trace_probes=8, lanczos_iter=12),
+        InfluenceReport(task, query_data="val", solver="exact", damping=CURVATURE_DAMPING, max_queries=num_queries,
+                        max_train=max_train, top_k=5, images=True, progress_bar=progress),
+        ApproximateCV(task, folds=5, damping=CURVATURE_DAMPING, cg_rtol=1e-6, prox_tol=1e-6),
+        PBRFValidation(task, num_train=pbrf_train, num_queries=5, exact_max_params=2000),
+    ]
+    out: list[L.Callback] = []
+    for i, cb in enumerate(main):
+        out += [cb, _StageBar(stages, i + 1, progress)]
+    return out
+
+
+def run_demo(
+    out_dir: str | Path, max_epochs: int = 20, seed: int = 0, *, max_train: int = 400, num_queries: int = 20,
+    pbrf_train: int = 3,
+) -> dict[str, Any]:
+    """Train the digits MLP with all four callbacks, then print where the logs and the report are.
 
     Args:
         out_dir: Directory for the TensorBoard logs (``<out_dir>/lightning_logs/version_<n>``).
         max_epochs: Number of training epochs.
         seed: Seed of the split, the initialisation, the data order and the curvature sample/probes.
+        max_train: Training examples InfluenceReport scores.
+        num_queries: Validation queries InfluenceReport explains.
+        pbrf_train: Training examples PBRFValidation checks.
 
     Returns:
-        The :meth:`SpectrumSummary.to_dict` of the GNH on 512 training examples (``trace``, ``trace_stderr``,
+        The last :meth:`SpectrumSummary.to_dict` of the CurvatureMonitor (``trace``, ``trace_stderr``,
         ``lambda_max``, ``critical_batch_size``, ``lissa`` settings, ...) plus ``val_acc``, ``num_params``,
-        ``num_examples`` and ``log_dir``.
+        ``num_examples``, ``log_dir``, ``report`` (the HTML path), ``cv`` (approximate CV estimate),
+        ``pbrf`` (the PBRF verdict) and ``seconds``.
 
     Raises:
         ValueError: If ``max_epochs`` is smaller than 1.
         ImportError: If scikit-learn is not installed.
+
+    Example::
+
+        >>> result = run_demo("runs/demo", max_epochs=2, max_train=64)  # doctest: +SKIP
+        >>> Path(result["report"]).name  # doctest: +SKIP
+        'report.html'
     """
+    import time
+
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
-    # The numerics layers are imported here so that `lightning-influence --help` stays fast.
-    from lightning_influence.operators import GNHOperator, make_batches
-    from lightning_influence.spectrum import estimate_spectrum
-    from lightning_influence.tasks import Classification
+    from lightning_influence.callbacks.approximate_cv import ApproximateCV
+    from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
+    from lightning_influence.callbacks.pbrf_validation import PBRFValidation
 
+    start = time.perf_counter()
     out_dir = Path(out_dir)
-    train_set, val_set = load_digits_datasets(seed)
     L.seed_everything(seed, workers=True, verbose=False)
+    dm = DigitsDataModule(batch_size=64, seed=seed)
     model = DigitsClassifier()
-    loader_gen = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_set, batch_size=64, shuffle=True, generator=loader_gen)
-    val_loader = DataLoader(val_set, batch_size=256)
-
+    show = sys.stdout.isatty() or sys.stderr.isatty()  # progress bars only on a terminal, not in logs/CI
+    callbacks = demo_callbacks(monitor_every=max(1, min(4, max_epochs)), num_queries=num_queries,
+                               max_train=max_train, pbrf_train=pbrf_train, progress=show)
     logger = TensorBoardLogger(save_dir=str(out_dir))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=max_epochs,
         logger=logger,
+        callbacks=callbacks,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=sys.stdout.isatty(),  # progress bars only on a terminal, not in logs/CI
+        enable_progress_bar=show,
         log_every_n_steps=5,
     )
     with warnings.catch_warnings():
         # In-memory tensors need no worker processes; Lightning warns about num_workers=0 on every loader.
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader)
+        trainer.fit(model, datamodule=dm)
     val_acc = float(trainer.callback_metrics.get("val/acc", torch.tensor(float("nan"))))
+    monitor = next(cb for cb in callbacks if isinstance(cb, CurvatureMonitor))
+    cv = next(cb for cb in callbacks if isinstance(cb, ApproximateCV))
+    pbrf = next(cb for cb in callbacks if isinstance(cb, PBRFValidation))
+    summary = monitor.latest
+    assert summary is not None  # measured at least at the last epoch
+    train_set = dm.train_set
+    assert train_set is not None
 
-    # Curvature of the trained network on a seeded sample of training examples (global RNG untouched).
-    net = model.net.eval()
-    sample_gen = torch.Generator().manual_seed(seed)
-    n_sample = min(CURVATURE_SAMPLE, len(train_set))
-    indices = torch.randperm(len(train_set), generator=sample_gen)[:n_sample].tolist()
-    batches = make_batches(train_set, indices, batch_size=CURVATURE_BATCH_SIZE)
-    op = GNHOperator(net, Classification(), batches)
-    summary = estimate_spectrum(op, damping=CURVATURE_DAMPING, seed=seed, dataset_size=len(train_set))
-
-    result: dict[str, Any] = dict(summary.to_dict())
     log_dir = Path(logger.log_dir)
+    report = log_dir / "influence" / "report.html"
+    result: dict[str, Any] = dict(summary.to_dict())
     result.update(
         val_acc=val_acc,
-        num_params=sum(p.numel() for p in net.parameters()),
-        num_examples=n_sample,
+        num_params=sum(p.numel() for p in model.parameters()),
+        num_examples=min(CURVATURE_SAMPLE, len(train_set)),
         log_dir=str(log_dir),
+        report=str(report),
+        cv=cv.last_result.estimate if cv.last_result is not None else None,
+        pbrf=getattr(pbrf.result, "verdict", None),
+        seconds=time.perf_counter() - start,
     )
-    logger.log_metrics(summary.metrics(), step=trainer.global_step)
-    logger.finalize("success")
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "curvature.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _save_curvature_figure(monitor, log_dir / "curvature.png")
 
     lissa = summary.lissa
     print(
         "\n".join(
             [
                 "",
-                f"Digits MLP ({result['num_params']} parameters) after {max_epochs} epochs: val accuracy {val_acc:.3f}",
-                f"Gauss-Newton curvature on {n_sample} training examples (damping λ = {CURVATURE_DAMPING:g}):",
+                f"Digits MLP ({result['num_params']} parameters, L1 {model.regularizer.strength:g}) after {max_epochs} "
+                f"epochs: val accuracy {val_acc:.3f}   ({result['seconds']:.0f} s)",
+                f"Gauss-Newton curvature on {result['num_examples']} training examples "
+                f"(damping λ = {CURVATURE_DAMPING:g}):",
                 f"  trace Tr(G)          = {summary.trace:.4g} ± {summary.trace_stderr:.2g} (standard error)",
                 f"  lambda_max           = {summary.lambda_max:.4g}",
                 f"  critical batch size  = Tr(G)/lambda_max = {summary.critical_batch_size:.3g}",
                 f"  LiSSA settings       : eta = {lissa.eta:.3g}, batch size = {lissa.batch_size}, "
                 f"steps = {lissa.steps}",
-                f"TensorBoard logs: {log_dir}   (tensorboard --logdir {out_dir})",
+                f"Approximate 5-fold CV loss: {result['cv']:.4g}" if result["cv"] is not None else "",
+                f"PBRF check: {result['pbrf']}" if result["pbrf"] else "",
+                "",
+                f"TensorBoard logs: {log_dir}",
+                f"HTML report:      {report}",
                 f"Summary JSON:     {log_dir / 'curvature.json'}",
+                "View them with:",
+                f"  tensorboard --logdir {out_dir}    # then open http://localhost:6006",
+                f"  python -m webbrowser file://{report.resolve()}",
             ]
         )
     )
     return result
+
+
+def _save_curvature_figure(monitor: Any, path: Path) -> None:
+    """Write the monitor's curvature history figure (the one logged as ``curvature/history``) as a PNG."""
+    from lightning_influence.reporting.figures import close_figure, curvature_figure
+
+    fig = curvature_figure(monitor.history)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    close_figure(fig)

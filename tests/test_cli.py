@@ -58,11 +58,25 @@ def test_demo_rejects_bad_max_epochs(value: str, capsys: pytest.CaptureFixture[s
     assert "--max-epochs" in capsys.readouterr().err
 
 
-def test_report_is_not_implemented_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["report", str(tmp_path)]) == 2
+def test_report_without_report_json_fails_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "not yet implemented" in err
+    assert "report.json" in err
     assert str(tmp_path) in err
+
+
+def test_report_rebuilds_html_from_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_influence.reporting import ReportStore
+
+    run = tmp_path / "run"
+    ReportStore(run / "lightning_logs" / "version_0" / "influence", render=False).update(
+        "cv", {"estimate": {"approx": 0.25}}
+    )
+    html = run / "lightning_logs" / "version_0" / "influence" / "report.html"
+    assert not html.exists()
+    assert main(["report", str(run)]) == 0
+    assert html.is_file() and "0.25" in html.read_text(encoding="utf-8")
+    assert str(html) in capsys.readouterr().out
 
 
 def test_run_demo_rejects_zero_epochs(tmp_path: Path) -> None:
@@ -85,6 +99,18 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert trace > 0
     assert stderr >= 0
     assert "TensorBoard logs:" in printed
+    assert f"tensorboard --logdir {out_dir}" in printed
+    reports = list(out_dir.rglob("influence/report.html"))
+    assert len(reports) == 1 and f"HTML report:      {reports[0]}" in printed
+    sections = json.loads((reports[0].parent / "report.json").read_text())
+    for section in ("curvature", "influence", "cv", "pbrf"):  # all four callbacks wrote their section
+        assert section in sections, sorted(sections)
+    assert (reports[0].parents[1] / "curvature.png").is_file()
+
+    # the console script rebuilds the report from report.json
+    reports[0].unlink()
+    assert main(["report", str(out_dir)]) == 0
+    assert reports[0].is_file()
 
     events = list(out_dir.rglob("events.out.tfevents.*"))
     assert events, f"no TensorBoard event file under {out_dir}"
