@@ -211,7 +211,7 @@ class _StageBar(L.Callback):
 
 
 def demo_callbacks(
-    monitor_every: int = 4, num_queries: int = 20, max_train: int = 400, pbrf_train: int = 3, progress: bool = True
+    monitor_every: int = 2, num_queries: int = 20, max_train: int = 400, pbrf_train: int = 3, progress: bool = True
 ) -> list[L.Callback]:
     """The four lightning_influence callbacks the demo trains with, interleaved with post-training stage bars.
 
@@ -223,11 +223,11 @@ def demo_callbacks(
         progress: Show a progress bar per post-training stage on rank 0.
 
     Returns:
-        ``[CurvatureMonitor, bar, InfluenceReport, bar, ApproximateCV, bar, PBRFValidation, bar]``.
+        ``[bar, CurvatureMonitor, bar, InfluenceReport, bar, ApproximateCV, bar, PBRFValidation, bar]``.
 
     Example::
 
-        >>> [type(cb).__name__ for cb in demo_callbacks(progress=False)][::2]
+        >>> [type(cb).__name__ for cb in demo_callbacks(progress=False)][1::2]
         ['CurvatureMonitor', 'InfluenceReport', 'ApproximateCV', 'PBRFValidation']
     """
     from lightning_influence.callbacks.approximate_cv import ApproximateCV
@@ -251,7 +251,7 @@ def demo_callbacks(
         ApproximateCV(task, folds=5, damping=CURVATURE_DAMPING, cg_rtol=1e-6, prox_tol=1e-6),
         PBRFValidation(task, num_train=pbrf_train, num_queries=5, exact_max_params=2000),
     ]
-    out: list[L.Callback] = []
+    out: list[L.Callback] = [_StageBar(stages, 0, progress)]
     for i, cb in enumerate(main):
         out += [cb, _StageBar(stages, i + 1, progress)]
     return out
@@ -301,7 +301,7 @@ def run_demo(
     dm = DigitsDataModule(batch_size=64, seed=seed)
     model = DigitsClassifier()
     show = sys.stdout.isatty() or sys.stderr.isatty()  # progress bars only on a terminal, not in logs/CI
-    callbacks = demo_callbacks(monitor_every=max(1, min(4, max_epochs)), num_queries=num_queries,
+    callbacks = demo_callbacks(monitor_every=max(1, min(2, max_epochs)), num_queries=num_queries,
                                max_train=max_train, pbrf_train=pbrf_train, progress=show)
     logger = TensorBoardLogger(save_dir=str(out_dir))
     trainer = L.Trainer(

@@ -921,7 +921,10 @@ def _gradient_similarity(
     train_indices: Sequence[int] | Tensor | None, query_indices: Sequence[int] | Tensor | None,
     chunk_size: int, normalization: str, collate_fn: Callable[[list[Any]], Any] | None,
 ) -> Tensor:
-    kw: dict[str, Any] = {"chunk_size": chunk_size, "normalization": normalization, "collate_fn": collate_fn}
+    # Floating inputs follow the model's dtype (e.g. PBRFValidation's float64 copy of a float32 model).
+    dtype = next(iter(trainable_parameters(model).values())).dtype
+    kw: dict[str, Any] = {"chunk_size": chunk_size, "normalization": normalization, "collate_fn": collate_fn,
+                          "dtype": dtype}
     Q = per_example_gradients(model, task, query_data, query_indices, **kw)
     if Q.shape[0] == 0:
         raise ConfigurationError("the query set is empty.")

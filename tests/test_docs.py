@@ -39,7 +39,7 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, f"sphinx-build -W failed:\n{proc.stderr}\n{proc.stdout}"
-    for page in ("index.html", "api.html", "math.html"):
+    for page in ("index.html", "api.html", "math.html", "quickstart.html", "guide.html", "metrics.html", "faq.html"):
         assert (out / page).is_file(), page
     api = (out / "api.html").read_text(encoding="utf-8")
     assert "lightning_influence.cli" in api

@@ -2,9 +2,9 @@
 
 tests/test_reporting.py already opens a synthetic report (every section filled from fixtures); this test opens the
 report the demo actually writes (all four callbacks on a digits MLP), dumps the DOM after rendering and checks each
-section is present and drawn, then takes a screenshot. With ``LI_UPDATE_DOCS_IMAGES=1`` the screenshot (and the
-monitor's curvature figure) are copied to ``docs/images/report.png`` / ``docs/images/curvature.png``, the pictures
-the README shows.
+section is present and drawn, then takes a screenshot. With ``LI_UPDATE_DOCS_IMAGES=1`` it runs the full demo and
+copies the screenshot (and the monitor's curvature figure) to ``docs/images/report.png`` /
+``docs/images/curvature.png``, the pictures the README shows.
 
 Chromium: Debian's ``chromium`` package; ``make test`` installs it when it runs as root (``make browser``),
 otherwise this test skips and says so.
@@ -47,6 +47,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     from lightning_influence.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
+    if os.environ.get("LI_UPDATE_DOCS_IMAGES") == "1":  # the README's pictures come from the full `make demo` run
+        return run_demo(out)
     return run_demo(out, max_epochs=4, max_train=96, num_queries=6, pbrf_train=2)
 
 
