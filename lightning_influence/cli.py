@@ -96,9 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["report", tempfile.mkdtemp()])  # an empty directory holds no report.json
         1
     """
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fit"]:
-        return _lightning_cli(argv)
+        # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn).
+        return _lightning_cli(None if from_command_line else argv)
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from lightning_influence.demo import run_demo
@@ -118,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _lightning_cli(argv: list[str]) -> int:
-    """Run ``LightningCLI`` on ``argv`` (which starts with ``fit``); models and data modules come from the config."""
+def _lightning_cli(argv: list[str] | None) -> int:
+    """Run ``LightningCLI`` on ``argv`` (starting with ``fit``; ``None``: ``sys.argv[1:]``); classes from the config."""
     try:
         from lightning.pytorch.cli import LightningCLI
     except ImportError as err:  # pragma: no cover - jsonargparse missing
