@@ -186,7 +186,7 @@ class ApproximateCV(Callback):
         * ``cv/approx_passes``: cost in gradient-equivalent passes over the training set.
         * ``cv/approx_seconds``: wall-clock seconds.
         * ``cv/exact_loss``, ``cv/exact_fold_<k>``, ``cv/exact_passes``, ``cv/exact_seconds``,
-          ``cv/rel_error`` (|approx − exact| / exact): only with ``exact_check=True``.
+          ``cv/rel_error`` (:math:`|\text{approx} - \text{exact}| / \text{exact}`): only with ``exact_check=True``.
 
     Example::
 
