@@ -162,6 +162,16 @@ class ShardSpec:
         world_size: Number of data-parallel replicas.
         seed: Seed of the draw.
         dataset_size: Size of the dataset the sample was drawn from.
+
+    Example::
+
+        >>> spec = make_shard(dataset_size=10, sample_size=7, seed=0, rank=1, world_size=2)
+        >>> spec.global_size, spec.local_size
+        (7, 3)
+        >>> torch.equal(spec.indices, shard_indices(spec.global_indices, 1, 2))
+        True
+        >>> spec.to_dict()
+        {'global_size': 7, 'local_size': 3, 'rank': 1, 'world_size': 2, 'seed': 0, 'dataset_size': 10}
     """
 
     global_indices: Tensor
@@ -262,6 +272,14 @@ def torch_distributed_reducer(group: Any = None) -> ReduceFn | None:
 
     Returns:
         The reducer, or ``None`` when there is nothing to reduce over.
+
+    Example::
+
+        >>> import torch.distributed as dist
+        >>> dist.is_available() and dist.is_initialized()
+        False
+        >>> torch_distributed_reducer() is None   # no process group: a single process, nothing to reduce
+        True
     """
     import torch.distributed as dist
 

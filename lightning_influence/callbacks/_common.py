@@ -66,6 +66,15 @@ class MisconfigurationError(MisconfigurationException, ConfigurationError):
 
     Subclasses Lightning's ``MisconfigurationException`` and
     :class:`~lightning_influence.exceptions.ConfigurationError` (a ``ValueError``).
+
+    Example::
+
+        >>> from lightning.fabric.utilities.exceptions import MisconfigurationException
+        >>> try:
+        ...     raise MisconfigurationError("dataset must be 'train', 'val' or a Dataset")
+        ... except ValueError as e:
+        ...     print(type(e).__name__, isinstance(e, (MisconfigurationException, ConfigurationError)))
+        MisconfigurationError True
     """
 
 
@@ -79,6 +88,20 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
 
     Raises:
         MisconfigurationError: For FSDP, DeepSpeed, ModelParallel, XLA or any other strategy.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> check_strategy(trainer, "InfluenceReport")   # single device: fine
+        >>> from types import SimpleNamespace
+        >>> from lightning.pytorch.strategies import FSDPStrategy
+        >>> try:
+        ...     check_strategy(SimpleNamespace(strategy=FSDPStrategy()), "InfluenceReport")
+        ... except MisconfigurationError as e:
+        ...     print(str(e)[:59])
+        InfluenceReport does not support the FSDPStrategy strategy:
     """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
@@ -100,6 +123,16 @@ def rank_world(trainer: pl.Trainer) -> tuple[int, int]:
 
     Returns:
         ``(0, 1)`` when the strategy reports no sampler kwargs (single device).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> rank_world(pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                       enable_progress_bar=False, enable_model_summary=False))
+        (0, 1)
+        >>> from types import SimpleNamespace   # what rank 1 of a 4-process DDP run reports
+        >>> rank_world(SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 4, "rank": 1}))
+        (1, 4)
     """
     kwargs = trainer.distributed_sampler_kwargs
     if not kwargs:
@@ -116,6 +149,20 @@ def make_reduce_fn(trainer: pl.Trainer) -> ReduceFn | None:
 
     Returns:
         The reducer, or ``None`` when the world size is 1.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> make_reduce_fn(trainer) is None   # one process: nothing to reduce
+        True
+        >>> from types import SimpleNamespace   # a pretend 2-rank world where both ranks hold the same tensor
+        >>> fake = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0},
+        ...                        strategy=SimpleNamespace(reduce=lambda t, reduce_op: t.mul_(2)))
+        >>> x = torch.ones(3)
+        >>> make_reduce_fn(fake)(x), x   # the input is cloned, never reduced in place
+        (tensor([2., 2., 2.]), tensor([1., 1., 1.]))
     """
     _, world = rank_world(trainer)
     if world == 1:
@@ -138,6 +185,14 @@ def unwrap_module(module: nn.Module) -> nn.Module:
 
     Returns:
         The innermost wrapped module.
+
+    Example::
+
+        >>> net = nn.Linear(2, 1)
+        >>> unwrap_module(nn.DataParallel(net)) is net
+        True
+        >>> unwrap_module(net) is net
+        True
     """
     seen = 0
     while seen < 10:
@@ -162,6 +217,13 @@ class ResolvedData:
         dataset: Indexable with ``len``.
         collate_fn: Collates a list of examples (``None``: ``torch.utils.data.default_collate``).
         source: Where it came from (``"train"``, ``"val"``, ``"user"``), for messages and reports.
+
+    Example::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> data = ResolvedData(TensorDataset(torch.arange(4.0)), None, "user")
+        >>> len(data.dataset), data.collate_fn, data.source
+        (4, None, 'user')
     """
 
     dataset: Any
@@ -219,6 +281,26 @@ def resolve_data(trainer: pl.Trainer, which: Literal["train", "val"] | Any, who:
     Raises:
         MisconfigurationError: If no such dataloader exists, several exist, or the dataset is not map-style
             (indexable with a length); the message says to pass ``dataset=...``.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> ds = TensorDataset(torch.arange(6.0))
+        >>> trainer = SimpleNamespace(train_dataloader=DataLoader(ds, batch_size=2), val_dataloaders=None)
+        >>> data = resolve_data(trainer, "train")
+        >>> data.dataset is ds, data.source
+        (True, 'train')
+        >>> resolve_data(trainer, ds).source   # a dataset passed by the user is used as is
+        'user'
+        >>> import lightning.pytorch as pl
+        >>> unfitted = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> try:
+        ...     resolve_data(unfitted, "val", "PBRFValidation")
+        ... except MisconfigurationError as e:
+        ...     print(str(e)[:64])
+        PBRFValidation needs the val data but the Trainer has no val dat
     """
     if not isinstance(which, str):
         if not _is_map_style(which):
@@ -249,6 +331,15 @@ def resolve_dataset(trainer: pl.Trainer, which: Literal["train", "val"] | Any, w
 
     Returns:
         The dataset.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> ds = TensorDataset(torch.arange(6.0))
+        >>> trainer = SimpleNamespace(train_dataloader=None, val_dataloaders=[DataLoader(ds)])
+        >>> resolve_dataset(trainer, "val") is ds
+        True
     """
     return resolve_data(trainer, which, who).dataset
 
@@ -262,6 +353,18 @@ def output_dir(trainer: pl.Trainer, subdir: str = "influence") -> Path:
 
     Returns:
         The directory path.
+
+    Example::
+
+        >>> import tempfile
+        >>> import lightning.pytorch as pl
+        >>> root = tempfile.mkdtemp()
+        >>> trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+        >>> path = output_dir(trainer)   # no logger: under default_root_dir
+        >>> path == Path(root) / "influence", path.is_dir()
+        (True, True)
+        >>> import shutil; shutil.rmtree(root)
     """
     base = trainer.log_dir
     if base is None:
@@ -285,6 +388,21 @@ def warn_no_logger(trainer: pl.Trainer, who: str = "lightning_influence") -> boo
 
     Returns:
         ``True`` if the Trainer has no logger.
+
+    Example::
+
+        >>> import warnings
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_no_logger(trainer, "InfluenceReport"), warn_no_logger(trainer, "InfluenceReport")
+        (True, True)
+        >>> len(caught)   # once per Trainer
+        1
+        >>> print(str(caught[0].message)[:57])
+        InfluenceReport: no logger is attached to the Trainer, so
     """
     if trainer.loggers:
         return False
@@ -310,6 +428,18 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
         trainer: The Trainer.
         metrics: ``name -> value``; names such as ``"curvature/trace"``.
         step: The step to log at (normally ``trainer.global_step``).
+
+    Example::
+
+        >>> import warnings
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")   # the one-time "no logger is attached" warning
+        ...     log_scalars(trainer, {"curvature/trace": 2.5}, step=0)
+        >>> trainer.callback_metrics["curvature/trace"]
+        tensor(2.5000, dtype=torch.float64)
     """
     values = {k: float(v) for k, v in metrics.items()}
     if trainer.is_global_zero:

@@ -151,6 +151,22 @@ class PBRFValidationResult:
         certificates: One :meth:`PBRFResult.to_dict` (without responses) per training example.
         verdict: The plain-language sentence.
         config: Settings used (ε, λ, optimiser, ...).
+
+    Example::
+
+        >>> result = PBRFValidationResult(
+        ...     train_indices=torch.tensor([3, 7]), query_indices=torch.tensor([0, 1, 2]),
+        ...     pbrf=torch.zeros(2, 3), estimates={"cg": torch.zeros(2, 3)},
+        ...     correlations=[{"estimator": "cg", "pearson": 0.9, "spearman": 0.8}], per_example={},
+        ...     certificates=[{"converged": True, "relative_grad_norm": 1e-4},
+        ...                   {"converged": False, "relative_grad_norm": 0.02}],
+        ...     verdict="The report's scores track the PBRF closely.")
+        >>> for name, value in result.metrics().items():
+        ...     print(name, value)
+        pbrf/pearson_cg 0.9
+        pbrf/spearman_cg 0.8
+        pbrf/converged_fraction 0.5
+        pbrf/max_relative_grad_norm 0.02
     """
 
     train_indices: Tensor
