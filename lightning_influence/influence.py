@@ -196,6 +196,14 @@ class TopK:
         proponent_scores: Their influence scores (negative first).
         opponents: ``(n_query, k)`` training data-set indices, strongest first.
         opponent_scores: Their influence scores (positive first).
+
+    Example::
+
+        >>> t = top_k(torch.tensor([[0.5, -2.0, 1.0, -0.25]]), 2, train_indices=torch.tensor([10, 11, 12, 13]))
+        >>> t.proponents.tolist(), t.proponent_scores.tolist()
+        ([[11, 13]], [[-2.0, -0.25]])
+        >>> t.opponents.tolist(), t.opponent_scores.tolist()
+        ([[12, 10]], [[1.0, 0.5]])
     """
 
     proponents: Tensor
@@ -247,6 +255,19 @@ class InfluenceResult:
         solve: The iHVP solver's certificate (:meth:`SolveResult.to_dict`), plus ``self_influence`` solves.
         diagnostics: Cost and timing (gradient-equivalents, seconds, products) and the spectrum if measured.
         config: The :class:`InfluenceConfig` as a dict.
+
+    Example::
+
+        >>> r = InfluenceResult(
+        ...     scores=torch.tensor([[0.5, -2.0, 1.0]]), train_indices=torch.tensor([10, 11, 12]),
+        ...     query_indices=torch.tensor([0]), self_influence=torch.tensor([0.1, 3.0, 0.2]),
+        ...     train_losses=torch.zeros(3), query_losses=torch.zeros(1), solve={"converged": True})
+        >>> r.top_k(1).proponents.tolist(), r.top_k(1).opponents.tolist()
+        ([[11]], [[12]])
+        >>> r.self_influence_ranking().tolist()
+        [11, 12, 10]
+        >>> r.metrics()["influence/solver_converged"], r.to_dict(top=1)["top_k"][0]["proponents"]
+        (1.0, [{'train_index': 11, 'score': -2.0}])
     """
 
     scores: Tensor
@@ -907,6 +928,23 @@ def self_influence(
 
     Returns:
         ``(n,)`` self-influences of ``indices`` (default all), in order.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> m = torch.nn.Linear(2, 1, bias=False).double()
+        >>> torch.nn.init.zeros_(m.weight)
+        Parameter containing:
+        tensor([[0., 0.]], dtype=torch.float64, requires_grad=True)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [1.0], [-1.0]], dtype=torch.float64)
+        >>> s = self_influence(m, Regression(), (x, y), solver="exact", damping=0.1)
+        >>> [round(v, 4) for v in s.tolist()]
+        [1.4209, 2.4665, 1.5013]
+        >>> g = -y * x  # per-example gradients of (w^T x - y)^2 / 2 at w = 0
+        >>> h = x.T @ x / 3 + 0.1 * torch.eye(2, dtype=torch.float64)  # damped GNH
+        >>> torch.allclose(s, (g @ torch.linalg.inv(h) * g).sum(1)), bool((s >= 0).all())
+        (True, True)
     """
     ds = _as_dataset(train_data, "train_data")
     idx = _as_indices(indices, len(ds), "indices")
@@ -954,6 +992,22 @@ def gradient_dot_scores(
 
     Returns:
         ``(n_query, n_train)`` scores.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> m = torch.nn.Linear(2, 1, bias=False).double()
+        >>> torch.nn.init.zeros_(m.weight)
+        Parameter containing:
+        tensor([[0., 0.]], dtype=torch.float64, requires_grad=True)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [1.0], [-1.0]], dtype=torch.float64)
+        >>> s = gradient_dot_scores(m, Regression(), (x, y), (x, y))
+        >>> g = -y * x  # per-example gradients at w = 0
+        >>> torch.allclose(s, -(g @ g.T))
+        True
+        >>> s.diagonal().tolist()  # an example is its own proponent (negative score)
+        [-1.0, -4.0, -2.0]
     """
     return _gradient_similarity(model, task, train_data, query_data, cosine=False, train_indices=train_indices,
                                 query_indices=query_indices, chunk_size=chunk_size, normalization=normalization,
@@ -976,6 +1030,19 @@ def cosine_scores(
 
     Returns:
         ``(n_query, n_train)`` scores in ``[-1, 1]``.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> m = torch.nn.Linear(2, 1, bias=False).double()
+        >>> torch.nn.init.zeros_(m.weight)
+        Parameter containing:
+        tensor([[0., 0.]], dtype=torch.float64, requires_grad=True)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [1.0], [-1.0]], dtype=torch.float64)
+        >>> s = cosine_scores(m, Regression(), (x, y), (x, y))
+        >>> [round(v, 4) for v in s[2].tolist()]  # gradients (-1, -1) vs (-1, 0), (0, -2) and itself
+        [0.7071, 0.7071, -1.0]
     """
     return _gradient_similarity(model, task, train_data, query_data, cosine=True, train_indices=train_indices,
                                 query_indices=query_indices, chunk_size=chunk_size, normalization=normalization,

@@ -30,7 +30,22 @@ from lightning_influence.exceptions import BatchFormatError, ConfigurationError
 
 
 class LossFamily(ABC):
-    """Negative log-likelihood of an exponential family in its natural parameter (the model output)."""
+    """Negative log-likelihood of an exponential family in its natural parameter (the model output).
+
+    Example::
+
+        >>> loss = get_loss("cross_entropy")
+        >>> isinstance(loss, LossFamily)
+        True
+        >>> h = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+        >>> y, v = torch.tensor([2]), torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)
+        >>> s_v = loss.output_hvp(h, y, v)  # closed form (diag(p) - p p^T) v
+        >>> torch.allclose(s_v, loss.expected_fisher_output_vp(h, y, v))  # Fisher = GNH (canonical family)
+        True
+        >>> total, count = loss.sum_and_count(h, y)
+        >>> round(float(total), 4), int(count)
+        (0.2413, 1)
+    """
 
     #: Short name used in reports and errors.
     name: str = "loss"

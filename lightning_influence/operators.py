@@ -93,6 +93,16 @@ def prepare_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = 
 
     Returns:
         The batch with the same structure, its tensors on ``device``.
+
+    Example::
+
+        >>> with torch.inference_mode():
+        ...     x = torch.ones(2)
+        >>> b = prepare_batch({"x": x, "y": torch.tensor([1, 2])}, torch.device("cpu"), torch.float64)
+        >>> b["x"].dtype, b["y"].dtype  # only floating tensors are cast
+        (torch.float64, torch.int64)
+        >>> x.is_inference(), b["x"].is_inference()
+        (True, False)
     """
 
     def move(x: Any) -> Any:
@@ -164,6 +174,19 @@ class CurvatureOperator:
 
     Raises:
         ConfigurationError: For negative damping or a model with no trainable parameter.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> op = GNHOperator(torch.nn.Linear(2, 1, bias=False).double(), Regression(),
+        ...                  [(x, torch.zeros(2, 1, dtype=torch.float64))], damping=0.5)
+        >>> isinstance(op, CurvatureOperator), op.shape
+        (True, (2, 2))
+        >>> op.matvec(torch.ones(2, dtype=torch.float64)).tolist()  # (X^T X / N + 0.5 I) 1
+        [1.0, 2.5]
+        >>> op.with_damping(0.0).dense().diagonal().tolist()
+        [0.5, 2.0]
     """
 
     #: Short name for logs and reports.
@@ -504,7 +527,18 @@ class GNHOperator(_OutputSpaceOperator):
 
 
 class ExpectedFisherOperator(_OutputSpaceOperator):
-    """Fisher with labels integrated out under the model's predictive distribution (equals the GNH here)."""
+    """Fisher with labels integrated out under the model's predictive distribution (equals the GNH here).
+
+    Example::
+
+        >>> from lightning_influence.tasks import Classification
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> x = torch.randn(4, 3, generator=make_generator(0), dtype=torch.float64)
+        >>> data = [(x, torch.tensor([0, 1, 1, 0]))]
+        >>> fisher = ExpectedFisherOperator(model, Classification(), data).dense()
+        >>> fisher.shape, torch.allclose(fisher, GNHOperator(model, Classification(), data).dense())
+        (torch.Size([8, 8]), True)
+    """
 
     kind = "expected_fisher"
 
@@ -522,6 +556,19 @@ class SampledFisherOperator(_OutputSpaceOperator):
         mc_samples: Number of label draws ``m`` per unit.
         seed: Seed of the label generator.
         **kwargs: As :class:`CurvatureOperator`.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Classification
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> x = torch.randn(4, 3, generator=make_generator(0), dtype=torch.float64)
+        >>> data = [(x, torch.tensor([0, 1, 1, 0]))]
+        >>> fisher = SampledFisherOperator(model, Classification(), data, mc_samples=2000, seed=0).dense()
+        >>> torch.allclose(fisher, fisher.T), bool(torch.linalg.eigvalsh(fisher).min() > -1e-12)
+        (True, True)
+        >>> gnh = GNHOperator(model, Classification(), data).dense()
+        >>> bool((fisher - gnh).norm() < 0.05 * gnh.norm())  # Monte-Carlo estimate of the GNH
+        True
     """
 
     kind = "sampled_fisher"
@@ -557,6 +604,16 @@ class FiniteDifferenceGNHOperator(_OutputSpaceOperator):
         step: Relative step; the absolute step is ``step * (1 + ||θ||) / ||v||``. Default: the cube root of the
             dtype's machine epsilon (optimal for central differences).
         **kwargs: As :class:`CurvatureOperator`.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Classification
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> x = torch.randn(4, 3, generator=make_generator(0), dtype=torch.float64)
+        >>> data = [(x, torch.tensor([0, 1, 1, 0]))]
+        >>> fd = FiniteDifferenceGNHOperator(model, Classification(), data).dense()
+        >>> torch.allclose(fd, GNHOperator(model, Classification(), data).dense(), atol=1e-8)
+        True
     """
 
     kind = "finite_difference_gnh"
@@ -592,6 +649,16 @@ class HessianOperator(CurvatureOperator):
     r"""True Hessian of the mean loss, :math:`\nabla^2 \frac1N \sum_n \ell_n`, by forward-over-reverse.
 
     It may be indefinite; use it for comparison with the GNH, not as the default curvature.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+        >>> op = HessianOperator(torch.nn.Linear(2, 1, bias=False).double(), Regression(), [(x, y)])
+        >>> op.dense()  # linear model, squared loss: X^T X / N
+        tensor([[ 5.0000, -0.5000],
+                [-0.5000,  2.5000]], dtype=torch.float64)
     """
 
     kind = "hessian"
@@ -630,6 +697,15 @@ def gnh_product_reference(model: nn.Module, task: Task, batch: Any, v: Tensor) -
 
     Returns:
         The flat, unnormalised GNH product for ``batch`` (length ``P``).
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64)
+        >>> batch = (x, torch.zeros(2, 1, dtype=torch.float64))
+        >>> m = torch.nn.Linear(2, 1, bias=False).double()
+        >>> gnh_product_reference(m, Regression(), batch, torch.ones(2, dtype=torch.float64))  # X^T X 1
+        tensor([9., 4.], dtype=torch.float64)
     """
     params = trainable_parameters(model)
     inputs, targets = task.split(batch)

@@ -38,7 +38,21 @@ DEFAULT_LISSA_CONSTANT = 4.0
 
 
 class LinearOperatorLike(Protocol):
-    """What the estimators need from an operator."""
+    """What the estimators need from an operator.
+
+    Example::
+
+        >>> from lightning_influence.operators import GNHOperator
+        >>> from lightning_influence.tasks import Regression
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> op = GNHOperator(torch.nn.Linear(2, 1, bias=False).double(), Regression(),
+        ...                  [(x, torch.zeros(2, 1, dtype=torch.float64))])  # X^T X / N = diag(0.5, 2)
+        >>> op.num_params, op.matvec(torch.ones(2, dtype=torch.float64)).tolist()
+        (2, [0.5, 2.0])
+        >>> est = hutchinson_trace(op, num_probes=4)  # exact for a diagonal operator
+        >>> est.value, est.stderr
+        (2.5, 0.0)
+    """
 
     @property
     def num_params(self) -> int:
@@ -104,6 +118,14 @@ class TraceEstimate:
         stderr: Standard error of the mean (sample standard deviation / sqrt(num_probes)).
         num_probes: Probes used.
         samples: The individual quadratic forms.
+
+    Example::
+
+        >>> est = hutchinson_trace(DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0]))), num_probes=3)
+        >>> est.value, est.num_probes, len(est.samples)
+        (6.0, 3, 3)
+        >>> TraceEstimate(value=4.0, stderr=0.2, num_probes=10).relative_stderr
+        0.05
     """
 
     value: float
@@ -232,6 +254,12 @@ class EigenEstimate:
         num_products: Operator products used.
         residual: Lanczos: Ritz residual norm :math:`\|A u - \theta u\|`; sketch: the bias correction applied.
         converged: Lanczos: residual below ``tol * value``; sketch: always ``True``.
+
+    Example::
+
+        >>> est = lanczos_lambda_max(DenseOperator(torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))))
+        >>> round(est.value, 8), est.method, est.converged, est.num_products <= 2
+        (3.0, 'lanczos', True, True)
     """
 
     value: float
@@ -357,6 +385,14 @@ class LissaSettings:
         damping: :math:`\lambda`.
         constant: :math:`C`.
         batch_size_capped: ``True`` if the recommended batch was larger than the data and was cut to it.
+
+    Example::
+
+        >>> s = lissa_settings(trace=30.0, lambda_max=3.0, damping=1.0, dataset_size=8)
+        >>> s.eta == 1 / (3.0 + 1.0), s.steps  # steps = 2 (3 + 1) / 1
+        (True, 8)
+        >>> s.batch_size, s.batch_size_capped  # 2 * 30 / 3 = 20 units wanted, only 8 available
+        (8, True)
     """
 
     eta: float
@@ -455,6 +491,15 @@ class SpectrumSummary:
         lambda_method: ``"lanczos"`` or ``"sketch"``.
         lambda_converged: Whether Lanczos met its tolerance.
         num_units: Units (examples or tokens) in the sample.
+
+    Example::
+
+        >>> s = estimate_spectrum(DenseOperator(torch.diag(torch.tensor([2.0, 1.0, 1.0]))), damping=0.5)
+        >>> m = s.metrics()
+        >>> round(m["curvature/trace"], 6), round(m["curvature/lambda_max"], 6), m["lissa/steps"]
+        (4.0, 2.0, 10.0)
+        >>> s.to_dict()["lissa"]["batch_size"] == s.lissa.batch_size
+        True
     """
 
     trace: float
