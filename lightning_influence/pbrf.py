@@ -182,6 +182,17 @@ def query_loss_measurement(task: Task, queries: Sequence[Any] | Any, normalizati
 
     Raises:
         ConfigurationError: If there are no queries or the normalization is unknown.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> _ = torch.nn.init.zeros_(model.weight)  # theta_hat = 0
+        >>> x = torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+        >>> measure = query_loss_measurement(Regression(), [(x, y)])
+        >>> measure(model).detach()  # 0.5 * (0 - y)^2 per query example
+        tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     _check_normalization(normalization)
     batches = list(queries) if isinstance(queries, list) else [queries]
@@ -213,6 +224,23 @@ class SolveRecord:
         converged: ``relative_grad_norm <= tol``.
         shift_norm: :math:`\|\theta_{\pm\epsilon} - \hat\theta\|`.
         products: Gauss-Newton products used (``newton_cg`` only).
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> _ = torch.nn.init.zeros_(model.weight)  # theta_hat = 0
+        >>> x = torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+        >>> pbrf = PBRF(model, Regression(), [(x, y)], damping=0.5, epsilon=1e-4)
+        >>> theta, rec = pbrf.solve((x[:1], y[:1]), +1)
+        >>> rec.sign, rec.converged, rec.relative_grad_norm < 1e-10
+        (1, True, True)
+        >>> # linear model + squared loss: the PBO is quadratic, its minimiser solves
+        >>> # (X^T X / N + eps x_m x_m^T + lambda I) theta = eps y_m x_m
+        >>> a = x.T @ x / 2 + 1e-4 * torch.outer(x[0], x[0]) + 0.5 * torch.eye(2, dtype=torch.float64)
+        >>> torch.allclose(theta, torch.linalg.solve(a, 1e-4 * y[0] * x[0]), rtol=1e-10, atol=0)
+        True
     """
 
     sign: int
@@ -248,6 +276,22 @@ class PBRFResult:
         measurement_minus: :math:`m(\theta_{-\epsilon})`.
         solves: The two :class:`SolveRecord` (``+ε`` then ``-ε``).
         seconds: Wall time of both solves and measurements.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> _ = torch.nn.init.zeros_(model.weight)  # theta_hat = 0
+        >>> x = torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+        >>> res = PBRF(model, Regression(), [(x, y)], damping=0.5, epsilon=1e-4).response((x[:1], y[:1]),
+        ...                                                                              queries=[(x, y)])
+        >>> res.converged, res.optimizer, res.dtype, [s.sign for s in res.solves]
+        (True, 'newton_cg', 'float64', [1, -1])
+        >>> res.measurement_base, [round(v, 4) for v in res.response.tolist()]
+        (tensor([0.5000, 0.5000], dtype=torch.float64), [-1.0909, 0.3636])
+        >>> torch.equal(res.response, (res.measurement_plus - res.measurement_minus) / (2 * res.epsilon))
+        True
     """
 
     response: Tensor
@@ -312,6 +356,26 @@ class PBRF:
     Raises:
         ConfigurationError: For :math:`\epsilon \le 0`, :math:`\lambda \le 0`, an unknown optimiser or
             normalization, non-positive ``tol``/``max_iter``, or a model without trainable parameters.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> _ = torch.nn.init.zeros_(model.weight)  # theta_hat = 0
+        >>> x = torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+        >>> pbrf = PBRF(model, Regression(), [(x, y)], damping=0.5, epsilon=1e-4)
+        >>> pbrf.num_units, pbrf.num_params
+        (2.0, 2)
+        >>> res = pbrf.response((x[:1], y[:1]), queries=[(x, y)])
+        >>> # closed form: -grad_q^T (G + lambda I)^{-1} grad_z with G = X^T X / N, grad = (h - y) x at theta_hat
+        >>> grads = -y * x
+        >>> closed = -(grads @ torch.linalg.solve(x.T @ x / 2 + 0.5 * torch.eye(2, dtype=torch.float64), grads[0]))
+        >>> res.converged, torch.allclose(res.response, closed, atol=1e-6), [round(v, 4) for v in closed.tolist()]
+        (True, True, [-1.0909, 0.3636])
+        >>> matrix, _ = pbrf.responses([(x[:1], y[:1]), (x[1:], y[1:])], queries=[(x, y)])
+        >>> tuple(matrix.shape)
+        (2, 2)
     """
 
     def __init__(

@@ -66,7 +66,21 @@ MatVec = Callable[[Tensor], Tensor]
 
 @runtime_checkable
 class SupportsMatvec(Protocol):
-    """Any linear-operator object with a ``matvec`` method (e.g. :mod:`~lightning_influence.operators`)."""
+    """Any linear-operator object with a ``matvec`` method (e.g. :mod:`~lightning_influence.operators`).
+
+    Example::
+
+        >>> from lightning_influence.spectrum import DenseOperator
+        >>> D = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> isinstance(DenseOperator(D), SupportsMatvec), isinstance(D, SupportsMatvec)
+        (True, False)
+        >>> # an operator metric gives the same prox as the dense matrix it wraps
+        >>> v = torch.tensor([1.0, -0.1], dtype=torch.float64)
+        >>> res = L1(0.3).prox(v, DenseOperator(D), tol=1e-12)
+        >>> # closed form: x_2 = 0 and, on the support, 2 (x_1 - 1) + 0.5 (0 + 0.1) + 0.3 = 0, so x_1 = 0.825
+        >>> res.converged, torch.allclose(res.x, L1(0.3).prox(v, D, tol=1e-12).x), [round(t, 8) for t in res.x.tolist()]
+        (True, True, [0.825, 0.0])
+    """
 
     def matvec(self, v: Tensor, /) -> Tensor:
         """Return ``D @ v``."""
