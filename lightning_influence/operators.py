@@ -249,10 +249,6 @@ class CurvatureOperator:
         _, targets = self.task.targets(torch.empty(0), targets)
         return f, targets
 
-    def _validated(self, batch: Any) -> tuple[Callable[[ParamTree], Tensor], Tensor]:
-        f, targets = self._outputs_fn(batch)
-        return f, targets
-
     # --------------------------------------------------------------------------------------- products
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
         """Return (sum over the batch's units of M_n v, number of counted units)."""
@@ -260,6 +256,38 @@ class CurvatureOperator:
 
     def _reduce(self, local: Tensor) -> Tensor:
         return self.reduce_fn(local) if self.reduce_fn is not None else local
+
+    def _sample_mean(
+        self, per_batch: Callable[[int, Any], tuple[Tensor, Tensor]], size: int, products: int
+    ) -> Tensor:
+        """Mean over the whole sample of a per-batch sum: the one accumulation every product shares.
+
+        ``per_batch(i, batch)`` returns this rank's unnormalised sum for the batch (``size`` numbers in any shape)
+        and its number of counted units. The sums are accumulated over this rank's batches (none on an empty
+        shard), reduced once together with the count, and divided by the global unit count.
+
+        Returns:
+            The flat mean (length ``size``) over all counted units of all ranks.
+
+        Raises:
+            ConfigurationError: If the whole sample has no counted unit.
+        """
+        total = torch.zeros(size, dtype=self.param_dtype, device=self.device)
+        count = torch.zeros((), dtype=self.param_dtype, device=self.device)
+        with curvature_mode(self.model):
+            for i, batch in enumerate(self.data):
+                local, n = per_batch(i, batch)
+                total = total + local.detach().reshape(-1)
+                count = count + n
+                self.examples_processed += self.task.batch_size(batch)
+        reduced = self._reduce(torch.cat([total, count.reshape(1)]))
+        self.num_products += products
+        self._count = float(reduced[-1])
+        if self._count <= 0:
+            raise ConfigurationError(
+                f"{type(self).__name__}: the sample has no counted units (empty data, or every target ignored)."
+            )
+        return reduced[:-1] / self._count
 
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`A v` for a flat vector ``v`` of length ``P``.
@@ -275,23 +303,12 @@ class CurvatureOperator:
             raise ConfigurationError(f"expected a vector of length {self.num_params}, got shape {tuple(v.shape)}.")
         v = v.to(device=self.device, dtype=self.param_dtype)
         vtree = unflatten(v, self.params)
-        total = torch.zeros_like(v)
-        count = torch.zeros((), dtype=v.dtype, device=v.device)
-        with curvature_mode(self.model):
-            for i, batch in enumerate(self.data):
-                prod, n = self._batch_product(i, batch, vtree)
-                total = total + flatten(prod).detach()
-                count = count + n
-                self.examples_processed += self.task.batch_size(batch)
-        reduced = self._reduce(torch.cat([total, count.reshape(1)]))
-        self.num_products += 1
-        n_units = float(reduced[-1])
-        self._count = n_units
-        if n_units <= 0:
-            raise ConfigurationError(
-                f"{type(self).__name__}: the sample has no counted units (empty data, or every target ignored)."
-            )
-        result = reduced[:-1] / n_units + self.damping * v
+
+        def per_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
+            prod, n = self._batch_product(i, batch, vtree)
+            return flatten(prod), n
+
+        result = self._sample_mean(per_batch, self.num_params, 1) + self.damping * v
         if self.check_finite and not bool(torch.isfinite(result).all()):
             self._raise_non_finite(vtree)
         return result
@@ -330,20 +347,13 @@ class CurvatureOperator:
         matrix = matrix.to(device=self.device, dtype=self.param_dtype)
         k = matrix.shape[1]
         vtree = {name: leaf.movedim(-1, 0) for name, leaf in unflatten(matrix, self.params).items()}
-        total = torch.zeros(k, self.num_params, dtype=matrix.dtype, device=matrix.device)
-        count = torch.zeros((), dtype=matrix.dtype, device=matrix.device)
-        with curvature_mode(self.model):
-            for i, batch in enumerate(self.data):
-                prod, n = self._batch_matmat(i, batch, vtree)
-                total = total + torch.cat([leaf.reshape(k, -1) for leaf in prod.values()], dim=1).detach()
-                count = count + n
-                self.examples_processed += self.task.batch_size(batch)
-        reduced = self._reduce(torch.cat([total.reshape(-1), count.reshape(1)]))
-        self.num_products += k
-        self._count = float(reduced[-1])
-        if self._count <= 0:
-            raise ConfigurationError(f"{type(self).__name__}: the sample has no counted units.")
-        result = reduced[:-1].reshape(k, -1).T / self._count + self.damping * matrix
+
+        def per_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
+            prod, n = self._batch_matmat(i, batch, vtree)
+            return torch.cat([leaf.reshape(k, -1) for leaf in prod.values()], dim=1), n
+
+        mean = self._sample_mean(per_batch, k * self.num_params, k)
+        result = mean.reshape(k, -1).T + self.damping * matrix
         if self.check_finite and not bool(torch.isfinite(result).all()):
             self._raise_non_finite(unflatten(matrix[:, 0], self.params))
         return result
@@ -419,7 +429,7 @@ class _OutputSpaceOperator(CurvatureOperator):
         return primal, tangent.detach(), leaves
 
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
-        f, targets = self._validated(batch)
+        f, targets = self._outputs_fn(batch)
         outputs, jv, leaves = self._jvp_outputs(f, v)
         self.task.loss.validate(outputs.detach(), targets)
         c = self._output_map(batch_index, outputs.detach(), targets, jv)
@@ -431,7 +441,7 @@ class _OutputSpaceOperator(CurvatureOperator):
     _vectorized = True
 
     def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
-        f, targets = self._validated(batch)
+        f, targets = self._outputs_fn(batch)
         outputs, pullback = vjp(f, self.params)  # type: ignore[misc]
         self.task.loss.validate(outputs.detach(), targets)
         jvs = vmap(lambda v: jvp(f, (self.params,), (v,))[1])(vs)  # (k, *outputs.shape)
@@ -443,22 +453,14 @@ class _OutputSpaceOperator(CurvatureOperator):
         r""":math:`v^\top A v = \frac1N\sum_n (J_n v)^\top C_n (J_n v) + \lambda\|v\|^2` with forward mode only."""
         v = v.to(device=self.device, dtype=self.param_dtype)
         vtree = unflatten(v, self.params)
-        total = torch.zeros((), dtype=v.dtype, device=v.device)
-        count = torch.zeros((), dtype=v.dtype, device=v.device)
-        with curvature_mode(self.model):
-            for i, batch in enumerate(self.data):
-                f, targets = self._validated(batch)
-                outputs, jv = jvp(f, (self.params,), (vtree,))  # type: ignore[misc]
-                c = self._output_map(i, outputs.detach(), targets, jv.detach())
-                total = total + (jv.detach() * c).sum()
-                count = count + self.task.loss.unit_mask(outputs, targets).sum().to(v.dtype)
-                self.examples_processed += self.task.batch_size(batch)
-        reduced = self._reduce(torch.stack([total, count]))
-        self.num_products += 1
-        self._count = float(reduced[1])
-        if self._count <= 0:
-            raise ConfigurationError(f"{type(self).__name__}: the sample has no counted units.")
-        value = reduced[0] / reduced[1] + self.damping * torch.dot(v, v)
+
+        def per_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
+            f, targets = self._outputs_fn(batch)
+            outputs, jv = jvp(f, (self.params,), (vtree,))  # type: ignore[misc]
+            c = self._output_map(i, outputs.detach(), targets, jv.detach())
+            return (jv.detach() * c).sum(), self.task.loss.unit_mask(outputs, targets).sum().to(v.dtype)
+
+        value = self._sample_mean(per_batch, 1, 1)[0] + self.damping * torch.dot(v, v)
         if self.check_finite and not bool(torch.isfinite(value)):
             self._raise_non_finite(vtree)
         return value
@@ -484,23 +486,16 @@ class _OutputSpaceOperator(CurvatureOperator):
         matrix = matrix.to(device=self.device, dtype=self.param_dtype)
         k = matrix.shape[1]
         vs = {name: leaf.movedim(-1, 0) for name, leaf in unflatten(matrix, self.params).items()}
-        total = torch.zeros(k, dtype=matrix.dtype, device=matrix.device)
-        count = torch.zeros((), dtype=matrix.dtype, device=matrix.device)
-        with curvature_mode(self.model):
-            for i, batch in enumerate(self.data):
-                f, targets = self._validated(batch)
-                outputs, jvs = vmap(lambda v, f=f: jvp(f, (self.params,), (v,)), out_dims=(None, 0))(vs)  # type: ignore[misc, arg-type]
-                self.task.loss.validate(outputs.detach(), targets)
-                c = self._output_map(i, outputs.detach(), targets, jvs.detach())
-                total = total + (jvs.detach() * c).reshape(k, -1).sum(1)
-                count = count + self.task.loss.unit_mask(outputs, targets).sum().to(matrix.dtype)
-                self.examples_processed += self.task.batch_size(batch)
-        reduced = self._reduce(torch.cat([total, count.reshape(1)]))
-        self.num_products += k
-        self._count = float(reduced[-1])
-        if self._count <= 0:
-            raise ConfigurationError(f"{type(self).__name__}: the sample has no counted units.")
-        values = reduced[:-1] / self._count + self.damping * (matrix * matrix).sum(0)
+
+        def per_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
+            f, targets = self._outputs_fn(batch)
+            outputs, jvs = vmap(lambda v: jvp(f, (self.params,), (v,)), out_dims=(None, 0))(vs)  # type: ignore[misc, arg-type]
+            self.task.loss.validate(outputs.detach(), targets)
+            c = self._output_map(i, outputs.detach(), targets, jvs.detach())
+            qs = (jvs.detach() * c).reshape(k, -1).sum(1)
+            return qs, self.task.loss.unit_mask(outputs, targets).sum().to(matrix.dtype)
+
+        values = self._sample_mean(per_batch, k, k) + self.damping * (matrix * matrix).sum(0)
         if self.check_finite and not bool(torch.isfinite(values).all()):
             self._raise_non_finite(unflatten(matrix[:, 0], self.params))
         return values
@@ -664,7 +659,7 @@ class HessianOperator(CurvatureOperator):
     kind = "hessian"
 
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
-        f, targets = self._validated(batch)
+        f, targets = self._outputs_fn(batch)
 
         def loss_sum(p: ParamTree) -> Tensor:
             return self.task.loss.unit_losses(f(p), targets).sum()
@@ -678,7 +673,7 @@ class HessianOperator(CurvatureOperator):
     _vectorized = True
 
     def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
-        f, targets = self._validated(batch)
+        f, targets = self._outputs_fn(batch)
 
         def loss_sum(p: ParamTree) -> Tensor:
             return self.task.loss.unit_losses(f(p), targets).sum()
