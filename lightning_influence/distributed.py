@@ -26,7 +26,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,8 +34,10 @@ import torch
 from torch import Tensor
 
 from lightning_influence.exceptions import ConfigurationError
-from lightning_influence.operators import ReduceFn
 from lightning_influence.params import make_generator
+
+#: Sums a flat tensor over the data-parallel ranks (every rank calls it with a tensor of the same shape).
+ReduceFn = Callable[[Tensor], Tensor]
 
 __all__ = [
     "CountingReducer",
@@ -43,6 +45,7 @@ __all__ = [
     "ShardSpec",
     "global_sample_indices",
     "make_shard",
+    "reduce_packed",
     "reduce_sum_and_count",
     "shard_indices",
     "shard_sizes",
@@ -318,6 +321,41 @@ class CountingReducer:
         return self.inner(local) if self.inner is not None else local
 
 
+def reduce_packed(tensors: Sequence[Tensor | float], reduce_fn: ReduceFn | None) -> list[Tensor]:
+    """Sum several tensors over ranks with ONE reduction: pack them flat, reduce, unpack to their shapes.
+
+    This is the package's only cross-rank reduction of local sums; every sharded product, gradient, loss and score
+    goes through it (or through :func:`reduce_sum_and_count`, built on it). Call it on every rank with tensors of
+    the same shapes, also on a rank whose shard is empty (zeros).
+
+    Args:
+        tensors: Tensors (any shapes) or Python numbers; they are packed in the dtype and on the device of the first
+            tensor (float64 on the CPU if there is none).
+        reduce_fn: Sums a flat tensor over ranks (``None`` on one process: the values come back unchanged).
+
+    Returns:
+        The reduced tensors, in order, with their original shapes (numbers come back as 0-d tensors).
+
+    Example::
+
+        >>> a, b = reduce_packed([torch.ones(2, 2), 3.0], sum_reducer(lambda t: 2 * t))  # a pretend 2-rank world
+        >>> a.tolist(), float(b)
+        ([[2.0, 2.0], [2.0, 2.0]], 6.0)
+    """
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    dtype = first.dtype if first is not None else torch.float64
+    device = first.device if first is not None else torch.device("cpu")
+    parts = [torch.as_tensor(t, dtype=dtype).to(device) if not isinstance(t, Tensor) else t for t in tensors]
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in parts])
+    if reduce_fn is not None:
+        flat = reduce_fn(flat)
+    out, offset = [], 0
+    for t in parts:
+        out.append(flat[offset : offset + t.numel()].reshape(t.shape))
+        offset += t.numel()
+    return out
+
+
 def reduce_sum_and_count(
     local_sum: Tensor, local_count: float | Tensor, reduce_fn: ReduceFn | None
 ) -> tuple[Tensor, float]:
@@ -336,7 +374,5 @@ def reduce_sum_and_count(
         >>> reduce_sum_and_count(torch.tensor([2.0, 4.0]), 2, None)
         (tensor([2., 4.]), 2.0)
     """
-    flat = torch.cat([local_sum.reshape(-1), torch.as_tensor(local_count, dtype=local_sum.dtype).reshape(1).to(
-        local_sum.device)])
-    total = reduce_fn(flat) if reduce_fn is not None else flat
-    return total[:-1].reshape(local_sum.shape), float(total[-1])
+    total, count = reduce_packed([local_sum, local_count], reduce_fn)
+    return total, float(count)

@@ -81,10 +81,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_influence.config import PBRFConfig
+from lightning_influence.data import DataSource, prepare_batch
+from lightning_influence.distributed import ReduceFn, reduce_packed
+from lightning_influence.evaluator import Evaluator, curvature_mode
 from lightning_influence.exceptions import ConfigurationError, DivergenceError, NonFiniteError
 from lightning_influence.losses import LossFamily, SoftmaxCrossEntropy
-from lightning_influence.operators import GNHOperator, ReduceFn, curvature_mode, prepare_batch
-from lightning_influence.params import ParamTree, flatten, trainable_parameters, unflatten
+from lightning_influence.operators import GNHOperator, SumOperator
+from lightning_influence.params import ParamTree, flatten, trainable_parameters
 from lightning_influence.solvers import conjugate_gradient
 from lightning_influence.tasks import Task
 
@@ -340,18 +344,16 @@ class PBRF:
         data: This rank's shard of the training sample, as collated batches
             (:func:`~lightning_influence.operators.make_batches`). Empty on a rank with no shard is fine.
         damping: :math:`\lambda > 0` of the proximity term; use the damping of the influence estimate being
-            validated.
-        epsilon: :math:`\epsilon > 0` (default: :math:`1/N` with :math:`N` the global number of units).
+            validated (or set it in ``config``).
+        config: :class:`~lightning_influence.config.PBRFConfig`: ``epsilon`` (default :math:`1/N` with :math:`N`
+            the global number of units), ``dtype`` of the copy (default float64), ``optimizer``
+            (``"newton_cg"``/``"lbfgs"``), ``tol`` (relative gradient norm of each solve), ``max_iter``,
+            ``history_size`` (L-BFGS memory), ``cg_rtol`` (inner CG of ``newton_cg``), ``normalization``
+            (``"sum"``/``"mean"``: how the example term and the default query-loss measurement treat an example's
+            units; match the influence scores being validated) and ``warn`` (a ``RuntimeWarning`` with the
+            residual when a solve does not converge).
         reduce_fn: Sums a flat tensor over ranks (``None`` on one process).
-        dtype: Floating dtype of the copy (default float64).
-        optimizer: ``"newton_cg"`` (default) or ``"lbfgs"``.
-        tol: Relative gradient-norm tolerance of each solve.
-        max_iter: Most optimiser iterations per solve.
-        history_size: L-BFGS memory.
-        cg_rtol: Relative residual of the inner CG solves (``newton_cg``).
-        normalization: ``"sum"`` (default) or ``"mean"``: how the example term and the default query-loss
-            measurement treat an example's units (match the influence scores being validated).
-        warn: Emit a ``RuntimeWarning`` (with the residual) when a solve does not converge.
+        **overrides: Single fields of ``config`` (``epsilon=1e-3``, ``optimizer="lbfgs"``, ``dtype=torch.float64``).
 
     Raises:
         ConfigurationError: For :math:`\epsilon \le 0`, :math:`\lambda \le 0`, an unknown optimiser or
@@ -382,60 +384,46 @@ class PBRF:
         self,
         model: nn.Module,
         task: Task,
-        data: Sequence[Any],
+        data: DataSource | Sequence[Any],
         *,
-        damping: float,
-        epsilon: float | None = None,
+        damping: float | None = None,
+        config: PBRFConfig | None = None,
         reduce_fn: ReduceFn | None = None,
-        dtype: torch.dtype = torch.float64,
-        optimizer: OptimizerName = "newton_cg",
-        tol: float = 1e-5,
-        max_iter: int = 500,
-        history_size: int = 50,
-        cg_rtol: float = 1e-8,
-        normalization: str = "sum",
-        warn: bool = True,
+        **overrides: Any,
     ) -> None:
-        _check_normalization(normalization)
-        if epsilon is not None:
-            _check_epsilon(epsilon)
-        if not damping > 0:
+        if isinstance(overrides.get("dtype"), torch.dtype):
+            overrides["dtype"] = str(overrides["dtype"]).replace("torch.", "")
+        if damping is not None:
+            overrides["damping"] = damping
+        cfg = PBRFConfig.resolve(config, **overrides)
+        if cfg.damping is None:
             raise ConfigurationError(
-                f"damping must be > 0 for the PBRF (the proximity term makes the objective strongly convex), got "
-                f"{damping}; use the damping of the influence scores you validate."
+                "damping must be > 0 for the PBRF (the proximity term makes the objective strongly convex), got "
+                "None; use the damping of the influence scores you validate."
             )
-        if optimizer not in ("lbfgs", "newton_cg"):
-            raise ConfigurationError(f"optimizer must be 'lbfgs' or 'newton_cg', got {optimizer!r}.")
-        if not tol > 0:
-            raise ConfigurationError(f"tol must be positive, got {tol}.")
-        if max_iter < 1:
-            raise ConfigurationError(f"max_iter must be >= 1, got {max_iter}.")
+        self.config = cfg
         self.task = task
-        self.damping = float(damping)
+        self.damping = float(cfg.damping)
         self.reduce_fn = reduce_fn
-        self.dtype = dtype
-        self.optimizer: OptimizerName = optimizer
-        self.tol = float(tol)
-        self.max_iter = int(max_iter)
-        self.history_size = int(history_size)
-        self.cg_rtol = float(cg_rtol)
-        self.normalization = normalization
-        self.warn = warn
+        self.dtype = cfg.torch_dtype()
+        self.optimizer: OptimizerName = cfg.optimizer
+        self.tol, self.max_iter, self.history_size = float(cfg.tol), int(cfg.max_iter), int(cfg.history_size)
+        self.cg_rtol, self.normalization, self.warn = float(cfg.cg_rtol), cfg.normalization, cfg.warn
         names = list(trainable_parameters(model))  # raises for a model with no trainable parameter
-        self.model = copy_model(model, dtype)
+        self.model = copy_model(model, self.dtype)
         own = dict(self.model.named_parameters())
         self._names = names
         self._leaves: ParamTree = {k: own[k] for k in names}
-        first = self._leaves[names[0]]
-        self.device = first.device
-        self.theta_hat = flatten({k: p.detach() for k, p in self._leaves.items()}).clone()
-        self.data = [prepare_batch(b, self.device, dtype) for b in data]
+        self.evaluator = Evaluator(self.model, task, params={k: p.detach() for k, p in self._leaves.items()})
+        self.device = self.evaluator.device
+        self.theta_hat = flatten(self.evaluator.params).clone()
+        self.data = DataSource.coerce(data).prepared(self.device, self.dtype)
         with torch.no_grad(), curvature_mode(self.model):
             self._ref = [self._outputs(b, None)[0].detach() for b in self.data]
         self.num_units = self._global_units()
         if self.num_units <= 0:
             raise ConfigurationError("the PBRF training sample has no counted units (empty data on every rank).")
-        self.epsilon = float(epsilon) if epsilon is not None else 1.0 / self.num_units
+        self.epsilon = float(cfg.epsilon) if cfg.epsilon is not None else 1.0 / self.num_units
         #: Objective/gradient evaluations so far (each is one data pass and one reduction).
         self.evaluations = 0
 
@@ -446,21 +434,19 @@ class PBRF:
         return int(self.theta_hat.numel())
 
     def _tree(self, theta: Tensor) -> ParamTree:
-        return unflatten(theta, {k: p.detach() for k, p in self._leaves.items()})
+        return self.evaluator.tree(theta)
 
     def _outputs(self, batch: Any, params: ParamTree | None) -> tuple[Tensor, Tensor]:
-        return self.task(self.model, batch, params)
-
-    def _reduce(self, local: Tensor) -> Tensor:
-        return self.reduce_fn(local) if self.reduce_fn is not None else local
+        return self.evaluator.outputs(batch, params)
 
     def _global_units(self) -> float:
         count = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.no_grad(), curvature_mode(self.model):
             for b, ref in zip(self.data, self._ref, strict=True):
                 _, y = self._outputs(b, None)
-                count = count + self.task.loss.unit_mask(ref, y).sum().to(self.dtype)
-        return float(self._reduce(count.reshape(1))[0])
+                count = count + self.evaluator.unit_count(ref, y)
+        (total,) = reduce_packed([count], self.reduce_fn)
+        return float(total)
 
     def _load(self, theta: Tensor) -> None:
         with torch.no_grad():
@@ -498,15 +484,15 @@ class PBRF:
             grad_local = (
                 torch.autograd.grad(local, theta)[0] if local.requires_grad else torch.zeros_like(theta)
             )
-            reduced = self._reduce(torch.cat([grad_local.detach(), local.detach().reshape(1), count.reshape(1)]))
-            n = reduced[-1].clamp_min(1.0)
+            grad_sum, div_sum, units = reduce_packed([grad_local.detach(), local.detach(), count], self.reduce_fn)
+            n = units.clamp_min(1.0)
             ex = self._example_loss(example, params) - self._example_loss(example, self._tree(self.theta_hat)).detach()
             diff = theta - self.theta_hat
             extra = signed_epsilon * ex + 0.5 * self.damping * (diff * diff).sum()
             grad_extra = torch.autograd.grad(extra, theta)[0]
         self.evaluations += 1
-        value = reduced[-2] / n + extra.detach()
-        grad = reduced[:-2] / n + grad_extra.detach()
+        value = div_sum / n + extra.detach()
+        grad = grad_sum / n + grad_extra.detach()
         if not (bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all())):
             raise NonFiniteError(
                 f"the proximal Bregman objective is not finite (epsilon={abs(signed_epsilon)}, damping="
@@ -557,10 +543,10 @@ class PBRF:
         gnorm = float(grad.norm())
         evals, products, it = 1, 0, 0
         while it < self.max_iter and gnorm > self.tol * g0norm:
-            self._load(theta)
-            data_op = GNHOperator(self.model, self.task, self.data, reduce_fn=self.reduce_fn, check_finite=True)
-            ex_op = GNHOperator(self.model, self.task, [example], check_finite=True)
-            combined = _WeightedSum(data_op, ex_op, signed_eps)
+            at = self._tree(theta)
+            data_op = GNHOperator(self.model, self.task, self.data, reduce_fn=self.reduce_fn, params=at)
+            ex_op = GNHOperator(self.model, self.task, [example], params=at)
+            combined = SumOperator([data_op, ex_op], [1.0, signed_eps])
             try:
                 sol = conjugate_gradient(combined, -grad, damping=self.damping, rtol=self.cg_rtol, warn=False)
             except ConfigurationError:  # -eps * G_m made the model indefinite: drop it
@@ -578,7 +564,6 @@ class PBRF:
             it += 1
             if not accepted:
                 break
-        self._load(self.theta_hat)
         return theta, it, evals, products
 
     def solve(self, example: Any, sign: int, epsilon: float | None = None) -> tuple[Tensor, SolveRecord]:
@@ -742,23 +727,6 @@ class PBRF:
         }
 
 
-class _WeightedSum:
-    """``A + w B`` as an operator (the Gauss-Newton matrix of the PBO without its damping)."""
-
-    def __init__(self, a: GNHOperator, b: GNHOperator, weight: float) -> None:
-        self.a, self.b, self.weight = a, b, weight
-
-    @property
-    def num_params(self) -> int:
-        return self.a.num_params
-
-    def matvec(self, v: Tensor) -> Tensor:
-        return self.a.matvec(v) + self.weight * self.b.matvec(v)
-
-    def quadratic_form(self, v: Tensor) -> Tensor:
-        return torch.dot(v, self.matvec(v))
-
-
 def _check_epsilon(epsilon: float) -> None:
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
         raise ConfigurationError(
@@ -771,7 +739,7 @@ def _check_epsilon(epsilon: float) -> None:
 def pbrf_response(
     model: nn.Module,
     task: Task,
-    data: Sequence[Any],
+    data: DataSource | Sequence[Any],
     example: Any,
     *,
     damping: float,

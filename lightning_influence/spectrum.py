@@ -12,7 +12,7 @@ r"""Spectral statistics of a curvature operator and the LiSSA settings they impl
 * :func:`lissa_settings`: paper 1, §3: :math:`\eta = 1/(\lambda_{\max} + \lambda)`,
   :math:`|B| \ge C\,\mathrm{Tr}(H)/\lambda_{\max}` with :math:`C = 2`, :math:`T \approx 2/(\lambda\eta)`.
 
-Operators are anything with ``matvec``, ``num_params`` and ``quadratic_form`` (see
+Operators are anything with ``num_params``, ``matvec`` and ``matmat`` (see
 :mod:`lightning_influence.operators`); a dense symmetric tensor works too through :class:`DenseOperator`.
 Probes come from a dedicated seeded generator; the global RNG is never touched.
 """
@@ -22,82 +22,34 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import Tensor
 
+from lightning_influence.config import DEFAULT_LISSA_CONSTANT, SpectrumConfig
 from lightning_influence.exceptions import ConfigurationError, NonFiniteError
-from lightning_influence.params import ProbeKind, make_generator, probe
+from lightning_influence.operators.base import DenseOperator, LinearOperator
+from lightning_influence.params import ProbeKind, derive_seed, make_generator, probe
 
-#: Default :math:`C` of the LiSSA batch rule :math:`|B| \ge C\,\mathrm{Tr}/\lambda_{\max}` used by the library's
-#: estimators and callbacks. Paper 1 suggests :math:`C = 2`; on the digits MLPs of our tests and benchmarks LiSSA
-#: with :math:`C = 2` diverged and condition C.1's constant measured on the model was 4.5 to 7, so the library
-#: default is 4 (:func:`lissa_settings` itself keeps the paper's 2 as its argument default).
-DEFAULT_LISSA_CONSTANT = 4.0
+__all__ = [
+    "DEFAULT_LISSA_CONSTANT",
+    "DenseOperator",
+    "EigenEstimate",
+    "LinearOperatorLike",
+    "LissaSettings",
+    "SpectrumSummary",
+    "TraceEstimate",
+    "critical_batch_size",
+    "estimate_spectrum",
+    "frobenius_norm",
+    "hutchinson_trace",
+    "lanczos_lambda_max",
+    "lissa_settings",
+    "sketch_lambda_max",
+]
 
-
-class LinearOperatorLike(Protocol):
-    """What the estimators need from an operator.
-
-    Example::
-
-        >>> from lightning_influence.operators import GNHOperator
-        >>> from lightning_influence.tasks import Regression
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-        >>> op = GNHOperator(torch.nn.Linear(2, 1, bias=False).double(), Regression(),
-        ...                  [(x, torch.zeros(2, 1, dtype=torch.float64))])  # X^T X / N = diag(0.5, 2)
-        >>> op.num_params, op.matvec(torch.ones(2, dtype=torch.float64)).tolist()
-        (2, [0.5, 2.0])
-        >>> est = hutchinson_trace(op, num_probes=4)  # exact for a diagonal operator
-        >>> est.value, est.stderr
-        (2.5, 0.0)
-    """
-
-    @property
-    def num_params(self) -> int:
-        """Dimension."""
-
-    def matvec(self, v: Tensor) -> Tensor:
-        """Product with a flat vector."""
-
-    def quadratic_form(self, v: Tensor) -> Tensor:
-        """``v^T A v``."""
-
-
-class DenseOperator:
-    """Wrap a dense symmetric matrix as an operator (tests, tiny models).
-
-    Example::
-
-        >>> DenseOperator(torch.diag(torch.tensor([1.0, 2.0]))).matvec(torch.ones(2))
-        tensor([1., 2.])
-    """
-
-    def __init__(self, matrix: Tensor) -> None:
-        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ConfigurationError(f"DenseOperator needs a square matrix, got shape {tuple(matrix.shape)}.")
-        self.matrix = matrix
-        self.num_products = 0
-
-    @property
-    def num_params(self) -> int:
-        """Dimension."""
-        return int(self.matrix.shape[0])
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        """Dtype of the matrix."""
-        return self.matrix.dtype
-
-    def matvec(self, v: Tensor) -> Tensor:
-        """Dense product."""
-        self.num_products += 1
-        return self.matrix @ v.to(self.matrix.dtype)
-
-    def quadratic_form(self, v: Tensor) -> Tensor:
-        """``v^T A v``."""
-        return torch.dot(v.to(self.matrix.dtype), self.matvec(v))
+#: Anything with ``num_params``, ``matvec`` and ``matmat`` (see :class:`~lightning_influence.operators.LinearOperator`).
+LinearOperatorLike = LinearOperator
 
 
 def _dtype(op: Any) -> torch.dtype:
@@ -193,7 +145,9 @@ def hutchinson_trace(
         if batched is not None:
             qs = [float(q) for q in batched(vs)]
         else:
-            qs = [float(op.quadratic_form(vs[:, 0]))]
+            single = getattr(op, "quadratic_form", None)
+            v0 = vs[:, 0]
+            qs = [float(single(v0) if single is not None else torch.dot(v0, op.matvec(v0).to(v0.dtype)))]
         for q in qs:
             if not math.isfinite(q):
                 raise NonFiniteError(f"Hutchinson probe {len(samples)} gave a non-finite quadratic form ({q}).")
@@ -535,26 +489,22 @@ def estimate_spectrum(
     op: LinearOperatorLike,
     *,
     damping: float = 1e-3,
-    trace_probes: int = 30,
-    trace_rtol: float | None = None,
-    lanczos_iter: int = 30,
-    lanczos_tol: float = 1e-3,
-    lambda_method: str = "lanczos",
-    sketch_dim: int = 50,
-    seed: int = 0,
-    constant: float = DEFAULT_LISSA_CONSTANT,
+    config: SpectrumConfig | None = None,
     dataset_size: int | None = None,
+    **overrides: Any,
 ) -> SpectrumSummary:
     """Trace, largest eigenvalue, critical batch size and LiSSA settings in one call.
 
     ``op`` should be undamped; ``damping`` only enters the LiSSA settings. ``dataset_size`` (units in the
-    training set LiSSA will sample from) caps the recommended LiSSA batch.
+    training set LiSSA will sample from) caps the recommended LiSSA batch. The estimators' settings come from
+    ``config`` (:class:`~lightning_influence.config.SpectrumConfig`), with keyword ``overrides`` of single fields
+    (``trace_probes=8``, ``lanczos_iter=8``, ``seed=...``).
 
     Returns:
         A :class:`SpectrumSummary` with the estimates, the recommended LiSSA settings and the cost.
 
     Raises:
-        ConfigurationError: For an unknown ``lambda_method``.
+        ConfigurationError: For an unknown setting or a damped operator.
         NonFiniteError: If the curvature is not finite or ``lambda_max <= 0``.
 
     Example::
@@ -563,19 +513,19 @@ def estimate_spectrum(
         >>> round(s.trace, 6), round(s.lambda_max, 6), round(s.critical_batch_size, 6)
         (6.0, 4.0, 1.5)
     """
-    if lambda_method not in ("lanczos", "sketch"):
-        raise ConfigurationError(f"lambda_method must be 'lanczos' or 'sketch', got {lambda_method!r}.")
+    cfg = SpectrumConfig.resolve(config, **overrides)
     if getattr(op, "damping", 0.0):
         raise ConfigurationError("estimate_spectrum expects an undamped operator; pass damping here instead.")
     start = time.perf_counter()
-    tr = hutchinson_trace(op, trace_probes, rtol=trace_rtol, seed=seed)
-    if lambda_method == "lanczos":
-        eig = lanczos_lambda_max(op, lanczos_iter, tol=lanczos_tol, seed=seed + 1)
+    tr = hutchinson_trace(op, cfg.trace_probes, max_probes=cfg.trace_max_probes, rtol=cfg.trace_rtol, seed=cfg.seed,
+                          kind=cfg.probe_kind, block_size=cfg.trace_block_size)
+    if cfg.lambda_method == "lanczos":
+        eig = lanczos_lambda_max(op, cfg.lanczos_iter, tol=cfg.lanczos_tol, seed=derive_seed(cfg.seed, "lanczos"))
     else:
-        eig = sketch_lambda_max(op, sketch_dim, seed=seed + 1)
+        eig = sketch_lambda_max(op, cfg.sketch_dim, seed=derive_seed(cfg.seed, "sketch"))
     cbs = critical_batch_size(tr.value, eig.value)
     units = getattr(op, "_count", None)
-    settings = lissa_settings(tr.value, eig.value, damping, constant=constant, dataset_size=dataset_size)
+    settings = lissa_settings(tr.value, eig.value, damping, constant=cfg.constant, dataset_size=dataset_size)
     return SpectrumSummary(
         trace=tr.value,
         trace_stderr=tr.stderr,

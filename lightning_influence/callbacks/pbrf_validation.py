@@ -398,7 +398,7 @@ class PBRFValidation(Callback):
         local = shard_indices(curv_idx, rank, world)
         data = make_batches(train.dataset, local, self.batch_size, collate) if len(local) else []
         pbrf = PBRF(module, self.task, data, damping=damping, epsilon=self.epsilon, reduce_fn=reduce_fn,
-                    optimizer=self.optimizer, tol=self.tol, max_iter=self.max_iter,  # type: ignore[arg-type]
+                    optimizer=self.optimizer, tol=self.tol, max_iter=self.max_iter,
                     normalization=normalization)
         query_batches = make_batches(query.dataset, query_idx, self.batch_size, query.collate_fn)
         responses: list[Tensor] = []

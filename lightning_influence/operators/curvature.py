@@ -19,9 +19,12 @@ where :math:`N` is the number of counted units in the whole sample (all ranks to
   outputs (paper 1, App. D);
 * :class:`HessianOperator`: the true loss Hessian (forward-over-reverse), for comparison.
 
-The data are a list of already collated batches (see :func:`make_batches`). For data-parallel use, each rank
-holds its shard of the sample and passes ``reduce_fn``, a function that sums a flat tensor over ranks: every
-product then costs exactly one reduction of ``(local sum, local unit count)``.
+**One product path.** Every product (``matvec``, ``matmat``, ``dense``) goes through :meth:`CurvatureOperator.
+local_matmat`, the one loop over this rank's batches, then one
+:func:`~lightning_influence.distributed.reduce_packed` of ``(local sum, local unit count)``; ``quadratic_forms``
+(forward mode only, for trace probes) is the same loop with the reverse pass left out. The data are a
+:class:`~lightning_influence.data.DataSource` (or a list of collated batches: this rank's shard), the model is seen
+through an :class:`~lightning_influence.evaluator.Evaluator`.
 
 While computing, the model is put in eval mode (dropout off, BatchNorm on running statistics, which are not
 updated), autograd is forced on (also under ``torch.inference_mode``), parameters are used through
@@ -31,21 +34,23 @@ model's per-module training flags are restored afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwad
-from torch.func import grad, jvp, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_map
+from torch.func import grad, jacrev, jvp, vjp, vmap
 
+from lightning_influence.data import DataSource
+from lightning_influence.distributed import ReduceFn, reduce_packed
+from lightning_influence.evaluator import Evaluator, curvature_mode
 from lightning_influence.exceptions import ConfigurationError, NonFiniteError
+from lightning_influence.operators.base import DENSE_MAX_PARAMS, OperatorBase
 from lightning_influence.params import (
     ParamTree,
+    derive_seed,
     flatten,
     make_generator,
     num_parameters,
@@ -54,123 +59,41 @@ from lightning_influence.params import (
 )
 from lightning_influence.tasks import Task
 
-ReduceFn = Callable[[Tensor], Tensor]
+__all__ = [
+    "CURVATURE_KINDS",
+    "CurvatureOperator",
+    "ExpectedFisherOperator",
+    "FiniteDifferenceGNHOperator",
+    "GNHOperator",
+    "HessianOperator",
+    "SampledFisherOperator",
+    "gnh_product_reference",
+    "local_curvature_matmat",
+    "loss_gradient",
+    "make_operator",
+    "operator_class",
+]
+
+PerBatch = Callable[[int, Any], tuple[Tensor, Tensor]]
 
 
-@contextlib.contextmanager
-def curvature_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode with autograd forced on and math attention; restores every submodule's training flag on exit.
-
-    Example::
-
-        >>> m = torch.nn.Dropout().train()
-        >>> with torch.no_grad(), curvature_mode(m):
-        ...     (m.training, torch.is_grad_enabled())
-        (False, True)
-        >>> m.training
-        True
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    model.eval()
-    # nn.MultiheadAttention / TransformerEncoderLayer take a fused eval-mode "fast path" without forward-mode AD.
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        # Fused attention kernels (flash / memory-efficient) have no forward-mode derivative; the math backend
-        # computes the same attention and supports jvp, vmap and double backward.
-        with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for module, mode in modes:
-            module.training = mode
-
-
-def prepare_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """Move every tensor of a batch to ``device``; clone inference-mode tensors so autograd can use them.
-
-    Floating tensors are cast to ``dtype`` when given (e.g. float64 for exact checks).
-
-    Returns:
-        The batch with the same structure, its tensors on ``device``.
-
-    Example::
-
-        >>> with torch.inference_mode():
-        ...     x = torch.ones(2)
-        >>> b = prepare_batch({"x": x, "y": torch.tensor([1, 2])}, torch.device("cpu"), torch.float64)
-        >>> b["x"].dtype, b["y"].dtype  # only floating tensors are cast
-        (torch.float64, torch.int64)
-        >>> x.is_inference(), b["x"].is_inference()
-        (True, False)
-    """
-
-    def move(x: Any) -> Any:
-        if not isinstance(x, Tensor):
-            return x
-        if dtype is not None and torch.is_floating_point(x):
-            x = x.to(device=device, dtype=dtype)
-        else:
-            x = x.to(device=device)
-        return x.clone() if x.is_inference() else x
-
-    with torch.inference_mode(False):
-        return tree_map(move, batch)
-
-
-def make_batches(
-    dataset: Any,
-    indices: Sequence[int] | Tensor | None = None,
-    batch_size: int = 128,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-) -> list[Any]:
-    """Collate ``dataset[i]`` for ``i`` in ``indices`` into a list of batches (the operators' data format).
-
-    Args:
-        dataset: Anything indexable returning one example (a map-style ``Dataset``, a list of tuples...).
-        indices: Which examples, in order (default: all of ``range(len(dataset))``).
-        batch_size: Examples per batch; the last batch may be smaller.
-        collate_fn: How to collate a list of examples (default ``torch.utils.data.default_collate``).
-
-    Returns:
-        The list of collated batches (possibly empty, e.g. for a rank with no shard).
-
-    Raises:
-        ConfigurationError: For a non-positive ``batch_size`` or an index out of range.
-
-    Example::
-
-        >>> ds = torch.utils.data.TensorDataset(torch.arange(5.0), torch.arange(5))
-        >>> [len(b[0]) for b in make_batches(ds, batch_size=2)]
-        [2, 2, 1]
-    """
-    from torch.utils.data import default_collate
-
-    if batch_size <= 0:
-        raise ConfigurationError(f"batch_size must be positive, got {batch_size}.")
-    n = len(dataset)
-    idx = list(range(n)) if indices is None else [int(i) for i in indices]
-    bad = [i for i in idx if not 0 <= i < n]
-    if bad:
-        raise ConfigurationError(f"indices {bad[:5]} are out of range for a dataset of {n} examples.")
-    collate = collate_fn or default_collate
-    return [collate([dataset[i] for i in idx[s : s + batch_size]]) for s in range(0, len(idx), batch_size)]
-
-
-class CurvatureOperator:
+class CurvatureOperator(OperatorBase):
     r"""Base class: a symmetric, matrix-free operator averaged over a fixed sample.
 
-    Subclasses implement :meth:`_batch_product` (the unnormalised sum of per-unit products over one batch).
+    Subclasses implement :meth:`_batch_product` (the unnormalised sum of per-unit products of one batch with one
+    direction) and, when they can vectorise over directions, :meth:`_batch_matmat`.
 
     Args:
         model: The module; only its trainable parameters are differentiated.
         task: Turns batches into ``(outputs, targets)`` and names the loss family.
-        data: Collated batches (this rank's shard under data parallelism); see :func:`make_batches`.
+        data: A :class:`~lightning_influence.data.DataSource`, or collated batches (this rank's shard under data
+            parallelism; see :func:`~lightning_influence.data.make_batches`).
         damping: :math:`\lambda \ge 0` added as :math:`\lambda I`.
         reduce_fn: Sums a flat tensor over ranks (``None`` on a single process).
         dtype: Cast floating inputs in the batches to this dtype (``None`` keeps them; the model's parameter
             dtype is always used for the products).
         check_finite: Raise :class:`NonFiniteError` naming the batch when a product is not finite.
+        params: Evaluate at these parameters instead of the model's (see also :meth:`at`).
 
     Raises:
         ConfigurationError: For negative damping or a model with no trainable parameter.
@@ -191,86 +114,99 @@ class CurvatureOperator:
 
     #: Short name for logs and reports.
     kind = "curvature"
+    #: Whether :meth:`_batch_matmat` is implemented (directions vectorised with ``torch.func.vmap``).
+    _vectorized = False
 
     def __init__(
         self,
         model: nn.Module,
         task: Task,
-        data: Sequence[Any],
+        data: DataSource | Sequence[Any],
         *,
         damping: float = 0.0,
         reduce_fn: ReduceFn | None = None,
         dtype: torch.dtype | None = None,
         check_finite: bool = True,
+        params: ParamTree | None = None,
     ) -> None:
         if damping < 0:
             raise ConfigurationError(f"damping must be >= 0, got {damping}; use 0 for no damping.")
-        self.model = model
-        self.task = task
-        self.params: ParamTree = trainable_parameters(model)
-        first = next(iter(self.params.values()))
-        self.device, self.param_dtype = first.device, first.dtype
-        self.data = [prepare_batch(b, self.device, dtype) for b in data]
+        self.evaluator = Evaluator(model, task, params=params, input_dtype=dtype)
+        self.source = DataSource.coerce(data)
+        self.data = self.source.prepared(self.evaluator.device, dtype)
         self.damping = float(damping)
         self.reduce_fn = reduce_fn
         self.check_finite = check_finite
-        #: Number of examples this process has pushed through the model (for sharding checks).
-        self.examples_processed = 0
-        #: Number of operator products computed (multi-vector products count each column).
+        #: Examples this process has pushed through the model, one per batch row per pass (sharding checks).
+        self._examples_processed = 0
+        #: Examples times directions (cost accounting: one per-example curvature product each).
+        self.example_products = 0
+        #: Directions multiplied (multi-vector products count each column).
         self.num_products = 0
         self._count: float | None = None
 
     # ------------------------------------------------------------------------------------------ basics
+    @property
+    def model(self) -> nn.Module:
+        """The module."""
+        return self.evaluator.model
+
+    @property
+    def task(self) -> Task:
+        """The task."""
+        return self.evaluator.task
+
+    @property
+    def params(self) -> ParamTree:
+        """The parameter tree the operator is evaluated at."""
+        return self.evaluator.params
+
     @property
     def num_params(self) -> int:
         """Dimension :math:`P` of the parameter space."""
         return num_parameters(self.params)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(P, P)``."""
-        return (self.num_params, self.num_params)
+    def param_dtype(self) -> torch.dtype:
+        """Dtype of the parameters (and of every product)."""
+        return self.evaluator.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.evaluator.device
+
+    @property
+    def examples_processed(self) -> int:
+        """Examples this process pushed through the model (one per batch row per pass)."""
+        return self._examples_processed
 
     def with_damping(self, damping: float) -> CurvatureOperator:
-        """A shallow copy of this operator with another damping."""
-        if damping < 0:
-            raise ConfigurationError(f"damping must be >= 0, got {damping}.")
-        new = copy.copy(self)
-        new.damping = float(damping)
-        return new
-
-    def _outputs_fn(self, batch: Any) -> tuple[Callable[[ParamTree], Tensor], Tensor]:
-        inputs, targets = self.task.split(batch)
-
-        def f(p: ParamTree) -> Tensor:
-            out, _ = self.task.targets(self.task.outputs(self.task.forward(self.model, p, inputs)), targets)
-            return out
-
-        _, targets = self.task.targets(torch.empty(0), targets)
-        return f, targets
-
-    # --------------------------------------------------------------------------------------- products
-    def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
-        """Return (sum over the batch's units of M_n v, number of counted units)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _batch_product")  # pragma: no cover
-
-    def _reduce(self, local: Tensor) -> Tensor:
-        return self.reduce_fn(local) if self.reduce_fn is not None else local
-
-    def _sample_mean(
-        self, per_batch: Callable[[int, Any], tuple[Tensor, Tensor]], size: int, products: int
-    ) -> Tensor:
-        """Mean over the whole sample of a per-batch sum: the one accumulation every product shares.
-
-        ``per_batch(i, batch)`` returns this rank's unnormalised sum for the batch (``size`` numbers in any shape)
-        and its number of counted units. The sums are accumulated over this rank's batches (none on an empty
-        shard), reduced once together with the count, and divided by the global unit count.
+        """A shallow copy of this operator with another damping.
 
         Returns:
-            The flat mean (length ``size``) over all counted units of all ranks.
+            The copy.
+        """
+        new = super().with_damping(damping)
+        assert isinstance(new, CurvatureOperator)
+        return new
 
-        Raises:
-            ConfigurationError: If the whole sample has no counted unit.
+    def at(self, theta: Tensor) -> CurvatureOperator:
+        """The same operator (data, damping, reduction) at the flat parameter vector ``theta``.
+
+        Returns:
+            A shallow copy evaluating at ``theta``.
+        """
+        new = copy.copy(self)
+        new.evaluator = self.evaluator.at(theta)
+        return new
+
+    # --------------------------------------------------------------------------------------- the loop
+    def _accumulate(self, per_batch: PerBatch, size: int) -> tuple[Tensor, Tensor]:
+        """Local sum over this rank's batches of ``per_batch(i, batch)`` (``size`` numbers) and the unit count.
+
+        Returns:
+            The flat local sum and the local unit count (zeros for an empty shard).
         """
         total = torch.zeros(size, dtype=self.param_dtype, device=self.device)
         count = torch.zeros((), dtype=self.param_dtype, device=self.device)
@@ -279,45 +215,121 @@ class CurvatureOperator:
                 local, n = per_batch(i, batch)
                 total = total + local.detach().reshape(-1)
                 count = count + n
-                self.examples_processed += self.task.batch_size(batch)
-        reduced = self._reduce(torch.cat([total, count.reshape(1)]))
-        self.num_products += products
-        self._count = float(reduced[-1])
+                self._examples_processed += self.task.batch_size(batch)
+        return total, count
+
+    def _global_mean(self, total: Tensor, count: Tensor, directions: int) -> Tensor:
+        """One reduction of ``(sum, count)``, then the mean over every counted unit of every rank.
+
+        Returns:
+            The flat mean.
+
+        Raises:
+            ConfigurationError: If the whole sample has no counted unit.
+        """
+        total, n = reduce_packed([total, count], self.reduce_fn)
+        self.num_products += directions
+        self.example_products += directions * sum(self.task.batch_size(b) for b in self.data)
+        self._count = float(n)
         if self._count <= 0:
             raise ConfigurationError(
                 f"{type(self).__name__}: the sample has no counted units (empty data, or every target ignored)."
             )
-        return reduced[:-1] / self._count
+        return total / self._count
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """:math:`A v` for a flat vector ``v`` of length ``P``.
+    def _columns(self, matrix: Tensor) -> ParamTree:
+        """``(P, k)`` as a tree whose leaves carry the column dimension first."""
+        return {name: leaf.movedim(-1, 0) for name, leaf in unflatten(matrix, self.params).items()}
+
+    def _batch_columns(self, i: int, batch: Any, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        """Unnormalised ``(P, k)`` product of one batch: fused single-direction path, vmap, or column loop."""
+        k = matrix.shape[1]
+        if k == 1:
+            prod, n = self._batch_product(i, batch, unflatten(matrix[:, 0], self.params))
+            return flatten(prod).unsqueeze(1), n
+        if self._vectorized:
+            prods, n = self._batch_matmat(i, batch, self._columns(matrix))
+            return torch.cat([leaf.reshape(k, -1) for leaf in prods.values()], dim=1).T, n
+        cols, n = [], torch.zeros(())
+        for j in range(k):
+            prod, n = self._batch_product(i, batch, unflatten(matrix[:, j], self.params))
+            cols.append(flatten(prod))
+        return torch.stack(cols, 1), n
+
+    def local_matmat(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        r"""This rank's unnormalised :math:`\sum_{\text{local units}} M_n V` and its unit count (no reduction).
 
         Returns:
-            The flat product :math:`A v` (length ``P``).
+            ``(S, n)`` with ``S`` of shape ``(P, k)`` and ``n`` a 0-d tensor.
 
         Raises:
-            ConfigurationError: If ``v`` has the wrong shape.
-            NonFiniteError: If the product is not finite (names the first offending batch).
+            ConfigurationError: If ``matrix`` is not ``(P, k)``.
         """
-        if v.ndim != 1 or v.shape[0] != self.num_params:
-            raise ConfigurationError(f"expected a vector of length {self.num_params}, got shape {tuple(v.shape)}.")
-        v = v.to(device=self.device, dtype=self.param_dtype)
-        vtree = unflatten(v, self.params)
+        matrix = self._check_matrix(matrix)
+        k = matrix.shape[1]
+        total, count = self._accumulate(lambda i, b: self._batch_columns(i, b, matrix), self.num_params * k)
+        return total.reshape(self.num_params, k), count
 
-        def per_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
-            prod, n = self._batch_product(i, batch, vtree)
-            return flatten(prod), n
+    # --------------------------------------------------------------------------------------- products
+    def matmat(self, matrix: Tensor) -> Tensor:
+        """:math:`A V` for ``V`` of shape ``(P, k)``: one pass over the sample and one reduction for all columns.
 
-        result = self._sample_mean(per_batch, self.num_params, 1) + self.damping * v
+        Returns:
+            The product :math:`A V` of shape ``(P, k)``.
+
+        Raises:
+            ConfigurationError: If ``matrix`` is not ``(P, k)``.
+            NonFiniteError: If the product is not finite.
+        """
+        matrix = self._check_matrix(matrix)
+        total, count = self.local_matmat(matrix)
+        mean = self._global_mean(total.reshape(-1), count, matrix.shape[1]).reshape(total.shape)
+        result = mean + self.damping * matrix
         if self.check_finite and not bool(torch.isfinite(result).all()):
-            self._raise_non_finite(vtree)
+            self._raise_non_finite(matrix[:, :1])
         return result
 
-    def _raise_non_finite(self, vtree: ParamTree) -> None:
+    def quadratic_forms(self, matrix: Tensor) -> Tensor:
+        r""":math:`v_j^\top A v_j` for every column of ``matrix`` ``(P, k)`` (damping included).
+
+        Operators with a forward-only form (the GNH and Fisher family) skip the reverse pass.
+
+        Returns:
+            A length-``k`` vector.
+
+        Raises:
+            ConfigurationError: If the sample has no counted units.
+            NonFiniteError: If a value is not finite.
+        """
+        matrix = self._check_matrix(matrix)
+        k = matrix.shape[1]
+        if not self._forward_only:
+            return (matrix * self.matmat(matrix)).sum(0)
+        total, count = self._accumulate(lambda i, b: self._batch_quadratic_forms(i, b, matrix), k)
+        values = self._global_mean(total, count, k) + self.damping * (matrix * matrix).sum(0)
+        if self.check_finite and not bool(torch.isfinite(values).all()):
+            self._raise_non_finite(matrix[:, :1])
+        return values
+
+    #: Whether :meth:`_batch_quadratic_forms` computes quadratic forms with forward mode only.
+    _forward_only = False
+
+    def _batch_quadratic_forms(self, i: int, batch: Any, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
+        """Return (sum over the batch's units of M_n v, number of counted units)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _batch_product")  # pragma: no cover
+
+    def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
+        """Vectorised :meth:`_batch_product` over a leading column dimension of every leaf of ``vs``."""
+        raise NotImplementedError(f"{type(self).__name__} has no vectorised product")  # pragma: no cover
+
+    def _raise_non_finite(self, matrix: Tensor) -> None:
         with curvature_mode(self.model):
             for i, batch in enumerate(self.data):
-                prod, _ = self._batch_product(i, batch, vtree)
-                if not bool(torch.isfinite(flatten(prod)).all()):
+                prod, _ = self._batch_columns(i, batch, matrix)
+                if not bool(torch.isfinite(prod).all()):
                     raise NonFiniteError(
                         f"{type(self).__name__} product is not finite on batch {i} of this process's sample. Check "
                         "that batch's inputs and the model's outputs on it (overflowing logits, NaN weights)."
@@ -327,53 +339,8 @@ class CurvatureOperator:
             "contribution contains NaN/Inf)."
         )
 
-    def matmat(self, matrix: Tensor) -> Tensor:
-        """:math:`A V` for ``V`` of shape ``(P, k)``.
-
-        Operators with a vectorised batch product (``torch.func.vmap`` over the columns) use it, with one
-        reduction for all columns; otherwise the columns go through :meth:`matvec` one by one.
-
-        Returns:
-            The product :math:`A V` of shape ``(P, k)``.
-
-        Raises:
-            ConfigurationError: If ``matrix`` is not ``(P, k)``.
-            NonFiniteError: If the product is not finite.
-        """
-        if matrix.ndim != 2 or matrix.shape[0] != self.num_params:
-            raise ConfigurationError(f"matmat expects a ({self.num_params}, k) matrix, got {tuple(matrix.shape)}.")
-        if not self._vectorized:
-            return torch.stack([self.matvec(matrix[:, j]) for j in range(matrix.shape[1])], dim=1)
-        matrix = matrix.to(device=self.device, dtype=self.param_dtype)
-        k = matrix.shape[1]
-        vtree = {name: leaf.movedim(-1, 0) for name, leaf in unflatten(matrix, self.params).items()}
-
-        def per_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
-            prod, n = self._batch_matmat(i, batch, vtree)
-            return torch.cat([leaf.reshape(k, -1) for leaf in prod.values()], dim=1), n
-
-        mean = self._sample_mean(per_batch, k * self.num_params, k)
-        result = mean.reshape(k, -1).T + self.damping * matrix
-        if self.check_finite and not bool(torch.isfinite(result).all()):
-            self._raise_non_finite(unflatten(matrix[:, 0], self.params))
-        return result
-
-    #: Whether :meth:`_batch_matmat` is implemented.
-    _vectorized = False
-
-    def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
-        """Vectorised :meth:`_batch_product` over a leading column dimension of every leaf of ``vs``."""
-        raise NotImplementedError(f"{type(self).__name__} has no vectorised product")  # pragma: no cover
-
-    def __matmul__(self, other: Tensor) -> Tensor:
-        return self.matvec(other) if other.ndim == 1 else self.matmat(other)
-
-    def quadratic_form(self, v: Tensor) -> Tensor:
-        r""":math:`v^\top A v` (subclasses may do this more cheaply than a full product)."""
-        return torch.dot(v.to(self.param_dtype), self.matvec(v))
-
     def dense(self) -> Tensor:
-        """The full ``(P, P)`` matrix, for tiny models and tests.
+        """The full ``(P, P)`` matrix (damping included), for tiny models and tests.
 
         Returns:
             The dense ``(P, P)`` matrix :math:`A`.
@@ -381,10 +348,9 @@ class CurvatureOperator:
         Raises:
             ConfigurationError: If ``P`` exceeds 5,000 (use the matrix-free products instead).
         """
-        if self.num_params > 5000:
+        if self.num_params > DENSE_MAX_PARAMS:
             raise ConfigurationError(f"dense() on {self.num_params} parameters would be too large; use matvec().")
-        eye = torch.eye(self.num_params, dtype=self.param_dtype, device=self.device)
-        return self.matmat(eye)
+        return self.matmat(torch.eye(self.num_params, dtype=self.param_dtype, device=self.device))
 
     @property
     def num_units(self) -> float:
@@ -395,7 +361,11 @@ class CurvatureOperator:
         return self._count
 
     def to_dict(self) -> dict[str, object]:
-        """Plain description for reports."""
+        """Plain description for reports.
+
+        Returns:
+            Kind, dimension, batches, damping, dtype and task.
+        """
         return {
             "kind": self.kind,
             "num_params": self.num_params,
@@ -410,11 +380,18 @@ class _OutputSpaceOperator(CurvatureOperator):
     r""":math:`J^\top C J` operators: forward-mode ``Jv``, an output-space map ``C``, one reverse-mode product.
 
     The forward-mode tangent rides on the primal forward pass (dual tensors), so one product costs one forward
-    pass with tangents and one backward pass: about 1.3 gradients.
+    pass with tangents and one backward pass: about 1.3 gradients. Quadratic forms need the forward pass only,
+    and :meth:`dense` assembles :math:`\sum_n J_n^\top C_n J_n` from per-batch output Jacobians.
     """
+
+    _vectorized = True
+    _forward_only = True
 
     def _output_map(self, batch_index: int, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor:
         raise NotImplementedError  # pragma: no cover
+
+    def _before_map(self, batch_index: int, outputs: Tensor, targets: Tensor) -> None:
+        """Hook run before the output map is vectorised over Jacobian columns (random draws must happen here)."""
 
     def _jvp_outputs(self, f: Callable[[ParamTree], Tensor], v: ParamTree) -> tuple[Tensor, Tensor, ParamTree]:
         """Primal outputs (with a graph to the returned leaf parameters) and their tangent ``J v``."""
@@ -428,77 +405,72 @@ class _OutputSpaceOperator(CurvatureOperator):
             tangent = torch.zeros_like(primal)
         return primal, tangent.detach(), leaves
 
+    def _units(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.task.loss.unit_mask(outputs, targets).sum().to(outputs.dtype)
+
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
-        f, targets = self._outputs_fn(batch)
+        f, targets = self.evaluator.output_fn(batch)
         outputs, jv, leaves = self._jvp_outputs(f, v)
         self.task.loss.validate(outputs.detach(), targets)
         c = self._output_map(batch_index, outputs.detach(), targets, jv)
         names = list(leaves)
         grads = torch.autograd.grad(outputs, [leaves[k] for k in names], grad_outputs=c, allow_unused=True)
         prod = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, grads, strict=True)}
-        return prod, self.task.loss.unit_mask(outputs, targets).sum().to(outputs.dtype)
-
-    _vectorized = True
+        return prod, self._units(outputs, targets)
 
     def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
-        f, targets = self._outputs_fn(batch)
+        f, targets = self.evaluator.output_fn(batch)
         outputs, pullback = vjp(f, self.params)  # type: ignore[misc]
         self.task.loss.validate(outputs.detach(), targets)
         jvs = vmap(lambda v: jvp(f, (self.params,), (v,))[1])(vs)  # (k, *outputs.shape)
         c = self._output_map(batch_index, outputs.detach(), targets, jvs.detach())
         (prod,) = vmap(pullback)(c)
-        return prod, self.task.loss.unit_mask(outputs, targets).sum().to(outputs.dtype)
+        return prod, self._units(outputs, targets)
 
-    def quadratic_form(self, v: Tensor) -> Tensor:
-        r""":math:`v^\top A v = \frac1N\sum_n (J_n v)^\top C_n (J_n v) + \lambda\|v\|^2` with forward mode only."""
-        v = v.to(device=self.device, dtype=self.param_dtype)
-        vtree = unflatten(v, self.params)
+    def _batch_quadratic_forms(self, i: int, batch: Any, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        f, targets = self.evaluator.output_fn(batch)
+        k = matrix.shape[1]
+        if k == 1:
+            outputs, jv = jvp(f, (self.params,), (unflatten(matrix[:, 0], self.params),))  # type: ignore[misc]
+            jvs = jv.unsqueeze(0)
+        else:
+            outputs, jvs = vmap(lambda v: jvp(f, (self.params,), (v,)), out_dims=(None, 0))(  # type: ignore[misc, arg-type]
+                self._columns(matrix))
+        self.task.loss.validate(outputs.detach(), targets)
+        c = self._output_map(i, outputs.detach(), targets, jvs.detach() if k > 1 else jvs[0].detach())
+        qs = (jvs.detach() * c.reshape(jvs.shape)).reshape(k, -1).sum(1)
+        return qs, self._units(outputs, targets)
 
-        def per_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
-            f, targets = self._outputs_fn(batch)
-            outputs, jv = jvp(f, (self.params,), (vtree,))  # type: ignore[misc]
-            c = self._output_map(i, outputs.detach(), targets, jv.detach())
-            return (jv.detach() * c).sum(), self.task.loss.unit_mask(outputs, targets).sum().to(v.dtype)
+    def dense(self) -> Tensor:
+        r"""Dense :math:`\frac1N\sum_n J_n^\top C_n J_n` (+ damping) from per-batch output Jacobians.
 
-        value = self._sample_mean(per_batch, 1, 1)[0] + self.damping * torch.dot(v, v)
-        if self.check_finite and not bool(torch.isfinite(value)):
-            self._raise_non_finite(vtree)
-        return value
-
-
-    def quadratic_forms(self, matrix: Tensor) -> Tensor:
-        r""":math:`v_j^\top A v_j` for every column of ``matrix`` ``(P, k)``: one vectorised forward-mode pass.
+        Far cheaper than ``P`` products; one reduction for the whole matrix.
 
         Returns:
-            A length-``k`` vector of the quadratic forms, damping included.
+            The symmetric ``(P, P)`` matrix.
 
         Raises:
-            ConfigurationError: If the sample has no counted units.
-
-        Example::
-
-            >>> from lightning_influence.tasks import Regression
-            >>> m = torch.nn.Linear(2, 1, bias=False).double()
-            >>> op = GNHOperator(m, Regression(), [(torch.eye(2, dtype=torch.float64), torch.zeros(2, 1).double())])
-            >>> op.quadratic_forms(torch.eye(2, dtype=torch.float64))
-            tensor([0.5000, 0.5000], dtype=torch.float64)
+            ConfigurationError: If ``P`` exceeds 5,000 or the sample has no counted unit.
         """
-        matrix = matrix.to(device=self.device, dtype=self.param_dtype)
-        k = matrix.shape[1]
-        vs = {name: leaf.movedim(-1, 0) for name, leaf in unflatten(matrix, self.params).items()}
+        p = self.num_params
+        if p > DENSE_MAX_PARAMS:
+            raise ConfigurationError(f"dense() on {p} parameters would be too large; use matvec() or solver='cg'.")
+        names = list(self.params)
 
         def per_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
-            f, targets = self._outputs_fn(batch)
-            outputs, jvs = vmap(lambda v: jvp(f, (self.params,), (v,)), out_dims=(None, 0))(vs)  # type: ignore[misc, arg-type]
-            self.task.loss.validate(outputs.detach(), targets)
-            c = self._output_map(i, outputs.detach(), targets, jvs.detach())
-            qs = (jvs.detach() * c).reshape(k, -1).sum(1)
-            return qs, self.task.loss.unit_mask(outputs, targets).sum().to(matrix.dtype)
+            f, targets = self.evaluator.output_fn(batch)
+            with torch.no_grad():
+                outputs = f(self.params)
+            self.task.loss.validate(outputs, targets)
+            self._before_map(i, outputs, targets)
+            jac = jacrev(f, chunk_size=64)(self.params)
+            J = torch.cat([jac[k].reshape(*outputs.shape, -1) for k in names], -1).detach()  # (*out, P)
+            CJ = vmap(lambda j: self._output_map(i, outputs, targets, j), in_dims=-1, out_dims=-1)(J)
+            return J.reshape(-1, p).T @ CJ.reshape(-1, p), self._units(outputs, targets)
 
-        values = self._sample_mean(per_batch, k, k) + self.damping * (matrix * matrix).sum(0)
-        if self.check_finite and not bool(torch.isfinite(values).all()):
-            self._raise_non_finite(unflatten(matrix[:, 0], self.params))
-        return values
+        total, count = self._accumulate(per_batch, p * p)
+        G = self._global_mean(total, count, p).reshape(p, p)
+        return 0.5 * (G + G.T) + self.damping * torch.eye(p, dtype=G.dtype, device=G.device)
 
 
 class GNHOperator(_OutputSpaceOperator):
@@ -568,8 +540,8 @@ class SampledFisherOperator(_OutputSpaceOperator):
 
     kind = "sampled_fisher"
 
-    def __init__(self, model: nn.Module, task: Task, data: Sequence[Any], *, mc_samples: int = 1, seed: int = 0,
-                 **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, task: Task, data: DataSource | Sequence[Any], *, mc_samples: int = 1,
+                 seed: int = 0, **kwargs: Any) -> None:
         super().__init__(model, task, data, **kwargs)
         if mc_samples < 1:
             raise ConfigurationError(f"mc_samples must be >= 1, got {mc_samples}.")
@@ -577,12 +549,15 @@ class SampledFisherOperator(_OutputSpaceOperator):
         self.seed = int(seed)
         self._grads: dict[int, Tensor] = {}
 
-    def _output_map(self, batch_index: int, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor:
+    def _before_map(self, batch_index: int, outputs: Tensor, targets: Tensor) -> None:
         if batch_index not in self._grads:
-            gen = make_generator(self.seed + 7919 * batch_index)
+            gen = make_generator(derive_seed(self.seed, "sampled-labels", batch_index))
             draws = self.task.loss.sample_targets(outputs, targets, gen, num_samples=self.mc_samples)
             grads = self.task.loss.output_grad(outputs, draws)
             self._grads[batch_index] = grads.reshape(self.mc_samples, *outputs.shape)
+
+    def _output_map(self, batch_index: int, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor:
+        self._before_map(batch_index, outputs, targets)
         g = self._grads[batch_index]  # (m, *outputs.shape)
         extra = jv.ndim - outputs.ndim  # 1 when a column dimension leads (vectorised products)
         g = g.reshape(g.shape[0], *([1] * extra), *g.shape[1:])
@@ -613,8 +588,10 @@ class FiniteDifferenceGNHOperator(_OutputSpaceOperator):
 
     kind = "finite_difference_gnh"
     _vectorized = False  # the central difference is taken per direction
+    _forward_only = False  # no cheaper forward-only form: quadratic forms use the full product
+    dense = CurvatureOperator.dense  # the matrix of the finite-difference products themselves, column by column
 
-    def __init__(self, model: nn.Module, task: Task, data: Sequence[Any], *, step: float | None = None,
+    def __init__(self, model: nn.Module, task: Task, data: DataSource | Sequence[Any], *, step: float | None = None,
                  **kwargs: Any) -> None:
         super().__init__(model, task, data, **kwargs)
         self.step = float(step) if step is not None else float(torch.finfo(self.param_dtype).eps) ** (1 / 3)
@@ -634,10 +611,6 @@ class FiniteDifferenceGNHOperator(_OutputSpaceOperator):
 
     def _output_map(self, batch_index: int, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor:
         return self.task.loss.output_hvp(outputs, targets, jv)
-
-    def quadratic_form(self, v: Tensor) -> Tensor:
-        """Uses the full product (finite differences have no cheaper forward-only form here)."""
-        return CurvatureOperator.quadratic_form(self, v)
 
 
 class HessianOperator(CurvatureOperator):
@@ -659,7 +632,7 @@ class HessianOperator(CurvatureOperator):
     kind = "hessian"
 
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
-        f, targets = self._outputs_fn(batch)
+        f, targets = self.evaluator.output_fn(batch)
 
         def loss_sum(p: ParamTree) -> Tensor:
             return self.task.loss.unit_losses(f(p), targets).sum()
@@ -673,7 +646,7 @@ class HessianOperator(CurvatureOperator):
     _vectorized = True
 
     def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
-        f, targets = self._outputs_fn(batch)
+        f, targets = self.evaluator.output_fn(batch)
 
         def loss_sum(p: ParamTree) -> Tensor:
             return self.task.loss.unit_losses(f(p), targets).sum()
@@ -717,8 +690,11 @@ def gnh_product_reference(model: nn.Module, task: Task, batch: Any, v: Tensor) -
     return flatten(prod)
 
 
-def loss_gradient(model: nn.Module, task: Task, data: Sequence[Any], reduce_fn: ReduceFn | None = None) -> Tensor:
-    """Flat gradient of the mean loss over ``data`` (one forward and one backward per batch), via ``torch.func``.
+
+
+def loss_gradient(model: nn.Module, task: Task, data: DataSource | Sequence[Any],
+                  reduce_fn: ReduceFn | None = None) -> Tensor:
+    """Flat gradient of the mean loss over ``data`` (one forward and one backward per batch, one reduction).
 
     Returns:
         The flat gradient (length ``P``) of the loss averaged over all counted units.
@@ -733,26 +709,80 @@ def loss_gradient(model: nn.Module, task: Task, data: Sequence[Any], reduce_fn: 
         >>> loss_gradient(m, Regression(), [(torch.ones(1, 1), torch.zeros(1, 1))])
         tensor([1.])
     """
-    params = trainable_parameters(model)
-    first = next(iter(params.values()))
-    total = torch.zeros(num_parameters(params), dtype=first.dtype, device=first.device)
-    count = torch.zeros((), dtype=first.dtype, device=first.device)
-    with curvature_mode(model):
-        for batch in data:
-            batch = prepare_batch(batch, first.device)
-            inputs, targets = task.split(batch)
+    return Evaluator(model, task).mean_gradient(DataSource.coerce(data).batches(), reduce_fn)
 
-            def loss_sum(
-                p: ParamTree, inputs: tuple[Any, ...] = inputs, targets: Tensor = targets
-            ) -> tuple[Tensor, Tensor]:
-                out, y = task.targets(task.outputs(task.forward(model, p, inputs)), targets)
-                task.loss.validate(out.detach(), y)
-                return task.loss.unit_losses(out, y).sum(), task.loss.unit_mask(out, y).sum()
 
-            g, n = grad(loss_sum, has_aux=True)(params)
-            total = total + flatten(g).detach()
-            count = count + n.to(first.dtype)
-    reduced = reduce_fn(torch.cat([total, count.reshape(1)])) if reduce_fn is not None else torch.cat(
-        [total, count.reshape(1)]
-    )
-    return reduced[:-1] / reduced[-1].clamp_min(1.0)
+#: Curvature kinds by name (``"fisher"`` is the expected Fisher, AFIF's name for it).
+CURVATURE_KINDS: dict[str, type[CurvatureOperator]] = {
+    "gnh": GNHOperator,
+    "expected_fisher": ExpectedFisherOperator,
+    "fisher": ExpectedFisherOperator,
+    "sampled_fisher": SampledFisherOperator,
+    "finite_difference_gnh": FiniteDifferenceGNHOperator,
+    "hessian": HessianOperator,
+}
+
+
+def operator_class(kind: str) -> type[CurvatureOperator]:
+    """The operator class of a curvature kind (``"gnh"``, ``"expected_fisher"``/``"fisher"``, ...).
+
+    Returns:
+        The class.
+
+    Raises:
+        ConfigurationError: For an unknown kind (the message lists the known ones).
+
+    Example::
+
+        >>> operator_class("gnh").__name__, operator_class("fisher").__name__
+        ('GNHOperator', 'ExpectedFisherOperator')
+    """
+    if kind not in CURVATURE_KINDS:
+        raise ConfigurationError(f"curvature must be one of {sorted(CURVATURE_KINDS)}, got {kind!r}.")
+    return CURVATURE_KINDS[kind]
+
+
+def make_operator(
+    kind: str, model: nn.Module, task: Task, data: DataSource | Sequence[Any], *, seed: int = 0, **kwargs: Any
+) -> CurvatureOperator:
+    """Build the curvature operator of ``kind`` over ``data`` (``seed`` reaches the sampled Fisher only).
+
+    Returns:
+        The operator.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> op = make_operator("hessian", torch.nn.Linear(2, 1), Regression(), [(torch.ones(3, 2), torch.ones(3, 1))])
+        >>> op.kind, op.num_params
+        ('hessian', 3)
+    """
+    cls = operator_class(kind)
+    extra: dict[str, Any] = {"seed": seed} if cls is SampledFisherOperator else {}
+    return cls(model, task, data, **extra, **kwargs)
+
+
+def local_curvature_matmat(
+    model: nn.Module, task: Task, batches: Sequence[Any], matrix: Tensor, *, curvature: str = "gnh", seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    r"""Unnormalised curvature products of several vectors on this process's batches, without any reduction.
+
+    A shortcut for ``make_operator(curvature, model, task, batches, seed=seed).local_matmat(matrix)``.
+
+    Returns:
+        ``(S, n)``: :math:`S = \sum_{\text{units}} M_u V` of shape ``(P, k)`` and the number of counted units ``n``
+        (a 0-d tensor), so that the caller can reduce ``(S, n)`` over ranks and divide.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(5, 2, generator=g, dtype=torch.float64)
+        >>> y = torch.randn(5, 1, generator=g, dtype=torch.float64)
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+        >>> s, n = local_curvature_matmat(model, Regression(), batches, torch.eye(2, dtype=torch.float64))
+        >>> torch.allclose(s, x.T @ x), n   # linear model + squared loss: the summed GNH is X^T X
+        (True, tensor(5., dtype=torch.float64))
+    """
+    return make_operator(curvature, model, task, batches, seed=seed).local_matmat(matrix)

@@ -1,0 +1,329 @@
+r"""The model as a function of its trainable parameters under a :class:`~lightning_influence.tasks.Task`.
+
+:class:`Evaluator` is the one place where a batch becomes outputs, losses and gradients at any parameter vector:
+curvature operators take their output function from it, approximate CV and PBRF evaluate losses and gradients at
+refitted parameters with it, and influence streams per-example gradients from it. Parameters are swapped in with
+``torch.func.functional_call``, so the module's own weights and ``.grad`` fields are never touched.
+
+:func:`curvature_mode` is the context every computation runs in: eval mode (dropout off, BatchNorm on running
+statistics), autograd forced on (also under Lightning's ``inference_mode`` hooks), the math attention kernel (fused
+kernels have no forward-mode derivative), and every submodule's training flag restored on exit.
+
+All sums here are *local* (this process's batches); callers finish them with one
+:func:`~lightning_influence.distributed.reduce_packed` per quantity.
+
+Example::
+
+    >>> from lightning_influence.tasks import Regression
+    >>> m = torch.nn.Linear(1, 1, bias=False)
+    >>> torch.nn.init.ones_(m.weight)
+    Parameter containing:
+    tensor([[1.]], requires_grad=True)
+    >>> ev = Evaluator(m, Regression())
+    >>> total, g, count = ev.value_and_grad([(torch.tensor([[1.0], [2.0]]), torch.zeros(2, 1))])
+    >>> float(total), g.tolist(), float(count)   # sum of (w x)^2 / 2 and its gradient sum x^2 w
+    (2.5, [5.0], 2.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_map
+
+from lightning_influence.data import prepare_batch
+from lightning_influence.distributed import ReduceFn, reduce_packed
+from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.params import ParamTree, flatten, num_parameters, trainable_parameters, unflatten
+from lightning_influence.tasks import Task
+
+__all__ = ["Evaluator", "Normalization", "curvature_mode"]
+
+Normalization = str  # "sum" (default) or "mean" over an example's units
+
+
+@contextlib.contextmanager
+def curvature_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode with autograd forced on and math attention; restores every submodule's training flag on exit.
+
+    Example::
+
+        >>> m = torch.nn.Dropout().train()
+        >>> with torch.no_grad(), curvature_mode(m):
+        ...     (m.training, torch.is_grad_enabled())
+        (False, True)
+        >>> m.training
+        True
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    # nn.MultiheadAttention / TransformerEncoderLayer take a fused eval-mode "fast path" without forward-mode AD.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        # Fused attention kernels (flash / memory-efficient) have no forward-mode derivative; the math backend
+        # computes the same attention and supports jvp, vmap and double backward.
+        with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for module, mode in modes:
+            module.training = mode
+
+
+class Evaluator:
+    """Outputs, losses and gradients of ``model`` under ``task`` at its trainable parameters or any other point.
+
+    Args:
+        model: The module (only its trainable parameters are differentiated; buffers and frozen parameters come
+            from the module).
+        task: Batch -> ``(outputs, targets)`` and the loss family.
+        params: The point to evaluate at (default: the model's trainable parameters, detached).
+        input_dtype: Cast floating inputs of every batch to this dtype (``None`` keeps them).
+        reduce_fn: Sums a flat tensor over ranks, for the ``global_*`` methods (``None`` on one process).
+
+    Raises:
+        ConfigurationError: If the model has no trainable parameter.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> ev = Evaluator(torch.nn.Linear(2, 1), Regression())
+        >>> ev.num_params, ev.at(torch.zeros(3)).loss_sums([(torch.ones(4, 2), torch.ones(4, 1))])
+        (3, (tensor(2.), tensor(4.)))
+    """
+
+    def __init__(
+        self, model: nn.Module, task: Task, *, params: ParamTree | None = None, input_dtype: torch.dtype | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> None:
+        self.model, self.task, self.reduce_fn = model, task, reduce_fn
+        self.params: ParamTree = trainable_parameters(model) if params is None else params
+        first = next(iter(self.params.values()))
+        self.device, self.dtype = first.device, first.dtype
+        self.input_dtype = input_dtype
+        #: Examples pushed through forward-only evaluations / forward+backward gradients (cost accounting).
+        self.forward_examples = 0
+        self.gradient_examples = 0
+        self._vectorised_grads = True
+
+    # -------------------------------------------------------------------------------------------- basics
+    @property
+    def num_params(self) -> int:
+        """Dimension ``P`` of the trainable parameters."""
+        return num_parameters(self.params)
+
+    def tree(self, theta: Tensor | None = None) -> ParamTree:
+        """The parameter tree at the flat point ``theta`` (default: :attr:`params`).
+
+        Returns:
+            ``{name: tensor}`` shaped like :attr:`params`.
+        """
+        return self.params if theta is None else unflatten(theta, self.params)
+
+    def at(self, theta: Tensor) -> Evaluator:
+        """A copy evaluating at the flat parameter vector ``theta`` (counters start at zero).
+
+        Returns:
+            The new evaluator.
+        """
+        new = copy.copy(self)
+        new.params = unflatten(theta.detach().to(device=self.device, dtype=self.dtype), self.params)
+        new.forward_examples = new.gradient_examples = 0
+        return new
+
+    def prepare(self, batch: Any) -> Any:
+        """Move a batch to the parameters' device, casting floating inputs to ``input_dtype``.
+
+        Returns:
+            The prepared batch.
+        """
+        return prepare_batch(batch, self.device, self.input_dtype)
+
+    def batch_size(self, batch: Any) -> int:
+        """Examples in a batch (the task's count).
+
+        Returns:
+            The number of examples.
+        """
+        return self.task.batch_size(batch)
+
+    # ------------------------------------------------------------------------------------------- outputs
+    def output_fn(self, batch: Any) -> tuple[Callable[[ParamTree], Tensor], Tensor]:
+        """``(f, targets)`` with ``f(params)`` the aligned outputs of the batch: what curvature products differentiate.
+
+        Returns:
+            The output function and the aligned targets.
+        """
+        inputs, targets = self.task.split(batch)
+
+        def f(p: ParamTree) -> Tensor:
+            out, _ = self.task.targets(self.task.outputs(self.task.forward(self.model, p, inputs)), targets)
+            return out
+
+        _, aligned = self.task.targets(torch.empty(0), targets)
+        return f, aligned
+
+    def outputs(self, batch: Any, params: ParamTree | None = None, *, validate: bool = True) -> tuple[Tensor, Tensor]:
+        """Aligned ``(outputs, targets)`` of a prepared batch at ``params`` (default :attr:`params`).
+
+        Returns:
+            The outputs (differentiable in ``params``) and the targets.
+        """
+        return self.task(self.model, batch, self.params if params is None else params, validate=validate)
+
+    def unit_count(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Counted units (examples, or non-ignored tokens) of a batch, in the parameters' dtype.
+
+        Returns:
+            A 0-d tensor.
+        """
+        return self.task.loss.unit_mask(outputs, targets).sum().to(self.dtype)
+
+    # -------------------------------------------------------------------------------------------- losses
+    def loss_sums(self, batches: Sequence[Any], theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Local ``(loss sum, unit count)`` over ``batches`` at ``theta`` (forward only, no graph).
+
+        Returns:
+            Two 0-d tensors in the parameters' dtype.
+        """
+        tree = self.tree(theta)
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        count = torch.zeros((), dtype=self.dtype, device=self.device)
+        with curvature_mode(self.model), torch.no_grad():
+            for raw in batches:
+                batch = self.prepare(raw)
+                out, y = self.outputs(batch, tree)
+                s, c = self.task.loss.sum_and_count(out, y)
+                total, count = total + s.to(self.dtype), count + c.to(self.dtype)
+                self.forward_examples += self.batch_size(batch)
+        return total, count
+
+    def value_and_grad(self, batches: Sequence[Any], theta: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Local ``(loss sum, flat gradient of the loss sum, unit count)`` over ``batches`` at ``theta``.
+
+        Returns:
+            The loss sum (0-d), the gradient sum ``(P,)`` and the unit count (0-d).
+        """
+        p = self.num_params
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        gsum = torch.zeros(p, dtype=self.dtype, device=self.device)
+        count = torch.zeros((), dtype=self.dtype, device=self.device)
+        with curvature_mode(self.model):
+            leaf = flatten(self.tree(theta)).detach().clone().requires_grad_(True)
+            tree = unflatten(leaf, self.params)
+            for raw in batches:
+                batch = self.prepare(raw)
+                out, y = self.outputs(batch, tree)
+                s, c = self.task.loss.sum_and_count(out, y)
+                (g,) = torch.autograd.grad(s, leaf, allow_unused=True)
+                if g is not None:
+                    gsum = gsum + g.detach()
+                total, count = total + s.detach().to(self.dtype), count + c.detach().to(self.dtype)
+                self.gradient_examples += self.batch_size(batch)
+        return total, gsum, count
+
+    # --------------------------------------------------------------------- global (all ranks, one reduction)
+    def global_loss_sums(self, groups: Sequence[Sequence[Any]], theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(loss sum, unit count)`` of every group of batches (e.g. every fold) over all ranks: one reduction.
+
+        Returns:
+            Two ``(len(groups),)`` tensors.
+        """
+        local = [self.loss_sums(g, theta) for g in groups]
+        sums = torch.stack([s for s, _ in local]) if local else torch.zeros(0, dtype=self.dtype)
+        counts = torch.stack([c for _, c in local]) if local else torch.zeros(0, dtype=self.dtype)
+        sums, counts = reduce_packed([sums, counts], self.reduce_fn)
+        return sums, counts
+
+    def global_value_and_grad(
+        self, batches: Sequence[Any], theta: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`value_and_grad` summed over all ranks (one reduction).
+
+        Returns:
+            The global loss sum, gradient sum and unit count.
+        """
+        total, gsum, count = reduce_packed(list(self.value_and_grad(batches, theta)), self.reduce_fn)
+        return total, gsum, count
+
+    def mean_gradient(self, batches: Sequence[Any], reduce_fn: ReduceFn | None = None) -> Tensor:
+        """Flat gradient of the mean loss over all ranks' ``batches`` (one reduction).
+
+        Args:
+            batches: This rank's batches.
+            reduce_fn: Overrides the evaluator's ``reduce_fn``.
+
+        Returns:
+            The gradient ``(P,)`` of the loss averaged over every counted unit.
+        """
+        _, gsum, count = self.value_and_grad(batches)
+        gsum, count = reduce_packed([gsum, count], reduce_fn if reduce_fn is not None else self.reduce_fn)
+        return gsum / count.clamp_min(1.0)
+
+    # ------------------------------------------------------------------------------------- per-example
+    def _example_loss(self, normalization: Normalization) -> Callable[..., Tensor]:
+        task, model = self.task, self.model
+
+        def loss_one(p: ParamTree, inputs: tuple[Any, ...], targets: Tensor) -> Tensor:
+            inputs1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, inputs)
+            out, y = task.targets(task.outputs(task.forward(model, p, inputs1)), targets.unsqueeze(0))
+            total = task.loss.unit_losses(out, y).sum()
+            if normalization == "mean":
+                total = total / task.loss.unit_mask(out, y).sum().clamp_min(1).to(total.dtype)
+            return total
+
+        return loss_one
+
+    def per_example(self, batch: Any, normalization: Normalization = "sum") -> tuple[Tensor, Tensor]:
+        """Per-example flat gradients ``(c, P)`` and losses ``(c,)`` of one prepared batch (``vmap`` over examples).
+
+        ``normalization="sum"`` differentiates each example's summed unit losses (upweighting the whole example in
+        the unit-averaged objective); ``"mean"`` its mean over units. Models that ``vmap`` cannot handle fall back
+        to one gradient per example, with a warning.
+
+        Returns:
+            ``(grads, losses)``.
+
+        Raises:
+            ConfigurationError: For an unknown ``normalization``.
+        """
+        if normalization not in ("sum", "mean"):
+            raise ConfigurationError(f"normalization must be 'sum' or 'mean', got {normalization!r}.")
+        with curvature_mode(self.model):
+            return self._per_example(batch, normalization)
+
+    def _per_example(self, batch: Any, normalization: Normalization) -> tuple[Tensor, Tensor]:
+        inputs, targets = self.task.split(batch)
+        with torch.no_grad():
+            out, y = self.outputs(batch)
+            loss_sum, count = self.task.loss.per_example(out, y)
+            losses = loss_sum / count.clamp_min(1) if normalization == "mean" else loss_sum
+        fn = self._example_loss(normalization)
+        names = list(self.params)
+        self.gradient_examples += int(targets.shape[0])
+        if self._vectorised_grads:
+            try:
+                g = vmap(grad(fn), in_dims=(None, 0, 0))(self.params, inputs, targets)
+                return torch.cat([g[k].reshape(g[k].shape[0], -1) for k in names], 1).detach(), losses.detach()
+            except Exception as err:  # pragma: no cover - depends on the user's model
+                warnings.warn(
+                    f"vmap over per-example gradients failed ({type(err).__name__}: {err}); falling back to one "
+                    "gradient per example (slower). Models with in-place ops or data-dependent control flow need "
+                    "this.", RuntimeWarning, stacklevel=2,
+                )
+                self._vectorised_grads = False
+        rows = []
+        for i in range(int(targets.shape[0])):
+            xi = tree_map(lambda t, i=i: t[i] if isinstance(t, Tensor) else t, inputs)
+            gi = grad(fn)(self.params, xi, targets[i])
+            rows.append(torch.cat([gi[k].reshape(-1) for k in names]))
+        return torch.stack(rows).detach(), losses.detach()

@@ -1,0 +1,532 @@
+"""Influence scores, self-influence and the curvature-free baselines (the pipeline behind ``influence_scores``).
+
+The stages of :func:`influence_scores`, each a function of one :class:`_Run` (model, task, config, the training
+and curvature :class:`~lightning_influence.data.DataSource` objects, the reduction and the cost counters):
+check every argument (:func:`_prepare_run`), the query gradients (:func:`_query_gradients`), one configured
+inverse (:func:`_build_inverse`: exact, CG or LiSSA), the training-gradient stream (:func:`_stream_scores`) and one
+final reduction.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.config import InfluenceConfig
+from lightning_influence.data import CollateFn, DataSource, as_dataset, as_indices
+from lightning_influence.distributed import ReduceFn, reduce_packed, shard_indices
+from lightning_influence.evaluator import curvature_mode
+from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.influence.gradients import iter_per_example_gradients, per_example_gradients
+from lightning_influence.influence.result import InfluenceResult
+from lightning_influence.operators.curvature import CurvatureOperator, make_operator
+from lightning_influence.params import num_parameters, trainable_parameters
+from lightning_influence.solvers import SampledCurvature, SolveResult, conjugate_gradient, lissa
+from lightning_influence.spectrum import LissaSettings, SpectrumSummary, lissa_settings
+from lightning_influence.tasks import Task
+
+__all__ = ["cosine_scores", "dense_curvature", "gradient_dot_scores", "influence_scores", "self_influence"]
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# =========================================================================================== inverse
+@dataclass
+class _Inverse:
+    r"""One configured :math:`(G+\lambda I)^{-1}`, applied to blocks of right-hand sides ``(P, k)``."""
+
+    solve: Callable[[Tensor], tuple[Tensor, SolveResult]]
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, B: Tensor) -> tuple[Tensor, SolveResult]:
+        return self.solve(B)
+
+
+@dataclass
+class _Run:
+    """What one influence computation shares between its stages (the curvature sample, the counters)."""
+
+    model: nn.Module
+    task: Task
+    cfg: InfluenceConfig
+    train: DataSource
+    pool: DataSource
+    reduce_fn: ReduceFn | None
+    rank: int
+    world_size: int
+    counters: dict[str, float] = field(default_factory=lambda: {"example_gradients": 0.0, "example_products": 0.0})
+
+    def operator(self) -> CurvatureOperator:
+        return make_operator(self.cfg.curvature, self.model, self.task, self.pool, reduce_fn=self.reduce_fn,
+                             dtype=self.cfg.torch_dtype(), seed=self.cfg.seed)
+
+
+def _exact_inverse(run: _Run) -> _Inverse:
+    op = run.operator()
+    lam = run.cfg.damping
+    G = op.dense()
+    run.counters["example_products"] += run.pool.local_size * _output_dim(op)
+    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    evals, evecs = torch.linalg.eigh(A)
+    lo, hi = float(evals[0]), float(evals[-1])
+    if lo <= max(hi, 1.0) * G.shape[0] * torch.finfo(G.dtype).eps:
+        raise ConfigurationError(
+            f"the damped curvature G + damping*I is not positive definite (smallest eigenvalue {lo:.3g}, "
+            f"largest {hi:.3g}, damping={lam}). Use damping > 0 (and the GNH rather than the Hessian, which "
+            "can be indefinite)."
+        )
+
+    def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
+        X = evecs @ ((evecs.T @ B.to(A.dtype)) / evals.unsqueeze(1))
+        res = float(((A @ X - B).norm(dim=0) / B.norm(dim=0).clamp_min(1e-300)).max()) if B.numel() else 0.0
+        return X, SolveResult(x=X, iterations=1, relative_residual=res, converged=True, method="exact",
+                              info={"damping": lam, "lambda_min": lo, "lambda_max": hi})
+
+    return _Inverse(solve)
+
+
+def _cg_inverse(run: _Run) -> _Inverse:
+    op = run.operator()
+
+    def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
+        before = op.example_products
+        res = conjugate_gradient(op, B, damping=run.cfg.damping, config=run.cfg.cg_config())
+        run.counters["example_products"] += op.example_products - before
+        return res.x, res
+
+    return _Inverse(solve)
+
+
+def _lissa_inverse(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) -> _Inverse:
+    cfg = run.cfg
+    sampler = SampledCurvature(
+        run.model, run.task, run.train.dataset, batch_size=cfg.lissa_batch_size or 1, indices=run.pool.indices,
+        seed=cfg.seed, curvature=cfg.curvature, collate_fn=run.train.collate_fn, reduce_fn=run.reduce_fn,
+        rank=run.rank, world_size=run.world_size, dtype=cfg.torch_dtype(),
+    )
+    inverse = _Inverse(lambda B: (B, None), {"settings": spectrum})  # type: ignore[arg-type, return-value]
+
+    def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
+        state = inverse.state
+        spectrum_op = None
+        if state["settings"] is None and (cfg.lissa_eta is None or cfg.lissa_steps is None):
+            spectrum_op = sampler.operator(batch_size=cfg.batch_size)
+        res = lissa(sampler, B, damping=cfg.damping, settings=state["settings"], spectrum_operator=spectrum_op,
+                    config=cfg.lissa_config(), spectrum_kwargs={"seed": cfg.seed})
+        run.counters["example_products"] += res.info.get("example_products", 0) / run.world_size  # global -> rank
+        if spectrum_op is not None:
+            run.counters["example_products"] += spectrum_op.example_products
+            spec = res.info.get("spectrum", {})
+            if "trace" in spec:  # reuse the measured spectrum for later blocks (self-influence)
+                state["settings"] = lissa_settings(spec["trace"], spec["lambda_max"], cfg.damping,
+                                                   constant=res.info["constant"], dataset_size=sampler.pool_size)
+                state["spectrum"] = spec
+        if res.info.get("certificate"):
+            size = min(cfg.lissa_certificate_size, sampler.pool_size)
+            run.counters["example_products"] += res.x.shape[1] * size / max(run.world_size, 1)
+        return res.x, res
+
+    inverse.solve = solve
+    return inverse
+
+
+def _build_inverse(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) -> _Inverse:
+    if run.cfg.solver == "exact":
+        return _exact_inverse(run)
+    if run.cfg.solver == "cg":
+        return _cg_inverse(run)
+    return _lissa_inverse(run, spectrum)
+
+
+def _output_dim(op: CurvatureOperator) -> int:
+    """Outputs per example (cost accounting of the Jacobian-based dense curvature)."""
+    if not op.data:
+        return 0
+    with torch.no_grad(), curvature_mode(op.model):
+        out, _ = op.evaluator.outputs(op.data[0], validate=False)
+    return max(1, out[0].numel())
+
+
+def dense_curvature(
+    model: nn.Module,
+    task: Task,
+    batches: DataSource | Sequence[Any],
+    *,
+    curvature: str = "gnh",
+    reduce_fn: ReduceFn | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    r"""The dense undamped unit-averaged curvature matrix ``(P, P)`` (tiny models; the ``"exact"`` solver).
+
+    A shortcut for ``make_operator(curvature, model, task, batches).dense()``: for the GNH/Fisher family it is
+    assembled from per-batch output Jacobians, :math:`G = \frac1N \sum_n J_n^\top S_n J_n`, far cheaper than
+    ``P`` matrix-vector products.
+
+    Returns:
+        The symmetric matrix, identical on every rank.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> dense_curvature(torch.nn.Linear(2, 1, bias=False).double(), Regression(),
+        ...                 [(x, torch.zeros(2, 1, dtype=torch.float64))])
+        tensor([[0.5000, 0.0000],
+                [0.0000, 2.0000]], dtype=torch.float64)
+    """
+    return make_operator(curvature, model, task, batches, reduce_fn=reduce_fn, dtype=dtype).dense()
+
+
+# ========================================================================================= influence
+def _query_gradients(run: _Run, query: DataSource) -> tuple[Tensor, Tensor]:
+    """All query gradients ``(k, P)`` (every rank computes them) and their losses."""
+    parts, losses = [], []
+    for _, g, loss in iter_per_example_gradients(
+        run.model, run.task, query.dataset, query.indices, chunk_size=run.cfg.chunk_size,
+        collate_fn=query.collate_fn, normalization=run.cfg.normalization, dtype=run.cfg.torch_dtype(),
+    ):
+        parts.append(g)
+        losses.append(loss)
+    run.counters["example_gradients"] += query.global_size / run.world_size  # computed on every rank: count once
+    return torch.cat(parts, 0), torch.cat(losses)
+
+
+@dataclass
+class _Scores:
+    """This rank's share of the outputs (zeros where another rank scores)."""
+
+    scores: Tensor
+    self_influence: Tensor
+    losses: Tensor
+    self_solves: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _chunk_self_influence(
+    run: _Run, inverse: _Inverse, out: _Scores, pos: Tensor, mine: Tensor, G_local: Tensor
+) -> None:
+    """Self-influence of one chunk: this rank's rows solved locally, or the whole chunk jointly under DDP."""
+    if run.cfg.solver == "exact" or run.world_size == 1:
+        if mine.numel():
+            Y, res = inverse(G_local.T.contiguous())
+            out.self_influence[mine] = (G_local.T * Y).sum(0)
+            out.self_solves.append(res.to_dict())
+        return
+    # Iterative solvers run collectives: every rank solves the same block of the whole chunk.
+    block = torch.zeros(pos.numel(), G_local.shape[1], dtype=G_local.dtype, device=G_local.device)
+    block[mine - pos[0]] = G_local
+    (block,) = reduce_packed([block], run.reduce_fn)
+    Y, res = inverse(block.T.contiguous())
+    out.self_influence[mine] = (block.T * Y).sum(0)[mine - pos[0]]
+    out.self_solves.append(res.to_dict())
+
+
+def _stream_scores(
+    run: _Run, inverse: _Inverse, X: Tensor, train_indices: Tensor, progress: ProgressFn | None
+) -> _Scores:
+    """Stream training gradients chunk by chunk (sharded over ranks) into scores, losses and self-influence."""
+    n, k, P = train_indices.numel(), X.shape[1], X.shape[0]
+    dtype, device = X.dtype, X.device
+    out = _Scores(torch.zeros(k, n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device),
+                  torch.zeros(n, dtype=dtype, device=device))
+    chunk = run.cfg.chunk_size
+    positions = torch.arange(n)
+    for c in range(math.ceil(n / chunk)):
+        pos = positions[c * chunk : (c + 1) * chunk]
+        mine = shard_indices(pos, run.rank, run.world_size, "strided")
+        G_local = torch.zeros(0, P, dtype=dtype, device=device)
+        if mine.numel():
+            _, G_local, loss_local = next(iter(iter_per_example_gradients(
+                run.model, run.task, run.train.dataset, train_indices[mine], chunk_size=mine.numel(),
+                collate_fn=run.train.collate_fn, normalization=run.cfg.normalization, dtype=run.cfg.torch_dtype())))
+            run.counters["example_gradients"] += mine.numel()
+            out.scores[:, mine] = -(X.T @ G_local.T)
+            out.losses[mine] = loss_local
+        if run.cfg.self_influence:
+            _chunk_self_influence(run, inverse, out, pos, mine, G_local)
+        if progress is not None:
+            progress("train", min(n, (c + 1) * chunk), n)
+    return out
+
+
+def _self_influence_summary(solves: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "solves": len(solves),
+        "max_relative_residual": max(float(s["relative_residual"]) for s in solves),
+        "all_converged": all(bool(s["converged"]) for s in solves),
+        "any_diverged": any(bool(s["diverged"]) for s in solves),
+        "iterations": sum(int(s["iterations"]) for s in solves),
+    }
+
+
+def _prepare_run(
+    model: nn.Module, task: Task, train_data: Any, query_data: Any, cfg: InfluenceConfig, *,
+    train_indices: Sequence[int] | Tensor | None, query_indices: Sequence[int] | Tensor | None,
+    curvature_indices: Sequence[int] | Tensor | None, collate_fn: CollateFn | None,
+    query_collate_fn: CollateFn | None, reduce_fn: ReduceFn | None, rank: int, world_size: int,
+) -> tuple[_Run, DataSource, Tensor]:
+    """Check every argument before any work; build the training, query and curvature sources.
+
+    Returns:
+        ``(run, query source, training indices to score)``.
+
+    Raises:
+        ConfigurationError: For empty sets, bad indices or a bad rank.
+    """
+    if not 0 <= rank < world_size:
+        raise ConfigurationError(f"rank={rank} must lie in [0, world_size={world_size}).")
+    train = DataSource(as_dataset(train_data, "train_data"), None, batch_size=cfg.batch_size, collate_fn=collate_fn)
+    query = DataSource(as_dataset(query_data, "query_data"), None, batch_size=cfg.chunk_size,
+                       collate_fn=query_collate_fn or collate_fn)
+    t_idx = as_indices(train_indices, len(train.dataset), "train_indices")
+    query = query.subset(as_indices(query_indices, len(query.dataset), "query_indices"))
+    if query.global_size == 0:
+        raise ConfigurationError("the query set is empty: pass at least one query example (query_data/query_indices).")
+    if t_idx.numel() == 0:
+        raise ConfigurationError("the training set to score is empty: pass at least one training example.")
+    pool_idx = as_indices(curvature_indices, len(train.dataset), "curvature_indices")
+    if pool_idx.numel() == 0:
+        raise ConfigurationError("curvature_indices is empty: the curvature needs training examples.")
+    pool = DataSource(train.dataset, pool_idx, batch_size=cfg.batch_size, collate_fn=collate_fn, rank=rank,
+                      world_size=world_size, shard_mode="strided")
+    return _Run(model, task, cfg, train, pool, reduce_fn, rank, world_size), query, t_idx
+
+
+def influence_scores(
+    model: nn.Module,
+    task: Task,
+    train_data: Any,
+    query_data: Any,
+    *,
+    config: InfluenceConfig | None = None,
+    train_indices: Sequence[int] | Tensor | None = None,
+    query_indices: Sequence[int] | Tensor | None = None,
+    curvature_indices: Sequence[int] | Tensor | None = None,
+    spectrum: SpectrumSummary | LissaSettings | None = None,
+    collate_fn: CollateFn | None = None,
+    query_collate_fn: CollateFn | None = None,
+    reduce_fn: ReduceFn | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: ProgressFn | None = None,
+    **overrides: Any,
+) -> InfluenceResult:
+    r"""Influence :math:`\mathcal I(z, q) = -\nabla\ell(q)^\top (G+\lambda I)^{-1}\nabla\ell(z)` of training on queries.
+
+    Solves :math:`(G+\lambda I) X = [\nabla\ell(q_1), \dots, \nabla\ell(q_k)]` once (``k`` right-hand sides), then
+    streams per-example training gradients in chunks and takes dot products, so memory is
+    :math:`O((k + \text{chunk}) P)`. Sign convention, normalisation and solvers: see the module docstring.
+
+    Args:
+        model: The trained module (the unwrapped ``LightningModule`` under DDP).
+        task: How batches become ``(outputs, targets)``.
+        train_data: Training set (map-style data set or tuple of tensors); the curvature is its GNH.
+        query_data: Query set (same formats).
+        config: Settings (:class:`InfluenceConfig`); keyword ``overrides`` replace single fields
+            (e.g. ``solver="exact", damping=1e-2``).
+        train_indices: Training examples to score (default all).
+        query_indices: Queries (default all).
+        curvature_indices: Training examples forming :math:`G` (default: the whole training set).
+        spectrum: A :class:`SpectrumSummary` (e.g. ``CurvatureMonitor.latest``) or :class:`LissaSettings` for
+            LiSSA; measured on the spot when ``None``.
+        collate_fn: Collation of the training set (and of the queries unless ``query_collate_fn`` is given).
+        query_collate_fn: Collation of the query set.
+        reduce_fn: Sums a flat tensor over ranks (data parallel), else ``None``.
+        rank: This process's rank.
+        world_size: Number of ranks.
+        progress: Called as ``progress(stage, done, total)`` while training gradients stream.
+        **overrides: Fields of :class:`InfluenceConfig`.
+
+    Returns:
+        The :class:`InfluenceResult` (identical on every rank).
+
+    Raises:
+        ConfigurationError: Empty query or training set, unknown option, damping that leaves the curvature
+            singular or indefinite (exact/CG), or bad indices.
+        DivergenceError: If LiSSA diverges (and ``lissa_on_divergence="raise"``).
+        NonFiniteError: If a gradient is not finite (names the data-set index).
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> m = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x = torch.eye(2, dtype=torch.float64); y = torch.ones(2, 1, dtype=torch.float64)
+        >>> r = influence_scores(m, Regression(), (x, y), (x, y), solver="exact", damping=0.5, self_influence=False)
+        >>> r.scores.shape
+        torch.Size([2, 2])
+    """
+    cfg = InfluenceConfig.resolve(config, **overrides)
+    start = time.perf_counter()
+    run, query, t_idx = _prepare_run(
+        model, task, train_data, query_data, cfg, train_indices=train_indices, query_indices=query_indices,
+        curvature_indices=curvature_indices, collate_fn=collate_fn, query_collate_fn=query_collate_fn,
+        reduce_fn=reduce_fn, rank=rank, world_size=world_size,
+    )
+    Q, query_losses = _query_gradients(run, query)
+    inverse = _build_inverse(run, spectrum)
+    X, res = inverse(Q.T.contiguous())  # (P, k)
+    out = _stream_scores(run, inverse, X, t_idx, progress)
+    scores, self_inf, losses, grads_total, products_total = reduce_packed(
+        [out.scores, out.self_influence, out.losses, run.counters["example_gradients"],
+         run.counters["example_products"]], reduce_fn if world_size > 1 else None)
+    solve_info = res.to_dict()
+    if out.self_solves:
+        solve_info["self_influence"] = _self_influence_summary(out.self_solves)
+    diagnostics = {
+        "seconds": time.perf_counter() - start,
+        "example_gradients": float(grads_total),
+        "example_curvature_products": float(products_total),
+        "gradient_equivalents": float(grads_total) + float(products_total),
+        "num_products": int(res.num_products),
+        "num_params": num_parameters(trainable_parameters(model)),
+        "world_size": world_size,
+        "curvature_examples": run.pool.global_size,
+        "curvature_indices": None if curvature_indices is None else run.pool.indices.tolist(),
+        "spectrum": res.info.get("spectrum") or inverse.state.get("spectrum"),
+    }
+    return InfluenceResult(
+        scores=scores.cpu(), train_indices=t_idx.cpu(), query_indices=query.indices.cpu(),
+        self_influence=self_inf.cpu() if cfg.self_influence else None, train_losses=losses.cpu(),
+        query_losses=query_losses.cpu(), solve=solve_info, diagnostics=diagnostics, config=cfg.to_dict(),
+    )
+
+
+def self_influence(
+    model: nn.Module,
+    task: Task,
+    train_data: Any,
+    *,
+    indices: Sequence[int] | Tensor | None = None,
+    config: InfluenceConfig | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    r"""Self-influence :math:`\nabla\ell(z)^\top (G+\lambda I)^{-1}\nabla\ell(z)` of training examples.
+
+    A convenience wrapper around :func:`influence_scores` (one dummy query, the first scored example).
+
+    Returns:
+        ``(n,)`` self-influences of ``indices`` (default all), in order.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> m = torch.nn.Linear(2, 1, bias=False).double()
+        >>> torch.nn.init.zeros_(m.weight)
+        Parameter containing:
+        tensor([[0., 0.]], dtype=torch.float64, requires_grad=True)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [1.0], [-1.0]], dtype=torch.float64)
+        >>> s = self_influence(m, Regression(), (x, y), solver="exact", damping=0.1)
+        >>> [round(v, 4) for v in s.tolist()]
+        [1.4209, 2.4665, 1.5013]
+        >>> g = -y * x  # per-example gradients of (w^T x - y)^2 / 2 at w = 0
+        >>> h = x.T @ x / 3 + 0.1 * torch.eye(2, dtype=torch.float64)  # damped GNH
+        >>> torch.allclose(s, (g @ torch.linalg.inv(h) * g).sum(1)), bool((s >= 0).all())
+        (True, True)
+    """
+    ds = as_dataset(train_data, "train_data")
+    idx = as_indices(indices, len(ds), "indices")
+    res = influence_scores(model, task, ds, ds, config=config, train_indices=idx, query_indices=idx[:1],
+                           self_influence=True, **kwargs)
+    assert res.self_influence is not None
+    return res.self_influence
+
+
+def _gradient_similarity(
+    model: nn.Module, task: Task, train_data: Any, query_data: Any, *, cosine: bool,
+    train_indices: Sequence[int] | Tensor | None, query_indices: Sequence[int] | Tensor | None,
+    chunk_size: int, normalization: str, collate_fn: Callable[[list[Any]], Any] | None,
+) -> Tensor:
+    # Floating inputs follow the model's dtype (e.g. PBRFValidation's float64 copy of a float32 model).
+    dtype = next(iter(trainable_parameters(model).values())).dtype
+    kw: dict[str, Any] = {"chunk_size": chunk_size, "normalization": normalization, "collate_fn": collate_fn,
+          "dtype": dtype}
+    Q = per_example_gradients(model, task, query_data, query_indices, **kw)
+    if Q.shape[0] == 0:
+        raise ConfigurationError("the query set is empty.")
+    if cosine:
+        Q = Q / Q.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    cols = []
+    for _, G, _ in iter_per_example_gradients(model, task, train_data, train_indices, **kw):
+        if cosine:
+            G = G / G.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        cols.append(-(Q @ G.T))
+    return torch.cat(cols, 1)
+
+
+def gradient_dot_scores(
+    model: nn.Module,
+    task: Task,
+    train_data: Any,
+    query_data: Any,
+    *,
+    train_indices: Sequence[int] | Tensor | None = None,
+    query_indices: Sequence[int] | Tensor | None = None,
+    chunk_size: int = 64,
+    normalization: str = "sum",
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> Tensor:
+    r"""Gradient-dot baseline :math:`-\nabla\ell(q)^\top\nabla\ell(z)` (same sign convention; negative = proponent).
+
+    Returns:
+        ``(n_query, n_train)`` scores.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> m = torch.nn.Linear(2, 1, bias=False).double()
+        >>> torch.nn.init.zeros_(m.weight)
+        Parameter containing:
+        tensor([[0., 0.]], dtype=torch.float64, requires_grad=True)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [1.0], [-1.0]], dtype=torch.float64)
+        >>> s = gradient_dot_scores(m, Regression(), (x, y), (x, y))
+        >>> g = -y * x  # per-example gradients at w = 0
+        >>> torch.allclose(s, -(g @ g.T))
+        True
+        >>> s.diagonal().tolist()  # an example is its own proponent (negative score)
+        [-1.0, -4.0, -2.0]
+    """
+    return _gradient_similarity(model, task, train_data, query_data, cosine=False, train_indices=train_indices,
+                                query_indices=query_indices, chunk_size=chunk_size, normalization=normalization,
+                                collate_fn=collate_fn)
+
+
+def cosine_scores(
+    model: nn.Module,
+    task: Task,
+    train_data: Any,
+    query_data: Any,
+    *,
+    train_indices: Sequence[int] | Tensor | None = None,
+    query_indices: Sequence[int] | Tensor | None = None,
+    chunk_size: int = 64,
+    normalization: str = "sum",
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> Tensor:
+    r"""Cosine baseline :math:`-\cos(\nabla\ell(q), \nabla\ell(z))` (same sign convention).
+
+    Returns:
+        ``(n_query, n_train)`` scores in ``[-1, 1]``.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> m = torch.nn.Linear(2, 1, bias=False).double()
+        >>> torch.nn.init.zeros_(m.weight)
+        Parameter containing:
+        tensor([[0., 0.]], dtype=torch.float64, requires_grad=True)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [1.0], [-1.0]], dtype=torch.float64)
+        >>> s = cosine_scores(m, Regression(), (x, y), (x, y))
+        >>> [round(v, 4) for v in s[2].tolist()]  # gradients (-1, -1) vs (-1, 0), (0, -2) and itself
+        [0.7071, 0.7071, -1.0]
+    """
+    return _gradient_similarity(model, task, train_data, query_data, cosine=True, train_indices=train_indices,
+                                query_indices=query_indices, chunk_size=chunk_size, normalization=normalization,
+                                collate_fn=collate_fn)
