@@ -37,10 +37,11 @@ from lightning_influence.callbacks._common import (
     unwrap_module,
 )
 from lightning_influence.distributed import global_sample_indices, shard_indices
-from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.operators import make_batches
 from lightning_influence.params import num_parameters, trainable_parameters
 from lightning_influence.pbrf import PBRF, PBRFResult
+from lightning_influence.stats import correlation_table
+from lightning_influence.stats import verdict as _verdict
 from lightning_influence.tasks import Task
 
 if TYPE_CHECKING:
@@ -49,92 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["PBRFValidation", "PBRFValidationResult", "correlation_table"]
 
 _ADD_REPORT = "add InfluenceReport(...) before PBRFValidation in callbacks"
-
-
-def _pearson(x: Tensor, y: Tensor) -> float:
-    from torchmetrics.functional import pearson_corrcoef
-
-    if x.numel() < 2 or float(x.std()) == 0.0 or float(y.std()) == 0.0:
-        return math.nan
-    return float(pearson_corrcoef(x.double(), y.double()))
-
-
-def _spearman(x: Tensor, y: Tensor) -> float:
-    from torchmetrics.functional import spearman_corrcoef
-
-    if x.numel() < 2 or float(x.std()) == 0.0 or float(y.std()) == 0.0:
-        return math.nan
-    return float(spearman_corrcoef(x.double(), y.double()))
-
-
-def _median(values: list[float]) -> float:
-    finite = sorted(v for v in values if math.isfinite(v))
-    if not finite:
-        return math.nan
-    mid = len(finite) // 2
-    return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
-
-
-def correlation_table(pbrf: Tensor, estimates: dict[str, Tensor]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Pearson/Spearman of each estimator against the PBRF, overall (pooled) and per training example.
-
-    Args:
-        pbrf: ``(num_train, num_queries)`` PBRF responses.
-        estimates: Estimator name → scores of the same shape.
-
-    Returns:
-        ``(rows, per_example)``: one row per estimator with ``pearson``, ``spearman`` (pooled over all pairs), their
-        medians over training examples and ``n``; and, per estimator, the per-example lists.
-
-    Raises:
-        ConfigurationError: If a shape differs from the PBRF's.
-
-    Example::
-
-        >>> r = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 1.0]])
-        >>> rows, _ = correlation_table(r, {"exact": 2 * r})
-        >>> round(rows[0]["pearson"], 6), round(rows[0]["spearman"], 6)
-        (1.0, 1.0)
-    """
-    rows: list[dict[str, Any]] = []
-    per_example: dict[str, Any] = {}
-    for name, est in estimates.items():
-        if est.shape != pbrf.shape:
-            raise ConfigurationError(f"{name} scores have shape {tuple(est.shape)}, the PBRF {tuple(pbrf.shape)}.")
-        pe_p = [_pearson(est[i], pbrf[i]) for i in range(pbrf.shape[0])]
-        pe_s = [_spearman(est[i], pbrf[i]) for i in range(pbrf.shape[0])]
-        rows.append({
-            "estimator": name,
-            "pearson": _pearson(est.flatten(), pbrf.flatten()),
-            "spearman": _spearman(est.flatten(), pbrf.flatten()),
-            "pearson_median_per_example": _median(pe_p),
-            "spearman_median_per_example": _median(pe_s),
-            "n": int(pbrf.numel()),
-        })
-        per_example[name] = {"pearson": pe_p, "spearman": pe_s}
-    return rows, per_example
-
-
-def _verdict(rows: list[dict[str, Any]], report_solver: str, converged: bool) -> str:
-    row = next((r for r in rows if r["estimator"] == report_solver), None)
-    if row is None or not math.isfinite(row["pearson"]):
-        return "The PBRF comparison could not be computed (constant scores or responses)."
-    p, s = row["pearson"], row["spearman"]
-    stats = f"Pearson ρ = {p:.3f}, Spearman ρ = {s:.3f} over {row['n']} pairs"
-    if p >= 0.9:
-        text = f"The report's {report_solver} influence scores agree with retraining (PBRF): {stats}."
-    elif p >= 0.7:
-        text = (f"The report's {report_solver} influence scores agree only moderately with retraining (PBRF): "
-                f"{stats}; trust the strongest proponents/opponents, not fine-grained rankings.")
-    else:
-        text = (f"The report's {report_solver} influence scores do NOT agree with retraining (PBRF): {stats}; do not "
-                "rely on them (increase damping, the LiSSA batch size or the solver iterations).")
-    gd = next((r for r in rows if r["estimator"] == "gradient_dot"), None)
-    if gd is not None and math.isfinite(gd["pearson"]):
-        text += f" The gradient-dot baseline reaches Pearson ρ = {gd['pearson']:.3f}."
-    if not converged:
-        text += " Warning: some PBRF solves did not converge (see the certificates); the reference is approximate."
-    return text
 
 
 @dataclass

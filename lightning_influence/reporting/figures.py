@@ -331,6 +331,18 @@ def image_figure(images: Sequence[Any], titles: Sequence[str] | None = None, tit
     return fig
 
 
+def _float_array(x: Any) -> Any:
+    """``x`` (tensor, array or nested lists) as a float64 numpy array, or ``None`` if it is not numeric."""
+    import numpy as np
+
+    try:
+        if hasattr(x, "detach"):  # torch tensor, any dtype (bfloat16 has no numpy equivalent)
+            x = x.detach().cpu().double().numpy()
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
 def to_image_array(image: Any) -> Any:
     """Normalise an image to a NumPy ``HxW`` or ``HxWxC`` float array in [0, 1], or ``None`` if unusable.
 
@@ -353,11 +365,8 @@ def to_image_array(image: Any) -> Any:
     """
     import numpy as np
 
-    try:
-        if hasattr(image, "detach"):
-            image = image.detach().cpu().numpy()
-        arr = np.asarray(image, dtype=np.float64)
-    except (TypeError, ValueError):
+    arr = _float_array(image)
+    if arr is None:
         return None
     if arr.ndim == 1:
         side = math.isqrt(arr.size)
@@ -406,11 +415,8 @@ def image_payload(x: Any, allow_flat_square: bool = False, decimals: int = 4) ->
     """
     import numpy as np
 
-    try:
-        if hasattr(x, "detach"):
-            x = x.detach().cpu().double().numpy()
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
+    arr = _float_array(x)
+    if arr is None:
         return None
     if arr.ndim == 1:
         side = math.isqrt(arr.size)

@@ -1,7 +1,7 @@
 """``report.json`` + ``report.html``: the on-disk report that every post-training callback writes into.
 
 One :class:`ReportStore` per report directory (``<log_dir>/influence/`` by default). Each callback merges its
-own *section* (``"curvature"``, ``"influence"``, ``"cv"``, ``"pbrf"``; see :mod:`lightning_influence.reporting.html`
+own *section* (``"curvature"``, ``"influence"``, ``"cv"``, ``"pbrf"``; see :mod:`lightning_influence.reporting.sections`
 for the schema of each) and the store re-renders a self-contained HTML page from the JSON alone, so
 ``lightning-influence report <run_dir>`` can rebuild it later with :meth:`ReportStore.rebuild`.
 
@@ -258,7 +258,7 @@ class ReportStore:
 
         Args:
             section: Section name (``"curvature"``, ``"influence"``, ``"cv"``, ``"pbrf"``, or your own).
-            data: Section content (see the schema in :mod:`lightning_influence.reporting.html`).
+            data: Section content (see the schema in :mod:`lightning_influence.reporting.sections`).
             render: Override the store's ``render`` flag for this call.
 
         Raises:
