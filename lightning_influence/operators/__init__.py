@@ -17,6 +17,7 @@ from lightning_influence.distributed import ReduceFn
 from lightning_influence.evaluator import curvature_mode
 from lightning_influence.operators.base import (
     DenseOperator,
+    FunctionOperator,
     LinearOperator,
     OperatorBase,
     ScaledOperator,
@@ -45,6 +46,7 @@ __all__ = [
     "DenseOperator",
     "ExpectedFisherOperator",
     "FiniteDifferenceGNHOperator",
+    "FunctionOperator",
     "GNHOperator",
     "HessianOperator",
     "LinearOperator",

@@ -29,7 +29,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -37,7 +37,15 @@ from torch import Tensor
 
 from lightning_influence.exceptions import ConfigurationError
 
-__all__ = ["DenseOperator", "LinearOperator", "OperatorBase", "ScaledOperator", "SumOperator", "as_matrix"]
+__all__ = [
+    "DenseOperator",
+    "FunctionOperator",
+    "LinearOperator",
+    "OperatorBase",
+    "ScaledOperator",
+    "SumOperator",
+    "as_matrix",
+]
 
 #: Largest dimension for which :meth:`OperatorBase.dense` builds the full matrix.
 DENSE_MAX_PARAMS = 5000
@@ -270,6 +278,56 @@ class DenseOperator(OperatorBase):
         """
         eye = torch.eye(self.num_params, dtype=self.matrix.dtype, device=self.matrix.device)
         return self.matrix + self.damping * eye
+
+
+class FunctionOperator(OperatorBase):
+    """A symmetric operator given as a function ``v -> A v`` (e.g. a prox metric or a user's HVP).
+
+    Args:
+        matvec: The product with one flat vector.
+        num_params: Dimension ``P``.
+        dtype: Dtype of the vectors.
+        device: Device of the vectors.
+
+    Example::
+
+        >>> op = FunctionOperator(lambda v: 2 * v, 3, torch.float32)
+        >>> op.matmat(torch.eye(3)).diagonal().tolist()
+        [2.0, 2.0, 2.0]
+    """
+
+    def __init__(
+        self, matvec: Callable[[Tensor], Tensor], num_params: int, dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self._fn, self._num_params = matvec, int(num_params)
+        self._dtype, self._device = dtype, torch.device(device)
+        self.num_products = 0
+
+    @property
+    def num_params(self) -> int:
+        """Dimension."""
+        return self._num_params
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """Dtype of the vectors."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the vectors."""
+        return self._device
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``(A + λI) v``.
+
+        Returns:
+            The product.
+        """
+        v = self._check_vector(v)
+        self.num_products += 1
+        return self._fn(v) + self.damping * v
 
 
 class ScaledOperator(OperatorBase):

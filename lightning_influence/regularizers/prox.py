@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_influence.exceptions import ConfigurationError, NonFiniteError
+from lightning_influence.operators.base import FunctionOperator
 from lightning_influence.spectrum import lanczos_lambda_max
 
 __all__ = ["MatVec", "Metric", "ProxResult", "SupportsMatvec"]
@@ -215,20 +216,6 @@ def _checked_matvec(operator: MatVec) -> MatVec:
     return matvec
 
 
-class _MatvecOperator:
-    """Adapter of a ``MatVec`` to what :func:`~lightning_influence.spectrum.lanczos_lambda_max` needs."""
-
-    def __init__(self, matvec: MatVec, like: Tensor) -> None:
-        self.matvec = matvec
-        self.num_params = like.numel()
-        self.param_dtype = like.dtype
-        self.device = like.device
-
-    def quadratic_form(self, v: Tensor) -> Tensor:
-        """``v^T D v`` (part of :class:`~lightning_influence.spectrum.LinearOperatorLike`; Lanczos does not use it)."""
-        return torch.dot(v, self.matvec(v))
-
-
 def _dense_lambda_max(dense: Tensor) -> float:
     eig = torch.linalg.eigvalsh(dense)
     lam_max = float(eig[-1].item())
@@ -256,7 +243,8 @@ def _lipschitz_estimate(matvec: MatVec, like: Tensor, dense: Tensor | None = Non
     """
     if dense is not None and dense.shape[0] <= _DENSE_EIGH_MAX_SIZE:
         return _dense_lambda_max(dense), 0
-    est = lanczos_lambda_max(_MatvecOperator(matvec, like), _LANCZOS_ITERATIONS, tol=_LANCZOS_TOL)
+    op = FunctionOperator(matvec, like.numel(), like.dtype, like.device)
+    est = lanczos_lambda_max(op, _LANCZOS_ITERATIONS, tol=_LANCZOS_TOL)
     if not est.value > 0:
         raise ConfigurationError(
             f"metric does not look positive (semi)definite: Lanczos gives lambda_max = {est.value:.3e}; "
