@@ -387,6 +387,7 @@ def lissa_settings(
     constant: float = 2.0,
     dataset_size: int | None = None,
     max_steps: int | None = None,
+    steps_factor: float = 2.0,
 ) -> LissaSettings:
     r"""LiSSA settings from :math:`\mathrm{Tr}(H)`, :math:`\lambda_{\max}(H)` and the damping (paper 1, §3).
 
@@ -397,6 +398,10 @@ def lissa_settings(
         constant: :math:`C` in :math:`|B| \ge C\,\mathrm{Tr}/\lambda_{\max}` (paper: 2).
         dataset_size: Cap the batch at the number of available units.
         max_steps: Optional cap on ``steps``.
+        steps_factor: :math:`c` in :math:`T = \lceil c / (\lambda\eta) \rceil` (paper: 2). The slowest direction
+            of the recursion contracts by :math:`1 - \lambda\eta` per step, so after :math:`T/2` steps its
+            remaining bias is :math:`e^{-c/2}`; the library's default
+            (:data:`~lightning_influence.config.DEFAULT_LISSA_STEPS_FACTOR`) is larger than the paper's.
 
     Returns:
         The settings.
@@ -422,7 +427,9 @@ def lissa_settings(
     if capped and dataset_size is not None:
         batch = dataset_size
     eta = 1.0 / (lambda_max + damping)
-    steps = math.ceil(2.0 * (lambda_max + damping) / damping - 1e-9)
+    if not steps_factor > 0:
+        raise ConfigurationError(f"steps_factor must be positive, got {steps_factor}.")
+    steps = math.ceil(steps_factor * (lambda_max + damping) / damping - 1e-9)
     if max_steps is not None:
         steps = min(steps, max_steps)
     return LissaSettings(eta=eta, batch_size=batch, steps=steps, damping=damping, constant=constant,
@@ -525,7 +532,8 @@ def estimate_spectrum(
         eig = sketch_lambda_max(op, cfg.sketch_dim, seed=derive_seed(cfg.seed, "sketch"))
     cbs = critical_batch_size(tr.value, eig.value)
     units = getattr(op, "_count", None)
-    settings = lissa_settings(tr.value, eig.value, damping, constant=cfg.constant, dataset_size=dataset_size)
+    settings = lissa_settings(tr.value, eig.value, damping, constant=cfg.constant, dataset_size=dataset_size,
+                              steps_factor=cfg.steps_factor)
     return SpectrumSummary(
         trace=tr.value,
         trace_stderr=tr.stderr,

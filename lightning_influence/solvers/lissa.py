@@ -53,17 +53,19 @@ class _Run:
 
 
 def _divergence_message(step: int, norm: float, bound: float, damping: float, eta: float, batch_size: int | None,
-                        summary: dict[str, float]) -> str:
+                        summary: dict[str, float], constant: float) -> str:
     msg = (f"LiSSA diverged at step {step}: ||u_t|| = {norm:.3g} exceeds the bound ||g||/lambda (times 1+slack) = "
            f"{bound:.3g} that every convergent iterate respects (damping lambda={damping:.3g}, eta={eta:.3g}, "
            f"|B|={batch_size}). ")
     trace, lmax = summary.get("trace"), summary.get("lambda_max")
     if trace is not None and lmax is not None and lmax > 0:
-        need = math.ceil(2.0 * trace / lmax)
-        msg += (f"Paper 1 (Thm. 1, Lemma 3) needs |B| >= C*Tr/lambda_max = 2*{trace:.3g}/{lmax:.3g} = {need} "
-                f"and eta <= 1/(lambda_max + lambda) = {1.0 / (lmax + damping):.3g}. ")
-    msg += ("Fix: use a larger batch (at least C*Tr(H)/lambda_max, C=2; let lissa_settings() choose it), a larger "
-            "damping, or a smaller eta; or use solver='cg'.")
+        need = math.ceil(constant * trace / lmax)
+        msg += (f"Paper 1 (Thm. 1, Lemma 3) needs |B| >= C*Tr/lambda_max = {constant:g}*{trace:.3g}/{lmax:.3g} = "
+                f"{need} (C = {constant:g} in use; condition C.1's constant is model-dependent) and "
+                f"eta <= 1/(lambda_max + lambda) = {1.0 / (lmax + damping):.3g}. ")
+    msg += (f"Fix: use a larger batch (at least C*Tr(H)/lambda_max with a larger C than {constant:g}: raise "
+            "lissa_constant, or let lissa_settings() choose it), a larger damping, or a smaller eta; or use "
+            "solver='cg'.")
     return msg
 
 
@@ -90,7 +92,7 @@ def _spectrum_settings(
     if isinstance(settings, SpectrumSummary):
         summary = {"trace": settings.trace, "lambda_max": settings.lambda_max}
         chosen = lissa_settings(settings.trace, settings.lambda_max, damping, constant=cfg.constant,
-                                dataset_size=dataset_size)
+                                dataset_size=dataset_size, steps_factor=cfg.steps_factor)
         return chosen, "spectrum_summary", summary
     if settings is not None:
         raise ConfigurationError(f"settings must be a SpectrumSummary or LissaSettings, got {type(settings).__name__}.")
@@ -105,7 +107,7 @@ def _spectrum_settings(
             )
         op = sampled.operator()
     spec = estimate_spectrum(op, damping=damping, constant=cfg.constant, dataset_size=dataset_size,
-                             **(spectrum_kwargs or {}))
+                             steps_factor=cfg.steps_factor, **(spectrum_kwargs or {}))
     summary = {"trace": spec.trace, "lambda_max": spec.lambda_max, "trace_stderr": spec.trace_stderr,
                "num_products": float(spec.num_products)}
     return spec.lissa, "measured", summary
@@ -133,7 +135,8 @@ def _resolve_settings(
         if measured["constant"] > constant:
             constant = measured["constant"]
             chosen = lissa_settings(summary["trace"], summary["lambda_max"], damping, constant=constant,
-                                    dataset_size=sampled.pool_size if not sampled.replacement else None)
+                                    dataset_size=sampled.pool_size if not sampled.replacement else None,
+                                    steps_factor=cfg.steps_factor)
     eta = float(cfg.eta) if cfg.eta is not None else (chosen.eta if chosen is not None else float("nan"))
     if chosen is not None and cfg.steps is None and chosen.steps > cfg.max_steps:
         warnings.warn(f"LiSSA would need {chosen.steps} steps (2(lambda_max+lambda)/lambda); capped at max_steps="
@@ -156,9 +159,11 @@ def _resolve_settings(
 
 def _iterate(
     sampler: BatchProduct | SampledCurvature, B: Tensor, X0: Tensor, plan: _Plan, damping: float, cfg: LissaConfig,
-    callback: Callable[[int, Tensor], None] | None,
+    callback: Callable[[int, Tensor], None] | None, offset: int = 0,
 ) -> tuple[_Run, int]:
-    """One run of the recursion with tail averaging and the divergence guard.
+    """One chain of the recursion with tail averaging and the divergence guard.
+
+    Chain ``c`` draws the batches of steps ``offset + 1 .. offset + T`` (``offset = c T``), so chains are independent.
 
     Returns:
         The run and the number of column products it made.
@@ -173,7 +178,7 @@ def _iterate(
     avg, n_avg, products = torch.zeros_like(X0), 0, 0
     for t in range(1, steps + 1):
         run.t = t
-        grad_q = sampler(t, run.X) + damping * run.X - B
+        grad_q = sampler(offset + t, run.X) + damping * run.X - B
         products += run.X.shape[1]
         run.history.append(float((grad_q.norm(dim=0) / safe_bnorm).max()))
         run.X = run.X - plan.eta * grad_q
@@ -183,7 +188,7 @@ def _iterate(
             j = int(torch.nan_to_num(norms / bound, nan=math.inf).argmax())
             run.diverged = True
             run.message = _divergence_message(t, float(norms[j]), float(bound[j]), damping, plan.eta,
-                                              plan.batch_size, plan.summary)
+                                              plan.batch_size, plan.summary, plan.constant)
             return run, products
         if t > start_avg:
             avg += run.X
@@ -217,26 +222,87 @@ def _restart(
     return sampler.with_batch_size(new_batch)
 
 
-def _certify(
-    sampler: BatchProduct | SampledCurvature, X: Tensor, B: Tensor, damping: float, cfg: LissaConfig,
-    certificate_operator: LinearOperator | None,
-) -> tuple[float, dict[str, Any] | None]:
-    """Relative residual of ``X`` on held-out curvature (``nan`` and ``None`` when there is none).
+def _certificate_operator(
+    sampler: BatchProduct | SampledCurvature, cfg: LissaConfig, given: LinearOperator | None
+) -> tuple[LinearOperator | None, str]:
+    """The operator the residual is measured on, and a truthful label of what it is."""
+    if given is not None:
+        return given, "given operator"
+    if not isinstance(sampler, SampledCurvature) or cfg.certificate_size is None:
+        return None, "none"
+    if sampler.holdout_indices.numel():
+        return sampler.certificate_operator(cfg.certificate_size), (
+            f"held-out: {sampler.holdout_indices.numel()} examples the steps never draw")
+    if sampler.pool_size <= cfg.certificate_size:
+        return sampler.operator(), f"whole pool ({sampler.pool_size} examples): the exact residual of the solved system"
+    return sampler.certificate_operator(cfg.certificate_size), (
+        f"subsample of {cfg.certificate_size} of {sampler.pool_size} pool examples (the steps draw from the whole "
+        "pool; the residual includes the subsample's own sampling error)")
+
+
+def _reliability(runs: list[_Run], probes: Tensor | None) -> float:
+    r"""Estimated correlation of the averaged chains' scores with the noise-free scores (Spearman-Brown).
+
+    With chain scores :math:`s_c = P^\top X_c = s^\star + e_c` (independent errors of equal variance) the
+    correlation :math:`r` between two chains is :math:`V/(V+\sigma^2)`, and the mean of :math:`m` chains
+    correlates with :math:`s^\star` as :math:`\sqrt{m r / (1 + (m - 1) r)}`. The chains' antithetic starts give
+    their remaining biases opposite signs, which lowers :math:`r`: the estimate is then conservative.
 
     Returns:
-        ``(residual, certificate info or None)``.
+        The estimate, or ``nan`` without probes or with a single chain.
     """
-    cert_op = certificate_operator
-    if cert_op is None and isinstance(sampler, SampledCurvature) and cfg.certificate_size is not None:
-        cert_op = sampler.certificate_operator(cfg.certificate_size)
-    if cert_op is None:
-        return math.nan, None
-    bnorm = B.norm(dim=0)
-    safe_bnorm = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
-    R = cert_op.matmat(X) + damping * X - B
-    residual = float((R.norm(dim=0) / safe_bnorm).max())
-    return residual, {"relative_residual": residual, "num_products": X.shape[1],
-                      "sample": "held-out" if certificate_operator is None else "given"}
+    if probes is None or len(runs) < 2:
+        return math.nan
+    scores = [(probes.T @ r.X).flatten() for r in runs]
+    stacked = torch.stack(scores)
+    if stacked.shape[1] < 3 or bool((stacked.std(dim=1) == 0).any()):
+        return math.nan
+    corr = torch.corrcoef(stacked)
+    m = len(runs)
+    r = float((corr.sum() - m) / (m * (m - 1)))  # mean off-diagonal correlation
+    if r <= 0:
+        return 0.0
+    return math.sqrt(m * r / (1.0 + (m - 1) * r))
+
+
+def _certify(
+    sampler: BatchProduct | SampledCurvature, runs: list[_Run], X: Tensor, B: Tensor, damping: float,
+    cfg: LissaConfig, certificate_operator: LinearOperator | None,
+) -> tuple[float, bool, dict[str, Any] | None]:
+    """Residual on the certificate operator and the chains' score reliability; ``converged`` from them.
+
+    ``converged`` means: not diverged and, with two or more chains and probes, an estimated score correlation of at
+    least ``certificate_correlation``; with a given ``certificate_operator`` (an exact target) or a single chain, a
+    residual of at most ``certificate_rtol``.
+
+    Returns:
+        ``(residual, converged, certificate info or None)``.
+    """
+    probes = _probes(sampler, B, cfg)
+    reliability = _reliability(runs, probes)
+    cert_op, sample = _certificate_operator(sampler, cfg, certificate_operator)
+    residual = math.nan
+    if cert_op is not None:
+        bnorm = B.norm(dim=0)
+        R = cert_op.matmat(X) + damping * X - B
+        residual = float((R.norm(dim=0) / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))).max())
+    if cert_op is None and math.isnan(reliability):
+        return math.nan, True, None
+    by_reliability = certificate_operator is None and not math.isnan(reliability)
+    converged = reliability >= cfg.certificate_correlation if by_reliability else residual <= cfg.certificate_rtol
+    info = {"relative_residual": residual, "num_products": X.shape[1] if cert_op is not None else 0,
+            "sample": sample, "reliability": reliability, "chains": len(runs),
+            "probes": 0 if probes is None else int(probes.shape[1]),
+            "criterion": (f"score reliability >= {cfg.certificate_correlation}" if by_reliability
+                          else f"relative residual <= {cfg.certificate_rtol}")}
+    return residual, converged, info
+
+
+def _probes(sampler: BatchProduct | SampledCurvature, B: Tensor, cfg: LissaConfig) -> Tensor | None:
+    """Directions the chains' scores are compared along: per-example gradients of pool examples, else ``B``."""
+    if isinstance(sampler, SampledCurvature) and cfg.probes > 0:
+        return sampler.probe_gradients(cfg.probes).to(B)
+    return B if B.shape[1] >= 3 else None
 
 
 def lissa(
@@ -282,14 +348,22 @@ def lissa(
     makes :math:`\mathbb{E}\|u_t\|^2` grow geometrically; the guard catches it. With derived settings LiSSA
     first restarts with a doubled :math:`C` (``max_restarts``), since C.1's constant depends on the model.
 
-    **Certificate.** ``relative_residual`` is :math:`\max_j \|(H_{\text{cert}}+\lambda)x_j - g_j\|/\|g_j\|` on a
-    held-out sample operator (``certificate_operator``, or ``sampler.certificate_operator(certificate_size)``:
-    the sampler's held-out examples or an independent draw that is none of the steps' batches). It mixes the
-    solver error with the difference between the certificate sample's curvature and the full :math:`H`, so it
-    is an upper-bound-like diagnostic rather than a pure solver residual; ``converged`` means "not diverged and
-    certificate at most ``certificate_rtol``". ``history`` holds the free in-batch residual
-    :math:`\|(\tilde H_t + \lambda) u_{t-1} - g\|/\|g\|` of every step (noisy), ``info["norm_history"]`` the
-    largest column norm.
+    **Chains and certificate.** With ``chains`` :math:`m \ge 2` the recursion runs :math:`m` times on disjoint batch
+    streams (chain :math:`c` takes the batches of steps :math:`cT+1..(c+1)T`) and returns the mean of their tail
+    averages. Odd chains start at :math:`g/\lambda` instead of :math:`u_0`: along every eigendirection the solution
+    lies between the two starts, so the chains' remaining biases have opposite signs and their difference bounds twice
+    the bias of their mean. Their agreement is the certificate: the scores of every chain along ``probes`` per-example gradients
+    of pool examples (:meth:`SampledCurvature.probe_gradients`; the right-hand sides themselves for a plain callable)
+    correlate with each other as :math:`r = V/(V + \sigma^2)`, so the mean's scores correlate with the noise-free
+    ones as :math:`\sqrt{m r/(1 + (m-1) r)}` (``info["certificate"]["reliability"]``; opposite biases lower
+    :math:`r`, so the estimate errs on the safe side); ``converged`` means "not diverged and reliability at least
+    ``certificate_correlation``". ``relative_residual`` is :math:`\max_j \|(H_{\text{cert}}+\lambda)x_j - g_j\|/\|g_j\|`
+    on ``certificate_operator`` when given (then ``converged`` means a residual of at most ``certificate_rtol``,
+    as it does with a single chain), else on the whole pool when it holds at most ``certificate_size`` examples
+    (the exact residual of the solved system) or a seeded subsample of that size (which also carries the
+    subsample's own sampling error); ``info["certificate"]["sample"]`` says which. ``history`` holds the free
+    in-batch residual :math:`\|(\tilde H_t + \lambda) u_{t-1} - g\|/\|g\|` of every step of the last chain (noisy),
+    ``info["norm_history"]`` the largest column norm.
 
     Args:
         sampler: A :class:`SampledCurvature`, or any ``(step, V) -> H̃_step V`` callable with ``num_params``.
@@ -350,9 +424,15 @@ def lissa(
     products = 0
     example_products = int(plan.measured["example_products"]) if plan.measured else 0  # global, cost accounting
     while True:
-        run, made = _iterate(sampler, B, X0, plan, damping, cfg, callback)
-        products += made
-        example_products += made * (plan.batch_size or 0)
+        runs: list[_Run] = []
+        for c in range(cfg.chains):
+            start = X0 if c % 2 == 0 else B / damping  # antithetic starts: the chains' biases have opposite signs
+            run, made = _iterate(sampler, B, start, plan, damping, cfg, callback, offset=c * plan.steps)
+            products += made
+            example_products += made * (plan.batch_size or 0)
+            runs.append(run)
+            if run.diverged:
+                break
         if not (run.diverged and can_restart and len(restarts) < cfg.max_restarts):
             break
         assert isinstance(sampler, SampledCurvature)
@@ -360,13 +440,15 @@ def lissa(
         if resized is None:
             break
         sampler = resized
+    X_mean = torch.stack([r.X for r in runs]).mean(0) if not run.diverged else run.X
     info: dict[str, Any] = {
         "damping": damping, "eta": plan.eta, "steps": plan.steps, "batch_size": plan.batch_size,
         "constant": plan.constant, "settings_source": plan.source, "spectrum": plan.summary, "average": cfg.average,
         "divergence_slack": cfg.divergence_slack, "norm_history": run.norm_history, "certificate": None,
         "restarts": restarts, "example_products": example_products, "measured_constant": plan.measured,
+        "chains": len(runs), "steps_per_chain": plan.steps,
     }
-    x = run.X[:, 0] if squeeze else run.X
+    x = X_mean[:, 0] if squeeze else X_mean
     if run.diverged:
         info["divergence_message"] = run.message
         result = SolveResult(x=x, iterations=run.t, relative_residual=math.inf, converged=False, method="lissa",
@@ -375,10 +457,9 @@ def lissa(
             raise DivergenceError(run.message)
         warnings.warn(run.message, RuntimeWarning, stacklevel=2)
         return result
-    residual, cert = _certify(sampler, run.X, B, damping, cfg, certificate_operator)
+    residual, converged, cert = _certify(sampler, runs, X_mean, B, damping, cfg, certificate_operator)
     if cert is not None:
-        products += run.X.shape[1]
+        products += cert["num_products"]
         info["certificate"] = cert
-    converged = True if cert is None else residual <= cfg.certificate_rtol
-    return SolveResult(x=x, iterations=run.t, relative_residual=residual, converged=converged, method="lissa",
-                       num_products=products, history=run.history, diverged=False, info=info)
+    return SolveResult(x=x, iterations=sum(r.t for r in runs), relative_residual=residual, converged=converged,
+                       method="lissa", num_products=products, history=run.history, diverged=False, info=info)

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 
 from lightning_influence.data import CollateFn, DataSource
 from lightning_influence.distributed import ReduceFn, reduce_packed, shard_indices
-from lightning_influence.evaluator import curvature_mode
+from lightning_influence.evaluator import Evaluator, curvature_mode
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.operators.curvature import CurvatureOperator, make_operator, operator_class
 from lightning_influence.params import ParamTree, derive_seed, make_generator, trainable_parameters, unflatten
@@ -242,6 +242,22 @@ class SampledCurvature:
         idx = self.pool if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         return make_operator(self.curvature, self.model, self.task, self._source.subset(idx, batch_size=batch_size),
                              reduce_fn=self.reduce_fn, dtype=self.dtype, seed=self.seed)
+
+    def probe_gradients(self, size: int = 64, *, seed: int | None = None) -> Tensor:
+        """Per-example gradients ``(P, m)`` of a seeded sample of ``m = min(size, pool)`` pool examples.
+
+        Every rank computes the same ones (no collective); LiSSA compares its chains' scores along them.
+
+        Returns:
+            The gradients as columns.
+        """
+        gen = make_generator(derive_seed(self.seed if seed is None else seed, "probes"))
+        n = min(int(size), self.pool.numel())
+        idx = self.pool[torch.randperm(self.pool.numel(), generator=gen)[:n]].sort().values
+        ev = Evaluator(self.model, self.task, input_dtype=self.dtype)
+        (batch,) = self._source.collate(idx, batch_size=max(1, n))
+        grads, _ = ev.per_example(ev.prepare(batch))
+        return grads.T
 
     def certificate_operator(self, size: int = 512, *, seed: int | None = None) -> CurvatureOperator:
         """Operator for the residual certificate.
