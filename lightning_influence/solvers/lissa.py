@@ -352,8 +352,9 @@ def lissa(
     streams (chain :math:`c` takes the batches of steps :math:`cT+1..(c+1)T`) and returns the mean of their tail
     averages. Odd chains start at :math:`g/\lambda` instead of :math:`u_0`: along every eigendirection the solution
     lies between the two starts, so the chains' remaining biases have opposite signs and their difference bounds twice
-    the bias of their mean. Their agreement is the certificate: the scores of every chain along ``probes`` per-example gradients
-    of pool examples (:meth:`SampledCurvature.probe_gradients`; the right-hand sides themselves for a plain callable)
+    the bias of their mean. Their agreement is the certificate: the scores of every chain along ``probes``
+    per-example gradients of pool examples (:meth:`SampledCurvature.probe_gradients`; the right-hand sides
+    themselves for a plain callable)
     correlate with each other as :math:`r = V/(V + \sigma^2)`, so the mean's scores correlate with the noise-free
     ones as :math:`\sqrt{m r/(1 + (m-1) r)}` (``info["certificate"]["reliability"]``; opposite biases lower
     :math:`r`, so the estimate errs on the safe side); ``converged`` means "not diverged and reliability at least
