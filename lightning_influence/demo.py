@@ -345,6 +345,13 @@ def run_demo(
     (log_dir / "curvature.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     _save_curvature_figure(monitor, log_dir / "curvature.png")
 
+    _print_summary(result, summary, model, max_epochs, out_dir)
+    return result
+
+
+def _print_summary(result: dict[str, Any], summary: Any, model: Any, max_epochs: int, out_dir: Path) -> None:
+    """Print the demo's curvature summary, CV estimate, PBRF verdict and where the logs and report are."""
+    log_dir, report, val_acc = Path(result["log_dir"]), Path(result["report"]), result["val_acc"]
     lissa = summary.lissa
     print(
         "\n".join(
@@ -371,7 +378,6 @@ def run_demo(
             ]
         )
     )
-    return result
 
 
 def _save_curvature_figure(monitor: Any, path: Path) -> None:
