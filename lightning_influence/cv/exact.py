@@ -167,6 +167,18 @@ def _lbfgs_refit(
     return x, {"method": "lbfgs", "iterations": evals[0], "residual": residual, "converged": residual <= tol * 10}
 
 
+def _refit(
+    method: str, ev: Evaluator, batches: Batches, reg: Regularizer, x0: Tensor, scale: float, tol: float,
+    max_iter: int, counter: PassCount,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Minimise ``scale * sum of losses + penalty`` from ``x0`` with the named method."""
+    if method == "fista":
+        return _fista_refit(ev, batches, reg, x0, scale, tol, max_iter)
+    if method == "prox_newton":
+        return _prox_newton_refit(ev, batches, reg, x0, scale, tol, max_iter, counter)
+    return _lbfgs_refit(ev, batches, x0, scale, tol, max_iter)
+
+
 def fit_regularized(
     model: nn.Module,
     task: Task,
@@ -221,12 +233,7 @@ def fit_regularized(
     if float(units[0]) <= 0:
         raise ConfigurationError("batches contain no counted units.")
     scale = 1.0 / float(units[0])
-    if method == "fista":
-        theta, cert = _fista_refit(ev, batches, reg, start, scale, tol, max_iter)
-    elif method == "prox_newton":
-        theta, cert = _prox_newton_refit(ev, batches, reg, start, scale, tol, max_iter, counter)
-    else:
-        theta, cert = _lbfgs_refit(ev, batches, start, scale, tol, max_iter)
+    theta, cert = _refit(method, ev, batches, reg, start, scale, tol, max_iter, counter)
     _sync_counter(counter, ev)
     cert["cost"] = counter.reduced(reduce_fn, start.device).to_dict()
     return theta, cert
@@ -317,12 +324,7 @@ def exact_cv(
         x0 = theta_hat if warm_start else torch.zeros_like(theta_hat)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            if method == "fista":
-                theta, cert = _fista_refit(ev, batches, reg, x0, scale, tol, max_iter)
-            elif method == "prox_newton":
-                theta, cert = _prox_newton_refit(ev, batches, reg, x0, scale, tol, max_iter, counter)
-            else:
-                theta, cert = _lbfgs_refit(ev, batches, x0, scale, tol, max_iter)
+            theta, cert = _refit(method, ev, batches, reg, x0, scale, tol, max_iter, counter)
         if not cert["converged"]:
             warnings.warn(
                 f"exact refit of fold {j} stopped at residual {cert['residual']:.3g} > tol={tol} after "
