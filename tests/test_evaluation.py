@@ -1,4 +1,4 @@
-"""Attribution quality against retraining (issue 13): LDS, leave-one-out and mislabel detection, float64 ground truth."""
+"""Attribution quality against retraining (issue 13): LDS, leave-one-out, mislabel detection; float64 ground truth."""
 
 from __future__ import annotations
 

@@ -136,7 +136,11 @@ def predicted_subset_effects(
         else:
             n_train = int(cols.max()) + 1 if cols.numel() else 0
     if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= n_train):
-        raise ConfigurationError(f"train_indices must lie in [0, {n_train}) (the training-set size).")
+        raise ConfigurationError(
+            f"the score columns map to training indices in [{int(cols.min())}, {int(cols.max())}] but the subsets "
+            f"cover n_train={n_train} examples; pass train_indices= (the data-set index of each score column) and "
+            "subsets over the whole training set."
+        )
     mask = subset_masks(subsets, n_train)[:, cols].double()  # (M, n_scored)
     return s * (mask @ scores.detach().cpu().double().T)
 

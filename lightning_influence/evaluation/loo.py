@@ -1,8 +1,8 @@
 r"""Leave-one-out (LOO) correlation: do influence scores predict exact leave-one-out refits?
 
 For chosen training examples :math:`z_1, \dots, z_k` the exact refits :math:`\theta_{-i}` (trained without
-:math:`z_i`; :meth:`SubsetRetrainer.leave_one_out <lightning_influence.evaluation.retrain.SubsetRetrainer.leave_one_out>`)
-give the actual effect of removal on each query's measurement,
+:math:`z_i`; :meth:`~lightning_influence.evaluation.retrain.SubsetRetrainer.leave_one_out`) give the actual effect
+of removal on each query's measurement,
 :math:`\Delta_i(q) = m_q(\theta_{-i}) - m_q(\theta_{\text{full}})`, where :math:`\theta_{\text{full}}` comes from the
 same ``train_fn`` on every example (so both sides share the training procedure). To first order, removing
 :math:`z` changes the query **loss** by :math:`-\mathcal I(z, q)/N` (:mod:`lightning_influence.influence`), so the
@@ -33,7 +33,7 @@ __all__ = ["LOOResult", "loo_correlation"]
 
 @dataclass
 class LOOResult:
-    """Influence scores against exact leave-one-out refits.
+    r"""Influence scores against exact leave-one-out refits.
 
     Attributes:
         pearson: Mean over queries of the per-query Pearson correlation across removed examples.
@@ -41,8 +41,8 @@ class LOOResult:
         per_query: ``(n_query,)`` per-query Pearson correlations (``NaN`` where undefined).
         pooled_pearson: Pearson correlation of all (removed example, query) pairs.
         pooled_spearman: Spearman correlation of all pairs.
-        predicted: ``(k, n_query)`` aligned predictions :math:`-s\\,\\mathcal I(z_i, q)`.
-        actual: ``(k, n_query)`` actual changes :math:`m(\\theta_{-i}) - m(\\theta_{\\text{full}})`.
+        predicted: ``(k, n_query)`` aligned predictions :math:`-s\,\mathcal I(z_i, q)`.
+        actual: ``(k, n_query)`` actual changes :math:`m(\theta_{-i}) - m(\theta_{\text{full}})`.
         removed: ``(k,)`` data-set indices of the removed examples.
         measurement: ``"loss"`` or ``"margin"``.
         info: Anything else worth keeping.

@@ -64,7 +64,9 @@ def flip_labels(
     """
     y = torch.as_tensor(labels)
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
-        raise ConfigurationError(f"labels must be a 1-D integer tensor, got dtype {y.dtype} and shape {tuple(y.shape)}.")
+        raise ConfigurationError(
+            f"labels must be a 1-D integer tensor, got dtype {y.dtype} and shape {tuple(y.shape)}."
+        )
     if not 0.0 < fraction < 1.0:
         raise ConfigurationError(f"fraction must lie in (0, 1), e.g. 0.05; got {fraction}.")
     c = int(y.max()) + 1 if num_classes is None else int(num_classes)
@@ -300,12 +302,15 @@ def mislabel_detection(
         null_rec.append(_recall_rows(rand, labels, kk))
     lo_a, hi_a = percentile_interval(torch.cat(null_auc), level)
     lo_r, hi_r = percentile_interval(torch.cat(null_rec), level)
-    chance = {"level": float(level), "num_resamples": int(num_resamples), "seed": int(seed + 2),
-              "unit": "random rankings", "method": "permutation null"}
+
+    def chance(lo: float, hi: float) -> ConfidenceInterval:
+        return ConfidenceInterval(lo, hi, float(level), int(num_resamples), int(seed + 2), "random rankings",
+                                  "permutation null")
+
     return MislabelResult(
         rankings=out,
-        chance_auc=ConfidenceInterval(lo_a, hi_a, **chance),
-        chance_recall=ConfidenceInterval(lo_r, hi_r, **chance),
+        chance_auc=chance(lo_a, hi_a),
+        chance_recall=chance(lo_r, hi_r),
         k=kk,
         num_examples=n,
         num_flipped=n_pos,

@@ -585,7 +585,7 @@ class SubsetRetrainer:
     def _save_run(self, run: int, outputs: np.ndarray, indices: Tensor, seed: int) -> None:
         arrays = {"outputs": outputs, "indices": indices.numpy(), "seed": np.asarray(seed),
                   "config_hash": np.asarray(self.config_hash)}
-        _atomic_write(self.run_path(run), lambda f: np.savez(f, **arrays))
+        _atomic_write(self.run_path(run), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
     def _sync(self) -> None:
         if self.world_size > 1:
@@ -671,7 +671,8 @@ class SubsetRetrainer:
             table = self._stack(values)
         seeds = [self.run_seed(r) for r in range(self.num_runs)]
         config = {**self.config, "config_hash": self.config_hash}
-        common = {"reused": reused, "trained": trained, "seconds": time.perf_counter() - start, "config": config}
+        common: dict[str, Any] = {"reused": reused, "trained": trained, "seconds": time.perf_counter() - start,
+                                  "config": config}
         if self.design == "random":
             return RetrainResult(subsets=self._masks.clone(), outputs=table, seeds=seeds, **common)
         return RetrainResult(subsets=self._masks[1:].clone(), outputs=table[1:], seeds=seeds[1:],
