@@ -665,11 +665,57 @@ def _pbrf(data: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
+def _attribution(data: Mapping[str, Any]) -> list[Block]:
+    """The ``"attribution"`` section (AttributionBenchmark): verdict, LDS table with intervals, scatter.
+
+    Schema::
+
+        {"verdict": str,
+         "lds": [{"estimator": str, "lds": float, "ci_low": float, "ci_high": float, ...}, ...],
+         "scatter": {"estimator": str, "predicted": [float, ...], "actual": [float, ...]},   # standardised per query
+         "per_query": {estimator: [float, ...]}, "interval": {...}, "config": {...}, "summary": {...}}
+
+    Returns:
+        The section's blocks.
+    """
+    from lightning_influence.reporting.figures import histogram_figure, scatter_figure
+
+    blocks = _common_head(data)
+    if isinstance(data.get("verdict"), str):
+        blocks.append(_paragraph(str(data["verdict"]), "verdict"))
+    rows = _as_named_list(data.get("lds"))
+    if rows:
+        cols = ["estimator", *[c for c in ("lds", "ci_low", "ci_high") if any(c in r for r in rows)]]
+        cols += [k for k in OrderedDict.fromkeys(k for r in rows for k in r) if k not in cols]
+        blocks.append(_table("Linear datamodeling score (Spearman across retrained subsets, mean over queries)", rows,
+                             cols))
+    figs = []
+    sc = data.get("scatter")
+    if isinstance(sc, Mapping) and isinstance(sc.get("predicted"), list) and isinstance(sc.get("actual"), list):
+        name = str(sc.get("estimator", "scores"))
+        figs.append(_figure(partial(scatter_figure, sc["actual"], sc["predicted"], f"{name}: predicted vs retrained",
+                                    "actual output (z-score per query)", "predicted (z-score per query)"),
+                            "Each point is one (subset, query) pair, standardised per query across subsets."))
+    per_query = data.get("per_query")
+    if isinstance(per_query, Mapping):
+        for name, values in list(per_query.items())[:2]:
+            if isinstance(values, list) and values:
+                figs.append(_figure(partial(histogram_figure, [v for v in values if _num(v) is not None],
+                                            f"per-query LDS ({name})", "Spearman correlation", 20), ""))
+    if figs:
+        blocks.append({"kind": "figrow", "figures": figs})
+    blocks.extend(_kv("Interval", data.get("interval")))
+    blocks.extend(_common_tail(data))
+    blocks.extend(_generic(data, (*_COMMON, "verdict", "lds", "scatter", "per_query", "interval")))
+    return blocks
+
+
 _RENDERERS: dict[str, Callable[[Mapping[str, Any]], list[Block]]] = {
     "curvature": _curvature,
     "influence": _influence,
     "cv": _cv,
     "pbrf": _pbrf,
+    "attribution": _attribution,
 }
 
 
