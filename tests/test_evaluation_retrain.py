@@ -265,3 +265,24 @@ def test_loo_and_mislabel_errors() -> None:
         mislabel_detection(torch.rand(5), torch.ones(5, dtype=torch.bool))
     with pytest.raises(ConfigurationError, match="non-finite"):
         mislabel_detection(torch.tensor([1.0, float("nan"), 0.0]), [0])
+
+
+def test_evaluation_is_plain_pytorch_and_its_report_section_renders() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, lightning_influence.evaluation; print('lightning' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == "False"
+
+    from lightning_influence.reporting.html import render_report
+
+    section = {"verdict": "LDS of the cg scores: 0.850", "lds": [{"estimator": "cg", "lds": 0.85, "ci_low": 0.8,
+                                                                 "ci_high": 0.9}],
+               "scatter": {"estimator": "cg", "predicted": [0.0, 1.0, -1.0], "actual": [0.1, 0.9, -1.2]},
+               "per_query": {"cg": [0.8, 0.9, None]}}
+    page = render_report({"pbrf": {"verdict": "fine"}, "attribution": section})
+    assert "LDS of the cg scores: 0.850" in page and "Linear datamodeling score" in page
+    assert page.index('id="pbrf"') < page.index('id="attribution"') and page.count("data:image/png") == 2
+    broken = render_report({"attribution": {"lds": "not a table", "scatter": {"predicted": 3}}})
+    assert 'id="attribution"' in broken  # tolerant: a malformed section never takes the page down
