@@ -505,7 +505,18 @@ def run_setting(name: str, spec: dict[str, Any], args: argparse.Namespace, peers
             row.note += f"; low agreement with our reference (r = {row.r_ref:.2f}): treat with care"
         rows.append(row)
         print(f"   .. {label}: LDS {row.lds:.3f} in {row.seconds:.1f} s", flush=True)
-    return rows, {"num_params": p, "query_accuracy": acc, "ground_truth_seconds": gt_seconds, "n_train": n}
+    info: dict[str, Any] = {"num_params": p, "query_accuracy": acc, "ground_truth_seconds": gt_seconds, "n_train": n}
+    if do_mislabel and model_noisy is not None:  # the method-free baselines: training loss, random ranking, chance
+        with torch.no_grad():
+            loss_noisy = nn.functional.cross_entropy(model_noisy(x), noisy, reduction="none")
+        base = mislabel_detection(loss_noisy, flipped, losses=loss_noisy, seed=seed)
+        lo, rnd = base.rankings["loss"], base.rankings["random"]
+        info.update(mislabel_auc_loss=lo.auc, mislabel_auc_random=rnd.auc,
+                    mislabel_chance_auc=[base.chance_auc.low, base.chance_auc.high], num_flipped=base.num_flipped)
+        print(f"   mislabel baselines ({base.num_flipped} of {n} labels flipped): training-loss AUC {lo.auc:.3f} "
+              f"[{lo.auc_ci.low:.3f}, {lo.auc_ci.high:.3f}], random ranking {rnd.auc:.3f}, chance interval "
+              f"[{base.chance_auc.low:.3f}, {base.chance_auc.high:.3f}]", flush=True)
+    return rows, info
 
 
 def draw(out: dict[str, Any], settings: list[str], path: str) -> None:
