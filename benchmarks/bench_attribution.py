@@ -483,7 +483,8 @@ def run_setting(name: str, spec: dict[str, Any], args: argparse.Namespace, peers
         if lib == "dattri" and m in ("cg", "lissa") and p > 10_000 and not args.all_peers:
             # Measured on this 2-core, 24 GB machine: dattri's CG here ran > 15 min and was then killed by the OOM
             # killer (reverse-over-reverse HVPs over 4,500 examples, vmapped over the 100 query vectors).
-            row.note = "skipped: > 15 min and out of memory on this machine (--all-peers runs it, queries in tens)"
+            row.note = ("skipped: dattri's CG ran > 15 min and was OOM-killed on this machine; its LiSSA uses the same "
+                        "HVPs (--all-peers runs both)")
             rows.append(row)
             continue
         t0 = time.perf_counter()
@@ -531,8 +532,9 @@ def draw(out: dict[str, Any], settings: list[str], path: str) -> None:
 
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 4.6), squeeze=False)
     for ax, name in zip(axes[0], settings, strict=True):
+        longer = [s for s in SETTINGS if s != name and s.endswith(name)]  # "digits_lr" also ends with "_lr"
         methods = [k[len("lds_"): -len(name) - 1] for k in out if k.startswith("lds_") and not k.startswith("lds_ci")
-                   and k.endswith("_" + name)]
+                   and k.endswith("_" + name) and not any(k.endswith("_" + s) for s in longer)]
         vals = [out[f"lds_{m}_{name}"] for m in methods]
         lo = [out.get(f"lds_ci_low_{m}_{name}", v) for m, v in zip(methods, vals, strict=True)]
         hi = [out.get(f"lds_ci_high_{m}_{name}", v) for m, v in zip(methods, vals, strict=True)]
