@@ -26,15 +26,24 @@ _LAZY_CALLBACKS = {
     "InfluenceReport": "lightning_influence.callbacks.influence_report",
     "ApproximateCV": "lightning_influence.callbacks.approximate_cv",
     "PBRFValidation": "lightning_influence.callbacks.pbrf_validation",
+    "AttributionBenchmark": "lightning_influence.callbacks.attribution_benchmark",
 }
 
 if TYPE_CHECKING:
     from lightning_influence.callbacks.approximate_cv import ApproximateCV
+    from lightning_influence.callbacks.attribution_benchmark import AttributionBenchmark
     from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
     from lightning_influence.callbacks.influence_report import InfluenceReport
     from lightning_influence.callbacks.pbrf_validation import PBRFValidation
 
-__all__ = ["ApproximateCV", "CurvatureMonitor", "InfluenceReport", "PBRFValidation", "__version__"]
+__all__ = [
+    "ApproximateCV",
+    "AttributionBenchmark",
+    "CurvatureMonitor",
+    "InfluenceReport",
+    "PBRFValidation",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

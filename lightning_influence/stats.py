@@ -3,8 +3,11 @@ r"""Agreement statistics: how well influence estimates track a reference, and th
 One home for the numbers :class:`~lightning_influence.callbacks.pbrf_validation.PBRFValidation` computes and
 :mod:`~lightning_influence.reporting` shows:
 
-* :func:`pearson` / :func:`spearman`: correlations through ``torchmetrics.functional`` in float64, ``NaN`` when
-  there are fewer than two points or either input is constant (a correlation is undefined there);
+* :func:`pearson_along` / :func:`spearman_along`: column-wise correlations of two ``(n, k)`` tensors in float64
+  (Pearson through ``torchmetrics.functional.pearson_corrcoef``; Spearman as the Pearson correlation of average
+  ranks, :func:`rankdata`, because torchmetrics' Spearman computes in float32 and returns 0 for a constant input),
+  ``NaN`` for an undefined column (fewer than two points, a constant side); :func:`pearson` / :func:`spearman`: the
+  same for two vectors, as a float. The approximate-CV, PBRF and attribution (LDS, LOO) code all use these;
 * :func:`median`: the median of the finite values (``NaN`` if there are none); :func:`as_finite`: a JSON value
   as a finite float or ``None``;
 * :func:`correlation_table`: one row per estimator against the PBRF, pooled and per training example;
@@ -35,7 +38,17 @@ from torch import Tensor
 
 from lightning_influence.exceptions import ConfigurationError
 
-__all__ = ["as_finite", "correlation_table", "median", "pearson", "spearman", "verdict"]
+__all__ = [
+    "as_finite",
+    "correlation_table",
+    "median",
+    "pearson",
+    "pearson_along",
+    "rankdata",
+    "spearman",
+    "spearman_along",
+    "verdict",
+]
 
 _BASELINE = "gradient_dot"  # estimator name of the curvature-free baseline in correlation tables
 _CLOSE, _MODERATE = 0.9, 0.7  # Pearson thresholds of the verdict
@@ -49,6 +62,93 @@ def _correlation(metric: Callable[[Tensor, Tensor], Tensor], x: _Vector, y: _Vec
     if xs.numel() < 2 or float(xs.std()) == 0.0 or float(ys.std()) == 0.0:
         return math.nan
     return float(metric(xs, ys))
+
+
+def rankdata(x: Tensor, dim: int = -1) -> Tensor:
+    """Average ranks ``1..n`` along ``dim`` (ties get the mean of the positions they occupy), as float64.
+
+    Args:
+        x: Any real tensor.
+        dim: The dimension to rank along.
+
+    Returns:
+        Ranks shaped like ``x``.
+
+    Example::
+
+        >>> rankdata(torch.tensor([10.0, 30.0, 20.0, 20.0])).tolist()
+        [1.0, 4.0, 2.5, 2.5]
+        >>> rankdata(torch.tensor([[3.0, 1.0], [2.0, 2.0]]), dim=0).tolist()
+        [[2.0, 1.0], [1.0, 2.0]]
+    """
+    moved = torch.as_tensor(x).movedim(dim, -1)
+    shape = moved.shape
+    n = shape[-1] if moved.ndim else 1
+    rows = moved.reshape(-1, n)
+    if n == 0:
+        return torch.zeros(shape, dtype=torch.float64).movedim(-1, dim)
+    s, order = torch.sort(rows, dim=-1, stable=True)
+    new_group = torch.ones_like(s, dtype=torch.bool)
+    new_group[:, 1:] = s[:, 1:] != s[:, :-1]
+    group = torch.cumsum(new_group.long(), dim=-1) - 1  # (r, n), 0-based group id within the row
+    r = rows.shape[0]
+    flat_group = (group + torch.arange(r).unsqueeze(1) * n).reshape(-1)
+    pos = torch.arange(1, n + 1, dtype=torch.float64).expand(r, n).reshape(-1)
+    first = torch.full((r * n,), math.inf, dtype=torch.float64).scatter_reduce(0, flat_group, pos, "amin")
+    last = torch.full((r * n,), -math.inf, dtype=torch.float64).scatter_reduce(0, flat_group, pos, "amax")
+    avg_sorted = (0.5 * (first + last))[flat_group].reshape(r, n)
+    ranks = torch.empty_like(avg_sorted).scatter_(-1, order, avg_sorted)
+    return ranks.reshape(shape).movedim(-1, dim)
+
+
+def pearson_along(x: Tensor, y: Tensor, dim: int = 0) -> Tensor:
+    """Pearson correlation of ``x`` and ``y`` along ``dim`` (column-wise for ``(n, k)`` inputs), float64.
+
+    Returns:
+        The correlations (the other dimensions of the inputs); ``NaN`` where either side is constant.
+
+    Raises:
+        ConfigurationError: If the shapes differ.
+
+    Example::
+
+        >>> x = torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]])
+        >>> pearson_along(x, torch.tensor([[2.0, 0.0], [4.0, 1.0], [6.0, 2.0]])).tolist()
+        [1.0, nan]
+    """
+    if x.shape != y.shape:
+        raise ConfigurationError(f"pearson_along: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}.")
+    from torchmetrics.functional import pearson_corrcoef
+
+    xs, ys = x.double().movedim(dim, 0), y.double().movedim(dim, 0)
+    shape = xs.shape[1:]
+    xs, ys = xs.reshape(xs.shape[0], -1), ys.reshape(ys.shape[0], -1)
+    # Constant columns (zero spread up to rounding) have no correlation.
+    spread = lambda t: (t - t.mean(0)).abs().amax(0)  # noqa: E731
+    scale = 1e-13 * torch.ones(())
+    defined = (spread(xs) > scale * xs.abs().amax(0).clamp_min(1e-300)) & (
+        spread(ys) > scale * ys.abs().amax(0).clamp_min(1e-300))
+    if xs.shape[0] < 2 or not bool(defined.any()):
+        return torch.full(shape, math.nan, dtype=torch.float64)
+    out = torch.full((xs.shape[1],), math.nan, dtype=torch.float64)
+    cols = defined.nonzero().reshape(-1)
+    r = pearson_corrcoef(xs[:, cols], ys[:, cols]).reshape(-1).to(torch.float64)
+    out[cols] = r.clamp(-1.0, 1.0)
+    return out.reshape(shape)
+
+
+def spearman_along(x: Tensor, y: Tensor, dim: int = 0) -> Tensor:
+    """Spearman rank correlation along ``dim``: the Pearson correlation of the average ranks (:func:`rankdata`).
+
+    Returns:
+        The correlations; ``NaN`` where either side is constant.
+
+    Example::
+
+        >>> spearman_along(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 8.0, 27.0, 64.0])).item()
+        1.0
+    """
+    return pearson_along(rankdata(x, dim), rankdata(y, dim), dim)
 
 
 def pearson(x: _Vector, y: _Vector) -> float:
@@ -66,9 +166,7 @@ def pearson(x: _Vector, y: _Vector) -> float:
         >>> pearson([1.0, 2.0, 3.0], [2.0, 4.0, 7.0]) > 0.99, math.isnan(pearson([1.0, 2.0], [3.0, 3.0]))
         (True, True)
     """
-    from torchmetrics.functional import pearson_corrcoef
-
-    return _correlation(pearson_corrcoef, x, y)
+    return _correlation(pearson_along, x, y)
 
 
 def spearman(x: _Vector, y: _Vector) -> float:
@@ -86,9 +184,7 @@ def spearman(x: _Vector, y: _Vector) -> float:
         >>> round(spearman([1.0, 2.0, 3.0], [1.0, 10.0, 100.0]), 4), math.isnan(spearman([1.0], [2.0]))
         (1.0, True)
     """
-    from torchmetrics.functional import spearman_corrcoef
-
-    return _correlation(spearman_corrcoef, x, y)
+    return _correlation(spearman_along, x, y)
 
 
 def median(values: Iterable[float]) -> float:

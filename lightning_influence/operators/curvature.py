@@ -528,6 +528,9 @@ class SampledFisherOperator(_OutputSpaceOperator):
 
         >>> from lightning_influence.tasks import Classification
         >>> model = torch.nn.Linear(3, 2).double()
+        >>> with torch.no_grad():  # fixed weights: the check below is statistical, so it must not depend on the RNG
+        ...     _ = model.weight.copy_(torch.randn(2, 3, generator=make_generator(1), dtype=torch.float64))
+        ...     _ = model.bias.zero_()
         >>> x = torch.randn(4, 3, generator=make_generator(0), dtype=torch.float64)
         >>> data = [(x, torch.tensor([0, 1, 1, 0]))]
         >>> fisher = SampledFisherOperator(model, Classification(), data, mc_samples=2000, seed=0).dense()

@@ -585,6 +585,35 @@ def _pbrf(data: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
+def _attribution(data: Mapping[str, Any]) -> list[Block]:
+    """The ``"attribution"`` section (AttributionBenchmark): verdict, LDS table with intervals, scatter."""
+    stored = data.get("verdict")
+    blocks = [paragraph(stored, "verdict")] if isinstance(stored, str) else []
+    rows = _as_named_list(data.get("lds"))
+    if rows:
+        cols = ["estimator", *(c for c in columns(rows, ("lds", "ci_low", "ci_high")) if c != "estimator")]
+        blocks.append(table("Linear datamodeling score (Spearman across retrained subsets, mean over queries)", rows,
+                            cols))
+    figs = []
+    sc = data.get("scatter")
+    if isinstance(sc, Mapping) and isinstance(sc.get("predicted"), list) and isinstance(sc.get("actual"), list):
+        name = str(sc.get("estimator", "scores"))
+        figs.append(figure(partial(scatter_figure, sc["actual"], sc["predicted"], f"{name}: predicted vs retrained",
+                                   "actual output (z-score per query)", "predicted (z-score per query)"),
+                           "Each point is one (subset, query) pair, standardised per query across subsets."))
+    per_query = data.get("per_query")
+    if isinstance(per_query, Mapping):
+        for name, values in list(per_query.items())[:2]:
+            finite = [f for f in map(as_finite, values) if f is not None] if isinstance(values, list) else []
+            if finite:
+                figs.append(figure(partial(histogram_figure, finite, f"per-query LDS ({name})",
+                                           "Spearman correlation", 20)))
+    if figs:
+        blocks.append({"kind": "figrow", "figures": figs})
+    blocks.extend(kv("Interval", data.get("interval")))
+    return blocks
+
+
 # --------------------------------------------------------------------------------------------- built-ins
 register_section(
     "curvature",
@@ -613,4 +642,10 @@ register_section(
     title="PBRF validation",
     keys=["correlations", "scatter", "verdict"],
     not_run="Add PBRFValidation to the Trainer's callbacks to check influence scores against the PBRF.",
+)
+register_section(
+    "attribution",
+    _attribution,
+    title="Attribution quality (LDS)",
+    keys=["verdict", "lds", "scatter", "per_query", "interval"],
 )
