@@ -28,6 +28,16 @@ import torch
 
 from lightning_influence.config import DEFAULT_LISSA_CONSTANT, SpectrumConfig
 from lightning_influence.exceptions import ConfigurationError, NonFiniteError
+from lightning_influence.metrics import (
+    CURVATURE_CRITICAL_BATCH_SIZE,
+    CURVATURE_LAMBDA_MAX,
+    CURVATURE_TRACE,
+    CURVATURE_TRACE_STDERR,
+    LISSA_BATCH_SIZE,
+    LISSA_ETA,
+    LISSA_STEPS,
+    regroup,
+)
 from lightning_influence.operators.base import DenseOperator, LinearOperator
 from lightning_influence.params import ProbeKind, derive_seed, make_generator, probe
 
@@ -480,16 +490,17 @@ class SpectrumSummary:
         return asdict(self)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """The scalar metrics under their documented names."""
-        return {
-            f"{prefix}curvature/trace": self.trace,
-            f"{prefix}curvature/trace_stderr": self.trace_stderr,
-            f"{prefix}curvature/lambda_max": self.lambda_max,
-            f"{prefix}curvature/critical_batch_size": self.critical_batch_size,
-            f"{prefix}lissa/eta": self.lissa.eta,
-            f"{prefix}lissa/batch_size": float(self.lissa.batch_size),
-            f"{prefix}lissa/steps": float(self.lissa.steps),
+        """The scalar metrics under their documented names (:mod:`lightning_influence.metrics`), ``prefix`` first."""
+        values = {
+            CURVATURE_TRACE: self.trace,
+            CURVATURE_TRACE_STDERR: self.trace_stderr,
+            CURVATURE_LAMBDA_MAX: self.lambda_max,
+            CURVATURE_CRITICAL_BATCH_SIZE: self.critical_batch_size,
+            LISSA_ETA: self.lissa.eta,
+            LISSA_BATCH_SIZE: float(self.lissa.batch_size),
+            LISSA_STEPS: float(self.lissa.steps),
         }
+        return regroup(values, "", prefix)
 
 
 def estimate_spectrum(

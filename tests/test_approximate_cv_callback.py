@@ -192,3 +192,32 @@ def test_ddp_parity(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "lightning_logs" / "version_0" / "influence" / "report.json").read_text())
     assert report["cv"]["estimate"]["approx"] == pytest.approx(serial.estimate, rel=1e-10)
     assert report["cv"]["config"]["world_size"] == 2
+
+
+def test_config_defaults_and_overrides() -> None:
+    from lightning_influence.config import CVConfig
+
+    default = ApproximateCV(Regression())
+    assert default.config == CVConfig(cg_rtol=1e-8, prox_tol=1e-10)  # the callback's own tolerances
+    given = ApproximateCV(Regression(), config=CVConfig(solver="cg", prox_max_iter=50))
+    assert (given.solver, given.config.prox_max_iter, given.cg_rtol) == ("cg", 50, CVConfig().cg_rtol)
+    explicit = ApproximateCV(Regression(), config=CVConfig(solver="cg"), solver="dense", damping=1e-3)
+    assert (explicit.config.solver, explicit.config.damping) == ("dense", 1e-3)
+    with pytest.raises(MisconfigurationError, match="ApproximateCV: damping must be >= 0"):
+        ApproximateCV(Regression(), damping=-1.0)
+
+
+def test_two_instances_have_their_own_state_in_a_checkpoint(tmp_path: Path) -> None:
+    a = ApproximateCV(Regression(), folds=3, every_n_epochs=1, report=False)
+    b = ApproximateCV(Regression(), folds=4, every_n_epochs=1, subdir="cv_b")
+    assert a.state_key != b.state_key
+    trainer = _trainer(tmp_path, [a, b], max_epochs=2, logger=False)
+    trainer.fit(LassoModule())  # two stateful instances with one state_key would raise here
+    path = tmp_path / "both.ckpt"
+    trainer.save_checkpoint(path)
+    states = torch.load(path, weights_only=False)["callbacks"]
+    assert states[a.state_key]["folds"] == 3 and states[b.state_key]["folds"] == 4
+    assert len(states[b.state_key]["history"]) == 2
+    report = json.loads((tmp_path / "cv_b" / "report.json").read_text())  # subdir, under default_root_dir
+    assert report["cv"]["config"]["folds"] == 4 and "prox_max_iter" in report["cv"]["config"]
+    assert not (tmp_path / "influence" / "report.json").exists()  # a: report=False

@@ -71,3 +71,40 @@ def test_lightning_cli_fits_with_the_config(path: Path, tmp_path: Path) -> None:
     for name in wanted:
         assert expected[name] in sections, (name, sorted(sections))
     assert (reports[0].parent / "report.html").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_typed_callback_configs_from_yaml_by_class_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``config: {class_path: lightning_influence.config.SpectrumConfig, init_args: ...}`` builds the typed config,
+    and explicit arguments left out of the YAML do not override the config's values."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
+    from lightning_influence.callbacks.influence_report import InfluenceReport
+    from lightning_influence.config import InfluenceConfig, SpectrumConfig
+
+    cfg = _load(README_CONFIG)
+    cfg["trainer"]["logger"] = False
+    task = {"class_path": "lightning_influence.tasks.Classification"}
+    cfg["trainer"]["callbacks"] = [
+        {"class_path": "lightning_influence.CurvatureMonitor",
+         "init_args": {"task": task, "every_n_epochs": 1, "seed": 5,
+                       "config": {"class_path": "lightning_influence.config.SpectrumConfig",
+                                  "init_args": {"trace_probes": 6, "lanczos_iter": 12, "lambda_method": "lanczos"}}}},
+        {"class_path": "lightning_influence.InfluenceReport",
+         "init_args": {"task": task, "top_k": 4,
+                       "config": {"class_path": "lightning_influence.config.InfluenceConfig",
+                                  "init_args": {"solver": "lissa", "damping": 0.01}}}},
+    ]
+    path = tmp_path / "typed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr("sys.argv", ["lightning-influence"])  # LightningCLI warns about pytest's own arguments
+    cli = LightningCLI(args=["--config", str(path)], run=False, subclass_mode_model=True, subclass_mode_data=True,
+                       save_config_callback=None)
+    monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CurvatureMonitor))
+    assert isinstance(monitor.config, SpectrumConfig)
+    assert (monitor.config.trace_probes, monitor.config.lanczos_iter, monitor.config.seed) == (6, 12, 5)
+    assert monitor.config.lanczos_tol == SpectrumConfig().lanczos_tol  # the given config's own default
+    report = next(cb for cb in cli.trainer.callbacks if isinstance(cb, InfluenceReport))
+    assert isinstance(report.config, InfluenceConfig)
+    assert (report.config.solver, report.config.damping, report.config.top_k) == ("lissa", 0.01, 4)

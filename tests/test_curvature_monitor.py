@@ -422,3 +422,28 @@ def test_ddp_spawn_matches_single_process_with_uneven_shards(tmp_path: Path) -> 
     assert passes == ranks[1]["examples_processed"] / 3 and passes >= 2  # same number of passes over each shard
     # the metrics mirrored into callback_metrics come back from the spawned rank 0
     assert float(ddp_trainer.callback_metrics["curvature/trace"]) == pytest.approx(ref["trace"], rel=1e-10)
+
+
+# ------------------------------------------------------------------------------------------- config
+def test_spectrum_config_defaults_overrides_and_report_entry(tmp_path: Path) -> None:
+    from lightning_influence.config import SpectrumConfig
+
+    default = CurvatureMonitor(Classification())
+    assert default.config == SpectrumConfig(trace_probes=8, lanczos_iter=8, lanczos_tol=3e-2)  # the monitor's own
+    given = CurvatureMonitor(Classification(), config=SpectrumConfig(lanczos_iter=20, seed=2))
+    assert (given.lanczos_iter, given.trace_probes, given.seed) == (20, SpectrumConfig().trace_probes, 2)
+    explicit = CurvatureMonitor(Classification(), config=SpectrumConfig(lanczos_iter=20), trace_probes=5, seed=7)
+    assert (explicit.config.trace_probes, explicit.config.lanczos_iter, explicit.seed) == (5, 20, 7)
+    with pytest.raises(MisconfigurationError, match=r"CurvatureMonitor: SpectrumConfig\.trace_probes"):
+        CurvatureMonitor(Classification(), config=SpectrumConfig(trace_probes=1))
+    with pytest.raises(MisconfigurationError, match="config must be a SpectrumConfig"):
+        CurvatureMonitor(Classification(), config=object())  # type: ignore[arg-type]
+
+    monitor = CurvatureMonitor(Classification(), every_n_steps=2, on_checkpoint=False,
+                               config=SpectrumConfig(trace_probes=4, lanczos_iter=6, lambda_method="sketch",
+                                                     sketch_dim=6), sample_size=20, batch_size=8)
+    _trainer(tmp_path, max_steps=2, logger=False, callbacks=[monitor], limit_val_batches=0,
+             enable_checkpointing=False).fit(TinyClassifier())
+    assert monitor.history[0]["lambda_method"] == "sketch" and monitor.history[0]["trace_probes"] == 4
+    report = json.loads((tmp_path / "influence" / "report.json").read_text())
+    assert {k: report["curvature"]["config"][k] for k in monitor.config.to_dict()} == monitor.config.to_dict()

@@ -188,3 +188,68 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
             assert two.self_influence is not None
             assert torch.allclose(one.self_influence, two.self_influence, rtol=1e-8)  # joint sharded solves
     assert metrics[1] == metrics[2]  # ddp_spawn mirrors metrics back to the parent
+
+
+# ------------------------------------------------------------------------------------ config and setup
+def test_config_values_are_kept_unless_an_explicit_argument_overrides_them() -> None:
+    task = Classification()
+    assert InfluenceReport(task).config == InfluenceConfig()
+    # the bug this guards: an explicit default (solver="cg") used to silently override the config's solver
+    cb = InfluenceReport(task, config=InfluenceConfig(solver="lissa", damping=1e-2, top_k=3, seed=4))
+    assert (cb.config.solver, cb.config.damping, cb.config.top_k, cb.config.seed) == ("lissa", 1e-2, 3, 4)
+    assert (cb.solver, cb.damping, cb.seed) == ("lissa", 1e-2, 4)  # read-only views of the config
+    override = InfluenceReport(task, solver="exact", self_influence=False, config=InfluenceConfig(solver="lissa"))
+    assert (override.config.solver, override.config.self_influence) == ("exact", False)
+    with pytest.raises(AttributeError, match=r"config\.solver"):
+        cb.solver = "cg"  # type: ignore[misc]
+    with pytest.raises(MisconfigurationError, match="InfluenceReport: damping must be > 0"):
+        InfluenceReport(task, config=InfluenceConfig(damping=0.0))
+
+
+class _TrainOnly(L.LightningDataModule):
+    """A datamodule without a val dataloader."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DigitsData().train_dataloader()
+
+
+class _StreamVal(_TrainOnly):
+    """A datamodule whose val data cannot be indexed."""
+
+    def val_dataloader(self) -> DataLoader:
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self) -> Any:
+                return iter(DigitsData().val_set)
+
+        return DataLoader(Stream(), batch_size=4)
+
+
+class _SetupSpy(L.Callback):
+    setup_done = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.setup_done = True
+
+
+def test_missing_query_data_raises_before_training(tmp_path: Path) -> None:
+    # no val data anywhere: decided when the fit loop starts (loaders passed to fit() are attached only then)
+    model = DigitsModule()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = _trainer(tmp_path, [InfluenceReport(Classification(), query_data="val")], limit_val_batches=0)
+    with pytest.raises(MisconfigurationError, match="needs the val data but the Trainer has no val dataloader"):
+        trainer.fit(model, datamodule=_TrainOnly())
+    assert trainer.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # val data behind the datamodule's hook, not indexable: raised in setup (before the callbacks after it set up)
+    spy = _SetupSpy()
+    trainer = _trainer(tmp_path, [InfluenceReport(Classification(), query_data="val"), spy])
+    with pytest.raises(MisconfigurationError, match="map-style"):
+        trainer.fit(DigitsModule(), datamodule=_StreamVal())
+    assert not spy.setup_done
+    # loaders reachable only through the datamodule's hooks in setup, or passed to fit() directly: both work
+    for fit_kwargs in ({"datamodule": DigitsData()},
+                       {"train_dataloaders": DigitsData().train_dataloader(),
+                        "val_dataloaders": DigitsData().val_dataloader()}):
+        ok = InfluenceReport(Classification(), max_train=8, max_queries=2, self_influence=False, progress_bar=False)
+        _trainer(tmp_path / "ok", [ok], max_steps=1).fit(DigitsModule(), **fit_kwargs)
+        assert ok.result is not None and ok.result.scores.shape == (2, 8)

@@ -233,3 +233,13 @@ def test_two_process_ddp_table_equals_one_process(tmp_path: Path) -> None:
         assert s1["estimator"] == s2["estimator"]
         torch.testing.assert_close(torch.tensor(s2["pbrf"]), torch.tensor(s1["pbrf"]), rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(torch.tensor(s2["estimate"]), torch.tensor(s1["estimate"]), rtol=1e-5, atol=1e-9)
+
+
+def test_config_values_are_kept_unless_an_explicit_argument_overrides_them() -> None:
+    from lightning_influence.config import PBRFConfig
+
+    assert PBRFValidation(Classification()).config == PBRFConfig()
+    given = PBRFValidation(Classification(), config=PBRFConfig(optimizer="lbfgs", tol=1e-6, history_size=10))
+    assert (given.optimizer, given.tol, given.config.history_size) == ("lbfgs", 1e-6, 10)
+    explicit = PBRFValidation(Classification(), tol=1e-4, epsilon=1e-3, config=PBRFConfig(optimizer="lbfgs"))
+    assert (explicit.config.optimizer, explicit.config.tol, explicit.config.epsilon) == ("lbfgs", 1e-4, 1e-3)

@@ -1,57 +1,96 @@
 """What every lightning_influence callback needs from the Trainer, in one rank-safe place.
 
+Arguments (``__init__``), all raising :class:`MisconfigurationError` as ``"<Callback>: <arg> must be ..., got ...;
+<fix>"``:
+
+* :func:`check_task`, :func:`check_int`, :func:`check_number`, :func:`check_choice`, :func:`check_dataset`;
+* :func:`resolve_config`: a callback's typed config (:mod:`lightning_influence.config`) with the explicit keyword
+  arguments that are not ``None`` applied on top; :func:`config_field` exposes one of its fields as a read-only
+  attribute (``monitor.trace_probes`` is ``monitor.config.trace_probes``).
+
+The Trainer (``setup`` and the hooks):
+
 * :class:`MisconfigurationError`: the callbacks' error type (a Lightning ``MisconfigurationException`` and a
   :class:`~lightning_influence.exceptions.ConfigurationError`, hence a ``ValueError``).
 * :func:`check_strategy`: single device and the DDP family are supported; anything else raises, naming them.
-* :func:`rank_world`: ``(rank, world_size)`` of the data-parallel group, from ``trainer.distributed_sampler_kwargs``
-  (not ``trainer.world_size``, which ModelParallelStrategy sets to its data-parallel mesh).
-* :func:`make_reduce_fn`: the sum-reduction that completes a sharded curvature product (``None`` on one process).
-* :func:`unwrap_module`: the LightningModule itself, never the DDP wrapper (higher-order autograd and DDP hooks
-  do not mix).
+* :class:`RunContext`: the run preamble of every measurement in one object (unwrapped module, rank, world size,
+  ``reduce_fn``, strategy, step), built by :meth:`RunContext.from_trainer`; its :meth:`RunContext.source` turns
+  resolved data and a global sample into a :class:`~lightning_influence.data.DataSource` sharded over the ranks.
+* :func:`rank_world`, :func:`make_reduce_fn`, :func:`unwrap_module`: the pieces :class:`RunContext` is built from.
 * :func:`resolve_data` / :func:`resolve_dataset`: the map-style dataset (and collate function) behind the
-  Trainer's train or val dataloader, or a dataset the user passed.
-* :func:`output_dir`: a directory resolved identically on every rank, created on rank 0, then a barrier.
-* :func:`log_scalars`: scalars to every attached logger on rank 0, mirrored on every rank into
-  ``trainer.callback_metrics`` (the only channel besides weights that survives ``ddp_spawn``).
+  Trainer's train or val dataloader, or a dataset the user passed; :func:`check_data_available` runs the same
+  resolution in ``setup`` (when the dataloaders may not be attached yet) and only checks that the data exist.
+* :func:`sample_indices`: a seeded subset of ``range(n)``, identical on every rank.
+* :func:`find_callback`: a companion callback by type, optionally required to come before this one.
+* :func:`isolated_rng`: :func:`lightning_influence.params.isolated_rng` (the one RNG-isolation context).
 
-Rank-safety contract: every function here that runs a collective (:func:`output_dir`, the function returned by
-:func:`make_reduce_fn`) must be called on **all** ranks in the same order; side effects (files, logger calls) happen
-on rank 0 only.
+Outputs:
+
+* :func:`publish`: log the scalars, resolve the output directory on every rank, write a report section on rank 0,
+  then an unconditional barrier; built on :func:`log_scalars` (scalars to every logger on rank 0, mirrored on every
+  rank into ``trainer.callback_metrics``, the only channel besides weights that survives ``ddp_spawn``) and
+  :func:`output_dir` (a directory resolved identically on every rank, created on rank 0, then a barrier).
+
+Rank-safety contract: every function here that runs a collective (:func:`publish`, :func:`output_dir`, the function
+returned by :func:`make_reduce_fn`) must be called on **all** ranks in the same order; side effects (files, logger
+calls) happen on rank 0 only.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_influence.distributed import ReduceFn, sum_reducer
+from lightning_influence.config import Config
+from lightning_influence.data import CollateFn, DataSource
+from lightning_influence.distributed import ReduceFn, global_sample_indices, sum_reducer
 from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.params import derive_seed, isolated_rng
+from lightning_influence.tasks import Task
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
 
 __all__ = [
     "SUPPORTED_STRATEGIES",
     "MisconfigurationError",
     "ResolvedData",
+    "RunContext",
+    "check_choice",
+    "check_data_available",
+    "check_dataset",
+    "check_int",
+    "check_number",
     "check_strategy",
+    "check_task",
+    "config_field",
+    "find_callback",
+    "isolated_rng",
     "log_scalars",
     "make_reduce_fn",
     "output_dir",
+    "publish",
     "rank_world",
+    "resolve_config",
     "resolve_data",
     "resolve_dataset",
+    "sample_indices",
     "unwrap_module",
     "warn_no_logger",
 ]
+
+C = TypeVar("C", bound=Config)
 
 #: Strategies the callbacks support (curvature work is sharded data-parallel over the unwrapped module).
 SUPPORTED_STRATEGIES: tuple[str, ...] = ("single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
@@ -76,6 +115,252 @@ class MisconfigurationError(MisconfigurationException, ConfigurationError):
         ...     print(type(e).__name__, isinstance(e, (MisconfigurationException, ConfigurationError)))
         MisconfigurationError True
     """
+
+
+# ------------------------------------------------------------------------------------------- arguments
+def _must_be(who: str, name: str, rule: str, shown: str, fix: str | None) -> str:
+    """``"<who>: <name> must be <rule>, got <shown>; <fix>"`` (the callbacks' argument-error style)."""
+    return f"{who}: {name} must be {rule}, got {shown}" + (f"; {fix}" if fix else ".")
+
+
+def check_task(task: Any, who: str, *, allow_loss_name: bool = False) -> Task:
+    """``task`` as a :class:`~lightning_influence.tasks.Task` (a loss name builds one if ``allow_loss_name``).
+
+    Returns:
+        The task.
+
+    Raises:
+        MisconfigurationError: For anything else, or an unknown loss name.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Classification
+        >>> isinstance(check_task(Classification(), "InfluenceReport"), Classification)
+        True
+        >>> type(check_task("mse", "CurvatureMonitor", allow_loss_name=True)).__name__
+        'Task'
+        >>> try:
+        ...     check_task(object(), "ApproximateCV")
+        ... except MisconfigurationError as e:
+        ...     print(str(e)[:73])
+        ApproximateCV: task must be a lightning_influence.tasks.Task, got object;
+    """
+    if allow_loss_name and isinstance(task, str):
+        try:
+            return Task(task)
+        except (ConfigurationError, ValueError, KeyError) as err:
+            raise MisconfigurationError(f"{who}: task={task!r} is not a known loss name ({err}).") from err
+    if not isinstance(task, Task):
+        raise MisconfigurationError(
+            f"{who}: task must be a lightning_influence.tasks.Task, got {type(task).__name__}; pass e.g. "
+            "Classification(), Regression() or LanguageModeling() (subclass Task for custom batch formats)."
+        )
+    return task
+
+
+@overload
+def check_int(
+    who: str, name: str, value: Any, minimum: int = ..., *, allow_none: Literal[False] = ..., rule: str | None = ...,
+    fix: str | None = ...,
+) -> int: ...
+@overload
+def check_int(
+    who: str, name: str, value: Any, minimum: int = ..., *, allow_none: bool, rule: str | None = ...,
+    fix: str | None = ...,
+) -> int | None: ...
+def check_int(
+    who: str, name: str, value: Any, minimum: int = 1, *, allow_none: bool = False, rule: str | None = None,
+    fix: str | None = None,
+) -> int | None:
+    """An integer ``>= minimum`` (or ``None`` when ``allow_none``); bools and fractional numbers are rejected.
+
+    Args:
+        who: The callback's name.
+        name: The argument's name.
+        value: Its value.
+        minimum: The smallest allowed value.
+        allow_none: Accept ``None`` (returned as is).
+        rule: The rule as the message states it (default ``">= <minimum>"``).
+        fix: What to do instead, appended to the message.
+
+    Returns:
+        ``int(value)``, or ``None``.
+
+    Raises:
+        MisconfigurationError: Naming the argument, the rule and the value.
+
+    Example::
+
+        >>> check_int("PBRFValidation", "num_train", 3)
+        3
+        >>> try:
+        ...     check_int("PBRFValidation", "num_train", 0, fix="validate at least one training example")
+        ... except MisconfigurationError as e:
+        ...     print(e)
+        PBRFValidation: num_train must be >= 1, got 0; validate at least one training example
+    """
+    if value is None and allow_none:
+        return None
+    stated = (rule or f">= {minimum}") + (" or None" if allow_none else "")
+    integral = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral or int(value) < minimum:
+        raise MisconfigurationError(_must_be(who, name, stated, repr(value), fix))
+    return int(value)
+
+
+@overload
+def check_number(
+    who: str, name: str, value: Any, *, strict: bool = ..., allow_none: Literal[False] = ..., fix: str | None = ...,
+) -> float: ...
+@overload
+def check_number(
+    who: str, name: str, value: Any, *, strict: bool = ..., allow_none: bool, fix: str | None = ...,
+) -> float | None: ...
+def check_number(
+    who: str, name: str, value: Any, *, strict: bool = True, allow_none: bool = False, fix: str | None = None,
+) -> float | None:
+    """A finite number ``> 0`` (``strict``) or ``>= 0``, or ``None`` when ``allow_none``.
+
+    Returns:
+        ``float(value)``, or ``None``.
+
+    Raises:
+        MisconfigurationError: Naming the argument, the rule and the value.
+
+    Example::
+
+        >>> check_number("ApproximateCV", "damping", 0.0, strict=False)
+        0.0
+        >>> try:
+        ...     check_number("InfluenceReport", "damping", 0.0, fix="try 1e-3")
+        ... except MisconfigurationError as e:
+        ...     print(e)
+        InfluenceReport: damping must be > 0, got 0.0; try 1e-3
+    """
+    if value is None and allow_none:
+        return None
+    stated = ("> 0" if strict else ">= 0") + (" or None" if allow_none else "")
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (value > 0 if strict else value >= 0):
+        raise MisconfigurationError(_must_be(who, name, stated, repr(value), fix))
+    return float(value)
+
+
+def check_choice(who: str, name: str, value: Any, choices: Sequence[Any], fix: str | None = None) -> Any:
+    """``value`` if it is one of ``choices``.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        MisconfigurationError: Listing the choices.
+
+    Example::
+
+        >>> try:
+        ...     check_choice("PBRFValidation", "optimizer", "adam", ("lbfgs", "newton_cg"))
+        ... except MisconfigurationError as e:
+        ...     print(e)
+        PBRFValidation: optimizer must be 'lbfgs' or 'newton_cg', got 'adam'.
+    """
+    if value not in choices:
+        listed = [repr(c) for c in choices]
+        stated = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " or " + listed[-1]
+        raise MisconfigurationError(_must_be(who, name, stated, repr(value), fix))
+    return value
+
+
+def check_dataset(who: str, name: str, value: Any, allowed: Sequence[str] = ("train", "val")) -> Any:
+    """A dataset spec: one of the names in ``allowed`` or a map-style dataset (indexable, with ``len()``).
+
+    Returns:
+        ``value``.
+
+    Raises:
+        MisconfigurationError: For another name or an object that is not a map-style dataset.
+
+    Example::
+
+        >>> check_dataset("CurvatureMonitor", "dataset", "val")
+        'val'
+        >>> try:
+        ...     check_dataset("InfluenceReport", "train_data", "val", allowed=("train",))
+        ... except MisconfigurationError as e:
+        ...     print(e)
+        InfluenceReport: train_data must be 'train' or a map-style Dataset, got 'val'.
+    """
+    if isinstance(value, str) and value in allowed:
+        return value
+    if isinstance(value, str) or not _is_map_style(value):
+        stated = ", ".join(repr(a) for a in allowed) + " or a map-style Dataset"
+        shown = repr(value) if isinstance(value, str) else type(value).__name__
+        fix = None if isinstance(value, str) else "an IterableDataset or a DataLoader cannot be indexed"
+        raise MisconfigurationError(_must_be(who, name, stated, shown, fix))
+    return value
+
+
+def resolve_config(who: str, cls: type[C], config: C | None, default: C, **explicit: Any) -> C:
+    """The callback's resolved config: ``config`` (or ``default``) with the explicit arguments that are not ``None``.
+
+    So ``InfluenceReport(config=InfluenceConfig(solver="lissa"))`` keeps ``"lissa"``, while
+    ``InfluenceReport(solver="exact", config=...)`` overrides the config's solver.
+
+    Args:
+        who: The callback's name.
+        cls: The config class.
+        config: The user's config, or ``None`` for ``default``.
+        default: The callback's default config (its own defaults where they differ from the numerics').
+        **explicit: The explicit keyword arguments duplicating config fields (``None``: take the config's).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        MisconfigurationError: For a config of another type or a field that fails validation.
+
+    Example::
+
+        >>> from lightning_influence.config import CGConfig
+        >>> resolve_config("X", CGConfig, CGConfig(rtol=1e-3), CGConfig(), rtol=None, max_iter=5)
+        CGConfig(rtol=0.001, max_iter=5, warn=True)
+    """
+    try:
+        return cls.resolve(default if config is None else config, **{k: v for k, v in explicit.items()
+                                                                    if v is not None})
+    except ConfigurationError as err:
+        raise MisconfigurationError(f"{who}: {err}") from err
+
+
+class _ConfigField:
+    """Read-only attribute reading the field of the same name from ``self.config``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.config, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        raise AttributeError(f"{type(obj).__name__}.{self.name} is config.{self.name}; pass it to __init__ instead.")
+
+
+def config_field() -> Any:
+    """Declare a callback attribute that reads the same-named field of ``self.config`` (read-only).
+
+    Returns:
+        The descriptor.
+
+    Example::
+
+        >>> from lightning_influence.config import CGConfig
+        >>> class Holder:
+        ...     rtol: float = config_field()
+        ...     def __init__(self):
+        ...         self.config = CGConfig(rtol=1e-4)
+        >>> Holder().rtol
+        0.0001
+    """
+    return _ConfigField()
 
 
 # ------------------------------------------------------------------------------------------- strategies
@@ -206,6 +491,87 @@ def unwrap_module(module: nn.Module) -> nn.Module:
             continue
         break
     return module
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The run preamble of one measurement: what every callback needs from the Trainer, taken once.
+
+    Building it runs no collective; :attr:`reduce_fn` does (call it the same number of times on every rank).
+
+    Attributes:
+        trainer: The Trainer.
+        module: The unwrapped LightningModule (never the DDP wrapper).
+        rank: Data-parallel rank (:func:`rank_world`).
+        world_size: Data-parallel world size.
+        reduce_fn: The sum over ranks (:func:`make_reduce_fn`; ``None`` on one process).
+        strategy: ``trainer.strategy``.
+        who: The callback's name, for messages.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> ctx = RunContext.from_trainer(trainer, nn.Linear(2, 1), "InfluenceReport")
+        >>> ctx.rank, ctx.world_size, ctx.reduce_fn, ctx.step
+        (0, 1, None, 0)
+        >>> from torch.utils.data import TensorDataset
+        >>> data = ResolvedData(TensorDataset(torch.arange(5.0)), None, "user")
+        >>> ctx.source(data, [4, 0, 2], batch_size=2).local_indices.tolist()
+        [4, 0, 2]
+    """
+
+    trainer: pl.Trainer
+    module: nn.Module
+    rank: int
+    world_size: int
+    reduce_fn: ReduceFn | None
+    strategy: Any
+    who: str
+
+    @classmethod
+    def from_trainer(cls, trainer: pl.Trainer, pl_module: nn.Module, who: str) -> RunContext:
+        """Unwrap the module and read rank, world size, reducer and strategy from the Trainer.
+
+        Returns:
+            The context.
+        """
+        rank, world = rank_world(trainer)
+        return cls(trainer, unwrap_module(pl_module), rank, world, make_reduce_fn(trainer), trainer.strategy, who)
+
+    @property
+    def step(self) -> int:
+        """``trainer.global_step`` (the step every scalar of this run is logged at)."""
+        return int(self.trainer.global_step)
+
+    def resolve(self, which: Literal["train", "val"] | Any) -> ResolvedData:
+        """:func:`resolve_data` for this callback.
+
+        Returns:
+            The resolved dataset.
+        """
+        return resolve_data(self.trainer, which, self.who)
+
+    def source(
+        self, data: ResolvedData, indices: Sequence[int] | Tensor | None = None, *, batch_size: int,
+        shard: bool = True, collate_fn: CollateFn | None = None,
+    ) -> DataSource:
+        """A :class:`~lightning_influence.data.DataSource` over a global sample of ``data``, sharded over the ranks.
+
+        Args:
+            data: The resolved dataset.
+            indices: The global sample (identical on every rank; default every example).
+            batch_size: Examples per batch.
+            shard: Take this rank's slice (default); ``False`` keeps the whole sample on every rank.
+            collate_fn: Override of the dataset's collate function.
+
+        Returns:
+            The source (nothing collated until :meth:`DataSource.batches`).
+        """
+        rank, world = (self.rank, self.world_size) if shard else (0, 1)
+        return DataSource(data.dataset, indices, batch_size=batch_size, collate_fn=collate_fn or data.collate_fn,
+                          rank=rank, world_size=world)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -344,6 +710,119 @@ def resolve_dataset(trainer: pl.Trainer, which: Literal["train", "val"] | Any, w
     return resolve_data(trainer, which, who).dataset
 
 
+def check_data_available(trainer: pl.Trainer, which: Literal["train", "val"] | Any, who: str) -> bool:
+    """Check in ``setup`` what :func:`resolve_data` will find later: raise now for data that cannot be used.
+
+    The Trainer's dataloaders are not attached yet in ``setup``; this runs :func:`resolve_data`'s own path, which then
+    calls the datamodule's or the module's ``*_dataloader`` hook (under :func:`isolated_rng`), and checks that there
+    is one map-style dataset behind it. When no loader is reachable yet the check cannot decide: dataloaders passed
+    to ``trainer.fit(...)`` directly are only attached when the fit loop starts. Then it returns ``False`` and the
+    caller checks again with :func:`resolve_data` in ``on_train_start``, still before the first training step. A
+    hook that fails for another reason (e.g. it needs ``LightningModule.setup``, which runs after the callbacks')
+    also defers the check.
+
+    Returns:
+        ``True`` if the data were found and are usable, ``False`` if the check has to wait for ``on_train_start``.
+
+    Raises:
+        MisconfigurationError: If the loader found has several dataloaders or no map-style dataset behind it.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.arange(4.0)))
+        >>> check_data_available(SimpleNamespace(train_dataloader=loader), "train", "InfluenceReport")
+        True
+        >>> no_val = SimpleNamespace(val_dataloaders=None, datamodule=None, lightning_module=None)
+        >>> check_data_available(no_val, "val", "InfluenceReport")   # maybe passed to fit(): ask again later
+        False
+        >>> class Stream(IterableDataset):
+        ...     def __iter__(self):
+        ...         return iter([])
+        >>> try:
+        ...     check_data_available(SimpleNamespace(train_dataloader=DataLoader(Stream())), "train", "InfluenceReport")
+        ... except MisconfigurationError as e:
+        ...     print(str(e)[:56])
+        InfluenceReport needs a map-style dataset (indexable, wi
+    """
+    if not isinstance(which, str):
+        resolve_data(trainer, which, who)  # a user dataset: checked as is
+        return True
+    try:
+        with isolated_rng():
+            if _request_loader(trainer, which) is None:
+                return False
+            resolve_data(trainer, which, who)
+    except MisconfigurationError:
+        raise
+    except Exception:  # a dataloader hook that cannot run yet: resolve_data runs again when the data are needed
+        return False
+    return True
+
+
+def sample_indices(n: int, size: int | None, seed: int, *tags: object) -> Tensor:
+    """A seeded, sorted subset of ``size`` of ``range(n)`` (all of it when ``size`` is ``None`` or ``>= n``).
+
+    Identical on every rank. ``tags`` name the purpose of the draw (:func:`~lightning_influence.params.derive_seed`),
+    so two draws from one user seed are independent; without tags the seed is used as is.
+
+    Returns:
+        ``int64`` data-set indices.
+
+    Example::
+
+        >>> sample_indices(5, None, 0).tolist(), sample_indices(5, 9, 0).tolist()
+        ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
+        >>> torch.equal(sample_indices(100, 3, 0, "queries"), sample_indices(100, 3, 0, "queries"))
+        True
+    """
+    clipped = None if size is None or size >= n else size
+    return global_sample_indices(n, clipped, derive_seed(seed, *tags) if tags else seed)
+
+
+def find_callback(trainer: pl.Trainer, cls: type[Callback], *, before: Callback | None = None) -> Any:
+    """The first callback in ``trainer.callbacks`` that is a ``cls``, or ``None``.
+
+    Args:
+        trainer: The Trainer.
+        cls: The companion callback's class.
+        before: This callback, if the companion must run first: both use the same hook and Lightning calls them in
+            list order, so a companion after ``before`` raises.
+
+    Returns:
+        The companion callback, or ``None`` if there is none.
+
+    Raises:
+        MisconfigurationError: If ``before`` is given and the companion comes after it.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+        >>> me, other = Callback(), LearningRateMonitor()
+        >>> find_callback(SimpleNamespace(callbacks=[other, me]), LearningRateMonitor, before=me) is other
+        True
+        >>> try:
+        ...     find_callback(SimpleNamespace(callbacks=[me, other]), LearningRateMonitor, before=me)
+        ... except MisconfigurationError as e:
+        ...     print(str(e)[:54])
+        Callback comes before LearningRateMonitor in callbacks
+    """
+    callbacks = list(getattr(trainer, "callbacks", []))
+    found = next((i for i, cb in enumerate(callbacks) if isinstance(cb, cls)), None)
+    if found is None:
+        return None
+    me = next((i for i, cb in enumerate(callbacks) if cb is before), None) if before is not None else None
+    if me is not None and found > me:
+        who, name = type(before).__name__, cls.__name__
+        raise MisconfigurationError(
+            f"{who} comes before {name} in callbacks, so {name}'s results would not exist yet when it runs (both "
+            f"use on_train_end): add {name}(...) before {who} in callbacks."
+        )
+    return callbacks[found]
+
+
 # -------------------------------------------------------------------------------------------- outputs
 def output_dir(trainer: pl.Trainer, subdir: str = "influence") -> Path:
     """``<trainer.log_dir>/<subdir>`` (or under ``default_root_dir``), identical on every rank; call on ALL ranks.
@@ -417,7 +896,7 @@ def warn_no_logger(trainer: pl.Trainer, who: str = "lightning_influence") -> boo
     return True
 
 
-def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, who: str = "lightning_influence") -> None:
     """Log scalars to every attached logger (rank 0) and mirror them into ``trainer.callback_metrics`` (all ranks).
 
     Call with the same, already reduced values on every rank. Usable from any hook, including ``on_train_end``
@@ -428,6 +907,7 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
         trainer: The Trainer.
         metrics: ``name -> value``; names such as ``"curvature/trace"``.
         step: The step to log at (normally ``trainer.global_step``).
+        who: The callback's name, for the one-time "no logger" warning.
 
     Example::
 
@@ -445,5 +925,68 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-    warn_no_logger(trainer)
+    warn_no_logger(trainer, who)
     trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+
+
+def publish(
+    trainer: pl.Trainer,
+    *,
+    step: int,
+    metrics: Mapping[str, float] | None = None,
+    subdir: str = "influence",
+    section: str | None = None,
+    content: Callable[[Path | None], Mapping[str, Any] | None] | None = None,
+    who: str = "lightning_influence",
+) -> Path | None:
+    """Publish one result; call on ALL ranks, with the same ``metrics`` names and ``section``.
+
+    In this order, identical on every rank (style rule 7):
+
+    1. :func:`log_scalars` (logger calls on rank 0, ``callback_metrics`` on every rank);
+    2. :func:`output_dir` when a ``section`` is written (``trainer.log_dir`` broadcasts; then a barrier);
+    3. on rank 0 only: ``content(directory)``, which may log media or write files and returns the section's data
+       (``None``: write nothing), merged into ``report.json`` / ``report.html`` by
+       :class:`~lightning_influence.reporting.ReportStore`;
+    4. an unconditional barrier, so no rank reads the report before it is written.
+
+    Args:
+        trainer: The Trainer.
+        step: The step to log at.
+        metrics: Scalars, already reduced (the same on every rank).
+        subdir: Report directory under the log dir.
+        section: Report section to write (``None``: no report; ``content`` still runs, with ``None``).
+        content: Rank-0 side effects returning the section's data.
+        who: The callback's name, for the one-time "no logger" warning.
+
+    Returns:
+        The report directory (``None`` when no section is written).
+
+    Example::
+
+        >>> import tempfile, warnings
+        >>> import lightning.pytorch as pl
+        >>> root = tempfile.mkdtemp()
+        >>> trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")   # no logger attached
+        ...     path = publish(trainer, step=0, metrics={"cv/approx_loss": 0.5}, section="cv",
+        ...                    content=lambda d: {"estimate": {"approx": 0.5}})
+        >>> import json; json.loads((path / "report.json").read_text())["cv"]
+        {'estimate': {'approx': 0.5}}
+        >>> float(trainer.callback_metrics["cv/approx_loss"])
+        0.5
+        >>> import shutil; shutil.rmtree(root)
+    """
+    if metrics:
+        log_scalars(trainer, metrics, step, who)
+    directory = output_dir(trainer, subdir) if section is not None else None  # collective: all ranks
+    if trainer.is_global_zero and content is not None:
+        data = content(directory)
+        if data is not None and directory is not None and section is not None:
+            from lightning_influence.reporting import ReportStore
+
+            ReportStore(directory).update(section, data)
+    trainer.strategy.barrier(f"lightning_influence.publish.{section or 'media'}")
+    return directory

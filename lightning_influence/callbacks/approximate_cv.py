@@ -36,9 +36,6 @@ one sum-reduction, so all ranks compute the same (global) refits.
 
 from __future__ import annotations
 
-import contextlib
-import random
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -48,24 +45,22 @@ from typing_extensions import override
 
 from lightning_influence.callbacks._common import (
     MisconfigurationError,
+    RunContext,
+    check_choice,
+    check_dataset,
+    check_int,
+    check_number,
     check_strategy,
-    log_scalars,
-    make_reduce_fn,
-    output_dir,
-    rank_world,
-    resolve_data,
+    check_task,
+    config_field,
+    publish,
+    resolve_config,
     unwrap_module,
 )
-from lightning_influence.cv import (
-    CVResult,
-    approximate_cv,
-    check_curvature_for_loss,
-    exact_cv,
-    kfold_indices,
-    make_fold_batches,
-)
-from lightning_influence.distributed import shard_indices
+from lightning_influence.config import CVConfig
+from lightning_influence.cv import CVResult, approximate_cv, check_curvature_for_loss, exact_cv, kfold_indices
 from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.metrics import CV_REL_ERROR
 from lightning_influence.params import num_parameters, trainable_parameters
 from lightning_influence.regularizers import NoRegularizer, Regularizer
 from lightning_influence.tasks import Task
@@ -79,18 +74,17 @@ __all__ = ["ApproximateCV", "find_module_regularizer"]
 _WHO = "ApproximateCV"
 
 
-@contextlib.contextmanager
-def _isolated_rng() -> Iterator[None]:
-    """Restore torch's CPU RNG, Python's ``random`` and NumPy's global RNG (``__getitem__`` may use them)."""
-    import numpy as np
+def _default_config() -> CVConfig:
+    """The CV settings when no config is given: CG and prox tolerances looser than ``CVConfig()``'s.
 
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    Returns:
+        ``CVConfig(cg_rtol=1e-8, prox_tol=1e-10)``.
+    """
+    return CVConfig(cg_rtol=1e-8, prox_tol=1e-10)
+
+
+def _rel_error(approx: CVResult, exact: CVResult) -> float:
+    return abs(approx.estimate - exact.estimate) / max(abs(exact.estimate), 1e-300)
 
 
 def find_module_regularizer(module: nn.Module) -> Regularizer | None:
@@ -156,10 +150,10 @@ class ApproximateCV(Callback):
         every_n_epochs: Also run every ``n`` training epochs (``None``: only at the end of training).
         exact_check: Also compute exact k-fold CV by warm-started refits (FISTA; small models only) and log the
             relative error.
-        curvature: ``"fisher"`` (default), ``"gnh"`` or ``"hessian"`` (Hessian-based approximate CV).
-        downdate: Use the fold-downdated curvature :math:`F_{-k}` (default) or one full-data :math:`F` (paper).
-        fold_objective: ``"mean"`` (default: refit the mean loss on the remaining data) or ``"weighted"``
-            (the paper's :math:`\frac1N\sum_i w_i\ell_i`); see :mod:`lightning_influence.cv`.
+        curvature: ``"fisher"``, ``"gnh"`` or ``"hessian"`` (Hessian-based approximate CV).
+        downdate: Use the fold-downdated curvature :math:`F_{-k}` or one full-data :math:`F` (paper).
+        fold_objective: ``"mean"`` (refit the mean loss on the remaining data) or ``"weighted"`` (the paper's
+            :math:`\frac1N\sum_i w_i\ell_i`); see :mod:`lightning_influence.cv`.
         solver: ``"auto"`` (dense up to ``dense_max_params`` parameters, else CG), ``"dense"`` or ``"cg"``.
         damping: :math:`\delta \ge 0` added to the curvature (needed when it is singular, e.g. over-parametrised
             networks).
@@ -172,7 +166,13 @@ class ApproximateCV(Callback):
         exact_max_iter: Iteration cap of each exact refit.
         center: Subtract the step the full data would still take (see :func:`lightning_influence.cv.approximate_cv`);
             use it for per-epoch curves or when training stops before convergence. No effect at a minimiser.
-        report: Write the report section (``<log_dir>/influence``).
+        report: Write the report section (``<log_dir>/<subdir>``).
+        subdir: Report directory under the log dir (default ``"influence"``).
+        config: The estimator's settings (:class:`~lightning_influence.config.CVConfig`). Default:
+            ``CVConfig(cg_rtol=1e-8, prox_tol=1e-10)`` (fisher, downdated, mean objective, auto solver, no
+            damping, dense up to 2000 parameters, not centred). ``curvature`` ... ``center`` above default to
+            ``None``, meaning the config's value; the ones given replace it. ``cb.config`` is the resolved config,
+            written to the report.
 
     Raises:
         MisconfigurationError: For ``folds < 2``, a bad ``every_n_epochs``/``curvature``/``solver``/
@@ -193,9 +193,22 @@ class ApproximateCV(Callback):
         >>> from lightning_influence.tasks import Regression
         >>> from lightning_influence.regularizers import L1
         >>> cb = ApproximateCV(Regression(), folds=5, regularizer=L1(1e-3), every_n_epochs=1)
-        >>> cb.folds
-        5
+        >>> cb.folds, cb.config.cg_rtol, cb.solver
+        (5, 1e-08, 'auto')
+        >>> from lightning_influence.config import CVConfig
+        >>> ApproximateCV(Regression(), config=CVConfig(solver="cg"), damping=1e-3).config.solver
+        'cg'
     """
+
+    curvature: Literal["fisher", "gnh", "hessian"] = config_field()
+    downdate: bool = config_field()
+    fold_objective: Literal["mean", "weighted"] = config_field()
+    solver: Literal["auto", "dense", "cg"] = config_field()
+    damping: float = config_field()
+    cg_rtol: float = config_field()
+    prox_tol: float = config_field()
+    dense_max_params: int = config_field()
+    center: bool = config_field()
 
     def __init__(
         self,
@@ -205,73 +218,68 @@ class ApproximateCV(Callback):
         seed: int = 0,
         every_n_epochs: int | None = None,
         exact_check: bool = False,
-        curvature: Literal["fisher", "gnh", "hessian"] = "fisher",
-        downdate: bool = True,
-        fold_objective: Literal["mean", "weighted"] = "mean",
-        solver: Literal["auto", "dense", "cg"] = "auto",
-        damping: float = 0.0,
+        curvature: Literal["fisher", "gnh", "hessian"] | None = None,
+        downdate: bool | None = None,
+        fold_objective: Literal["mean", "weighted"] | None = None,
+        solver: Literal["auto", "dense", "cg"] | None = None,
+        damping: float | None = None,
         dataset: Any = "train",
         batch_size: int = 256,
-        cg_rtol: float = 1e-8,
-        prox_tol: float = 1e-10,
-        dense_max_params: int = 2000,
+        cg_rtol: float | None = None,
+        prox_tol: float | None = None,
+        dense_max_params: int | None = None,
         exact_tol: float = 1e-8,
         exact_max_iter: int = 20_000,
-        center: bool = False,
+        center: bool | None = None,
         report: bool = True,
+        subdir: str = "influence",
+        config: CVConfig | None = None,
     ) -> None:
-        if not isinstance(task, Task):
-            raise MisconfigurationError(f"{_WHO}: task must be a lightning_influence Task, got {type(task).__name__}.")
-        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-            raise MisconfigurationError(f"{_WHO}: folds must be an integer >= 2, got {folds!r}.")
-        if every_n_epochs is not None and (
-            isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1
-        ):
-            raise MisconfigurationError(
-                f"{_WHO}: every_n_epochs must be None or an integer >= 1, got {every_n_epochs!r}."
-            )
+        super().__init__()
+        self.task = check_task(task, _WHO)
+        self.folds = check_int(_WHO, "folds", folds, 2, rule="an integer >= 2", fix="K-fold CV needs two folds")
+        self.every_n_epochs = check_int(_WHO, "every_n_epochs", every_n_epochs, allow_none=True)
         if regularizer is not None and not isinstance(regularizer, Regularizer):
             raise MisconfigurationError(
                 f"{_WHO}: regularizer must be a lightning_influence.regularizers.Regularizer (L1, ElasticNet, "
                 f"GroupLasso, NoRegularizer) or None, got {type(regularizer).__name__}."
             )
-        if solver not in ("auto", "dense", "cg"):
-            raise MisconfigurationError(f"{_WHO}: solver must be 'auto', 'dense' or 'cg', got {solver!r}.")
-        if fold_objective not in ("mean", "weighted"):
-            raise MisconfigurationError(f"{_WHO}: fold_objective must be 'mean' or 'weighted', got {fold_objective!r}.")
-        if damping < 0:
-            raise MisconfigurationError(f"{_WHO}: damping must be >= 0, got {damping}.")
-        if batch_size < 1:
-            raise MisconfigurationError(f"{_WHO}: batch_size must be >= 1, got {batch_size}.")
+        if solver is not None:
+            check_choice(_WHO, "solver", solver, ("auto", "dense", "cg"))
+        if fold_objective is not None:
+            check_choice(_WHO, "fold_objective", fold_objective, ("mean", "weighted"))
+        check_number(_WHO, "damping", damping, strict=False, allow_none=True)
+        self.dataset = check_dataset(_WHO, "dataset", dataset)
+        self.batch_size = check_int(_WHO, "batch_size", batch_size)
+        self.exact_tol = check_number(_WHO, "exact_tol", exact_tol)
+        self.exact_max_iter = check_int(_WHO, "exact_max_iter", exact_max_iter)
+        #: The resolved estimator settings (:class:`~lightning_influence.config.CVConfig`).
+        self.config = resolve_config(
+            _WHO, CVConfig, config, _default_config(), curvature=curvature, downdate=downdate,
+            fold_objective=fold_objective, solver=solver, damping=damping, cg_rtol=cg_rtol, prox_tol=prox_tol,
+            dense_max_params=dense_max_params, center=center,
+        )
         try:
-            check_curvature_for_loss(task, curvature)
+            check_curvature_for_loss(self.task, self.config.curvature)
         except ConfigurationError as err:
             raise MisconfigurationError(f"{_WHO}: {err}") from err
-        self.task = task
-        self.folds = folds
         self.regularizer = regularizer
-        self.seed = seed
-        self.every_n_epochs = every_n_epochs
+        self.seed = int(seed)
         self.exact_check = exact_check
-        self.curvature = curvature
-        self.downdate = downdate
-        self.fold_objective = fold_objective
-        self.solver = solver
-        self.damping = float(damping)
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.cg_rtol = cg_rtol
-        self.prox_tol = prox_tol
-        self.dense_max_params = dense_max_params
-        self.exact_tol = exact_tol
-        self.exact_max_iter = exact_max_iter
-        self.center = center
         self.report = report
+        self.subdir = subdir
         #: One row per run: epoch, step, approx (and exact) estimates.
         self.history: list[dict[str, Any]] = []
         self.last_result: CVResult | None = None
         self.last_exact: CVResult | None = None
         self._reg: Regularizer = regularizer if regularizer is not None else NoRegularizer()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        dataset = self.dataset if isinstance(self.dataset, str) else type(self.dataset).__name__
+        return self._generate_state_key(task=type(self.task).__name__, dataset=dataset, folds=self.folds,
+                                        seed=self.seed, curvature=self.curvature)
 
     # ------------------------------------------------------------------------------------------------ setup
     @override
@@ -329,84 +337,56 @@ class ApproximateCV(Callback):
         self.history = [dict(r) for r in state_dict.get("history", [])]
 
     # ------------------------------------------------------------------------------------------------ work
-    def _fold_batches(self, trainer: pl.Trainer) -> tuple[list[list[Any]], int]:
-        data = resolve_data(trainer, self.dataset, _WHO)
+    def _fold_batches(self, ctx: RunContext) -> tuple[list[list[Any]], int]:
+        """This rank's collated slice of every fold (the same seeded folds on every rank) and the dataset size."""
+        data = ctx.resolve(self.dataset)
         n = len(data.dataset)
         if self.folds > n:
             raise MisconfigurationError(
                 f"{_WHO}: folds={self.folds} is larger than the number of examples ({n}) in the {data.source} data; "
                 f"use at most {n} folds."
             )
-        rank, world = rank_world(trainer)
         fold_idx = kfold_indices(n, self.folds, seed=self.seed)
-        local = [shard_indices(torch.tensor(f, dtype=torch.long), rank, world).tolist() for f in fold_idx]
-        with _isolated_rng():
-            batches = make_fold_batches(data.dataset, local, self.batch_size, data.collate_fn)
-        return batches, n
+        return [ctx.source(data, f, batch_size=self.batch_size).batches() for f in fold_idx], n
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module = unwrap_module(pl_module)
-        reduce_fn = make_reduce_fn(trainer)
-        fold_batches, n = self._fold_batches(trainer)
-        result = approximate_cv(
-            module, self.task, fold_batches, self._reg, curvature=self.curvature, downdate=self.downdate,
-            fold_objective=self.fold_objective, solver=self.solver, damping=self.damping, cg_rtol=self.cg_rtol,
-            prox_tol=self.prox_tol, dense_max_params=self.dense_max_params, center=self.center, reduce_fn=reduce_fn,
-            num_examples=n,
-        )
+        ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
+        fold_batches, n = self._fold_batches(ctx)
+        result = approximate_cv(ctx.module, self.task, fold_batches, self._reg, config=self.config,
+                                reduce_fn=ctx.reduce_fn, num_examples=n)
         exact = None
         if self.exact_check:
             exact = exact_cv(
-                module, self.task, fold_batches, self._reg, fold_objective=self.fold_objective, method="fista",
-                tol=self.exact_tol, max_iter=self.exact_max_iter, reduce_fn=reduce_fn, num_examples=n,
+                ctx.module, self.task, fold_batches, self._reg, fold_objective=self.fold_objective, method="fista",
+                tol=self.exact_tol, max_iter=self.exact_max_iter, reduce_fn=ctx.reduce_fn, num_examples=n,
             )
         self.last_result, self.last_exact = result, exact
-        metrics: dict[str, float] = {
-            "cv/approx_loss": result.estimate,
-            "cv/approx_passes": result.cost.passes,
-            "cv/approx_seconds": result.seconds,
-        }
-        metrics.update({f"cv/approx_fold_{f.fold}": f.held_out_loss for f in result.folds})
+        metrics = result.metrics()
         row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step, "approx": result.estimate}
         if exact is not None:
-            rel = abs(result.estimate - exact.estimate) / max(abs(exact.estimate), 1e-300)
-            metrics.update({
-                "cv/exact_loss": exact.estimate,
-                "cv/exact_passes": exact.cost.passes,
-                "cv/exact_seconds": exact.seconds,
-                "cv/rel_error": rel,
-            })
-            metrics.update({f"cv/exact_fold_{f.fold}": f.held_out_loss for f in exact.folds})
-            row.update({"exact": exact.estimate, "rel_error": rel})
+            metrics.update({**exact.metrics(), CV_REL_ERROR: _rel_error(result, exact)})
+            row.update({"exact": exact.estimate, "rel_error": _rel_error(result, exact)})
         self.history.append(row)
-        log_scalars(trainer, metrics, step=trainer.global_step)
-        if self.report:
-            self._write_report(trainer, result, exact)
+        publish(trainer, who=_WHO, step=ctx.step, metrics=metrics, subdir=self.subdir,
+                section="cv" if self.report else None, content=lambda _: self._section(ctx.world_size, result, exact))
 
-    def _write_report(self, trainer: pl.Trainer, result: CVResult, exact: CVResult | None) -> None:
-        directory = output_dir(trainer, "influence")  # collective: all ranks
-        if trainer.is_global_zero:
-            from lightning_influence.reporting import ReportStore
-
-            _, world = rank_world(trainer)
-            folds = []
-            for i, f in enumerate(result.folds):
-                row: dict[str, Any] = {"fold": f.fold, "size": f.held_out_units, "approx": f.held_out_loss,
-                                       "step_norm": f.step_norm, "nonzero": f.num_nonzero}
-                if exact is not None:
-                    row["exact"] = exact.folds[i].held_out_loss
-                folds.append(row)
-            estimate: dict[str, Any] = {"approx": result.estimate, "approx_pooled": result.pooled,
-                                        "approx_passes": result.cost.passes, "approx_seconds": result.seconds}
+    def _section(self, world_size: int, result: CVResult, exact: CVResult | None) -> dict[str, Any]:
+        """The ``"cv"`` report section (rank 0): resolved config, estimates, per-fold values, history."""
+        folds = []
+        for i, f in enumerate(result.folds):
+            row: dict[str, Any] = {"fold": f.fold, "size": f.held_out_units, "approx": f.held_out_loss,
+                                   "step_norm": f.step_norm, "nonzero": f.num_nonzero}
             if exact is not None:
-                estimate.update({"exact": exact.estimate, "exact_passes": exact.cost.passes,
-                                 "exact_seconds": exact.seconds,
-                                 "rel_error": abs(result.estimate - exact.estimate) / max(abs(exact.estimate), 1e-300),
-                                 "speedup_passes": exact.cost.passes / max(result.cost.passes, 1e-300)})
-            config = {**result.config, "seed": self.seed, "every_n_epochs": self.every_n_epochs,
-                      "exact_check": self.exact_check, "world_size": world, "dataset": str(self.dataset)
-                      if isinstance(self.dataset, str) else type(self.dataset).__name__}
-            data: dict[str, Any] = {"config": config, "estimate": estimate, "folds": folds,
-                                    "history": [dict(r) for r in self.history]}
-            ReportStore(directory).update("cv", data)
-        trainer.strategy.barrier("lightning_influence.approximate_cv.report")
+                row["exact"] = exact.folds[i].held_out_loss
+            folds.append(row)
+        estimate: dict[str, Any] = {"approx": result.estimate, "approx_pooled": result.pooled,
+                                    "approx_passes": result.cost.passes, "approx_seconds": result.seconds}
+        if exact is not None:
+            estimate.update({"exact": exact.estimate, "exact_passes": exact.cost.passes,
+                             "exact_seconds": exact.seconds, "rel_error": _rel_error(result, exact),
+                             "speedup_passes": exact.cost.passes / max(result.cost.passes, 1e-300)})
+        dataset = self.dataset if isinstance(self.dataset, str) else type(self.dataset).__name__
+        config = {**self.config.to_dict(), **result.config, "seed": self.seed, "every_n_epochs": self.every_n_epochs,
+                  "exact_check": self.exact_check, "world_size": world_size, "dataset": dataset,
+                  "batch_size": self.batch_size}
+        return {"config": config, "estimate": estimate, "folds": folds, "history": [dict(r) for r in self.history]}

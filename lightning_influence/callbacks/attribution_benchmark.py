@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from typing_extensions import override
 
+from lightning_influence import metrics as M
 from lightning_influence.callbacks._common import (
     MisconfigurationError,
     check_strategy,
@@ -386,13 +387,13 @@ class AttributionBenchmark(Callback):
         result.info["estimator"] = solver
         self.result, self.baseline_results, self.retrained = result, baselines, retrained
         metrics = {
-            "attribution/lds": result.lds,
-            "attribution/lds_ci_low": result.ci.low,
-            "attribution/lds_ci_high": result.ci.high,
-            **{f"attribution/lds_{name}": r.lds for name, r in baselines.items()},
-            "attribution/num_subsets": float(self.num_subsets),
-            "attribution/cached_subsets": float(len(retrained.reused)),
-            "attribution/seconds": seconds,
+            M.ATTRIBUTION_LDS: result.lds,
+            M.ATTRIBUTION_LDS_CI_LOW: result.ci.low,
+            M.ATTRIBUTION_LDS_CI_HIGH: result.ci.high,
+            **{M.attribution_lds(name): r.lds for name, r in baselines.items()},
+            M.ATTRIBUTION_NUM_SUBSETS: float(self.num_subsets),
+            M.ATTRIBUTION_CACHED_SUBSETS: float(len(retrained.reused)),
+            M.ATTRIBUTION_SECONDS: seconds,
         }
         self._last_metrics = dict(metrics)
         step = int(trainer.global_step)
@@ -430,12 +431,12 @@ class AttributionBenchmark(Callback):
         from lightning_influence.reporting.store import ReportStore
 
         text = self.verdict(solver, result, baselines)
-        media.log_text(trainer.loggers, "attribution/verdict", text, step=step)
+        media.log_text(trainer.loggers, M.MEDIA_ATTRIBUTION_VERDICT, text, step=step)
         scatter = result.scatter()
         if trainer.loggers:
             fig = figures.scatter_figure(scatter["actual"], scatter["predicted"], f"LDS {result.lds:.3f} ({solver})",
                                          "actual output (standardised per query)", "predicted (standardised)")
-            media.log_figure(trainer.loggers, "attribution/scatter", fig, step=step)
+            media.log_figure(trainer.loggers, M.MEDIA_ATTRIBUTION_SCATTER, fig, step=step)
         rows = []
         for name, r in {solver: result, **baselines}.items():
             rows.append({"estimator": name, "lds": r.lds, "ci_low": r.ci.low, "ci_high": r.ci.high,

@@ -17,10 +17,7 @@ through the unwrapped LightningModule and one sum-reduction completes each produ
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -30,18 +27,27 @@ from typing_extensions import override
 from lightning_influence.callbacks._common import (
     MisconfigurationError,
     ResolvedData,
+    RunContext,
+    check_dataset,
+    check_int,
+    check_number,
     check_strategy,
+    check_task,
+    config_field,
+    isolated_rng,
     log_scalars,
-    make_reduce_fn,
-    output_dir,
-    rank_world,
+    publish,
+    resolve_config,
     resolve_data,
-    unwrap_module,
     warn_no_logger,
 )
+from lightning_influence.config import SpectrumConfig
+from lightning_influence.data import DataSource, prepare_batch
 from lightning_influence.distributed import ShardSpec, make_shard
+from lightning_influence.evaluator import curvature_mode
 from lightning_influence.exceptions import BatchFormatError, ConfigurationError
-from lightning_influence.operators import GNHOperator, curvature_mode, make_batches, prepare_batch
+from lightning_influence.metrics import MEDIA_CURVATURE_HISTORY
+from lightning_influence.operators import GNHOperator
 from lightning_influence.spectrum import LissaSettings, SpectrumSummary, estimate_spectrum
 from lightning_influence.tasks import LanguageModeling, Task
 
@@ -53,24 +59,15 @@ __all__ = ["CurvatureMonitor"]
 _WHO = "CurvatureMonitor"
 
 
-@contextlib.contextmanager
-def _isolated_rng() -> Iterator[None]:
-    """Restore torch's CPU RNG, Python's ``random`` and NumPy's global RNG (dataset ``__getitem__`` may use them)."""
-    py_state = random.getstate()
-    np_state = None
-    try:
-        import numpy as np
+def _default_config() -> SpectrumConfig:
+    """The estimator settings when no config is given: 8 probes, 8 Lanczos products, a 3 % Ritz residual.
 
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy ships with torch
-        np = None  # type: ignore[assignment]
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            if np is not None and np_state is not None:
-                np.random.set_state(np_state)
+    Cheaper than ``SpectrumConfig()``'s, since the monitor measures during training.
+
+    Returns:
+        The default config.
+    """
+    return SpectrumConfig(trace_probes=8, lanczos_iter=8, lanczos_tol=3e-2)
 
 
 class CurvatureMonitor(Callback):
@@ -94,7 +91,8 @@ class CurvatureMonitor(Callback):
     ``ddp_notebook``).
 
     At the end of training a figure of all curves is logged to TensorBoard / W&B (``curvature/history``) and the
-    history is written to the ``"curvature"`` section of ``<log_dir>/influence/report.json`` / ``report.html``.
+    history is written to the ``"curvature"`` section of ``<log_dir>/influence/report.json`` / ``report.html``
+    (with the resolved config).
 
     Logged metrics (to every attached logger at ``trainer.global_step``, and as float64 tensors into
     ``trainer.callback_metrics`` so ``ModelCheckpoint``/``EarlyStopping`` can monitor them):
@@ -121,23 +119,28 @@ class CurvatureMonitor(Callback):
     Args:
         task: How a batch becomes ``(outputs, targets)`` and which loss family (e.g. ``Classification()``);
             a loss name (``"cross_entropy"``, ``"mse"``, ...) builds a plain :class:`~lightning_influence.tasks.Task`.
+        config: The estimators' settings (:class:`~lightning_influence.config.SpectrumConfig`: probes, Lanczos,
+            ``lambda_method``, the LiSSA constant, seed, ...). Default: ``SpectrumConfig(trace_probes=8,
+            lanczos_iter=8, lanczos_tol=3e-2)``; a config you pass is used as it is (its own defaults for the fields
+            you leave out). ``monitor.config`` is the resolved one, written to the report.
         dataset: ``"train"`` (default: the dataset behind the Trainer's train dataloader, with its collate
             function), ``"val"``, or a map-style dataset.
         sample_size: Examples in the fixed curvature sample (default 128); ``None`` uses the whole dataset.
         batch_size: Examples per forward pass inside a measurement (default 128).
-        trace_probes: Hutchinson probes per measurement (default 8; at least 2); each costs about one gradient
-            over the sample (forward-mode only).
-        lanczos_iter: Most Lanczos products per measurement (default 8).
-        lanczos_tol: Lanczos stops once the Ritz residual is below ``lanczos_tol * lambda_max`` (default 3e-2).
-
+        trace_probes: Hutchinson probes per measurement (``None``: the config's, 8 by default; at least 2); each
+            costs about one gradient over the sample (forward-mode only).
+        lanczos_iter: Most Lanczos products per measurement (``None``: the config's, 8 by default).
+        lanczos_tol: Lanczos stops once the Ritz residual is below ``lanczos_tol * lambda_max`` (``None``: the
+            config's, 3e-2 by default).
         damping: The damping :math:`\lambda` the LiSSA settings are computed for (default 1e-3; must be > 0).
-        seed: Seed of the sample draw and of the probes (default 0).
+        seed: Seed of the sample draw and of the probes (``None``: the config's, 0 by default).
         every_n_steps: Also measure when ``trainer.global_step`` is a positive multiple of this (default ``None``).
         every_n_epochs: Also measure at the end of every ``every_n_epochs``-th training epoch (default ``None``).
         on_checkpoint: Measure whenever a checkpoint is saved (default ``True``).
         log_figure: Log the figure of all curves at the end of training (default ``True``).
-        write_report: Write the history to ``<log_dir>/influence/report.json`` at the end of training (default
+        write_report: Write the history to ``<log_dir>/<subdir>/report.json`` at the end of training (default
             ``True``).
+        subdir: Report directory under the log dir (default ``"influence"``).
 
     Raises:
         MisconfigurationError: In ``__init__`` for invalid values (non-positive sizes, fewer than 2 probes,
@@ -149,79 +152,65 @@ class CurvatureMonitor(Callback):
 
         >>> from lightning_influence.tasks import Classification
         >>> monitor = CurvatureMonitor(Classification(), every_n_steps=100)
-        >>> monitor.latest is None, monitor.history
-        (True, [])
+        >>> monitor.latest is None, monitor.history, monitor.config.trace_probes
+        (True, [], 8)
+        >>> from lightning_influence.config import SpectrumConfig
+        >>> CurvatureMonitor(Classification(), config=SpectrumConfig(lanczos_iter=20), seed=3).config.seed
+        3
         >>> # trainer = L.Trainer(callbacks=[monitor], logger=TensorBoardLogger("runs")); trainer.fit(model)
     """
 
     #: Key under which each checkpoint stores the measurement made for it.
     CHECKPOINT_KEY = "lightning_influence/curvature"
 
+    trace_probes: int = config_field()
+    lanczos_iter: int = config_field()
+    lanczos_tol: float = config_field()
+    seed: int = config_field()
+
     def __init__(
         self,
         task: Task | str,
         *,
+        config: SpectrumConfig | None = None,
         dataset: Literal["train", "val"] | Any = "train",
         sample_size: int | None = 128,
         batch_size: int = 128,
-        trace_probes: int = 8,
-        lanczos_iter: int = 8,
-        lanczos_tol: float = 3e-2,
+        trace_probes: int | None = None,
+        lanczos_iter: int | None = None,
+        lanczos_tol: float | None = None,
         damping: float = 1e-3,
-        seed: int = 0,
+        seed: int | None = None,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         on_checkpoint: bool = True,
         log_figure: bool = True,
         write_report: bool = True,
+        subdir: str = "influence",
     ) -> None:
         super().__init__()
-        if isinstance(task, str):
-            try:
-                task = Task(task)
-            except (ConfigurationError, ValueError, KeyError) as err:
-                raise MisconfigurationError(f"{_WHO}: task={task!r} is not a known loss name ({err}).") from err
-        if not isinstance(task, Task):
-            raise MisconfigurationError(
-                f"{_WHO}: task must be a lightning_influence.tasks.Task (e.g. Classification()), got "
-                f"{type(task).__name__}."
-            )
-        if isinstance(dataset, str) and dataset not in ("train", "val"):
-            raise MisconfigurationError(f"{_WHO}: dataset must be 'train', 'val' or a Dataset, got {dataset!r}.")
-        for name, value in (("batch_size", batch_size), ("lanczos_iter", lanczos_iter)):
-            if int(value) < 1:
-                raise MisconfigurationError(f"{_WHO}: {name} must be >= 1, got {value}.")
-        if sample_size is not None and sample_size < 1:
-            raise MisconfigurationError(f"{_WHO}: sample_size must be >= 1 (or None for all), got {sample_size}.")
-        if trace_probes < 2:
-            raise MisconfigurationError(f"{_WHO}: trace_probes must be >= 2 for a standard error, got {trace_probes}.")
-        if not lanczos_tol > 0:
-            raise MisconfigurationError(f"{_WHO}: lanczos_tol must be > 0, got {lanczos_tol}.")
-        if not damping > 0:
-            raise MisconfigurationError(
-                f"{_WHO}: damping must be > 0 (got {damping}); the LiSSA step count grows like 1/damping."
-            )
-        for name, n in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if n is not None and n < 1:
-                raise MisconfigurationError(f"{_WHO}: {name} must be >= 1 or None, got {n}.")
+        self.task = check_task(task, _WHO, allow_loss_name=True)
+        self.dataset = check_dataset(_WHO, "dataset", dataset)
+        self.sample_size = check_int(_WHO, "sample_size", sample_size, allow_none=True,
+                                     fix="None uses every example")
+        self.batch_size = check_int(_WHO, "batch_size", batch_size)
+        check_int(_WHO, "trace_probes", trace_probes, 2, allow_none=True, fix="a standard error needs two probes")
+        check_int(_WHO, "lanczos_iter", lanczos_iter, allow_none=True)
+        check_number(_WHO, "lanczos_tol", lanczos_tol, allow_none=True)
+        self.damping = check_number(_WHO, "damping", damping, fix="the LiSSA step count grows like 1/damping")
+        self.every_n_steps = check_int(_WHO, "every_n_steps", every_n_steps, allow_none=True)
+        self.every_n_epochs = check_int(_WHO, "every_n_epochs", every_n_epochs, allow_none=True)
         if not on_checkpoint and every_n_steps is None and every_n_epochs is None:
             raise MisconfigurationError(
                 f"{_WHO} would never measure: set every_n_steps or every_n_epochs, or keep on_checkpoint=True."
             )
-        self.task = task
-        self.dataset = dataset
-        self.sample_size = sample_size
-        self.batch_size = int(batch_size)
-        self.trace_probes = int(trace_probes)
-        self.lanczos_iter = int(lanczos_iter)
-        self.lanczos_tol = float(lanczos_tol)
-        self.damping = float(damping)
-        self.seed = int(seed)
-        self.every_n_steps = every_n_steps
-        self.every_n_epochs = every_n_epochs
+        #: The resolved estimator settings (:class:`~lightning_influence.config.SpectrumConfig`).
+        self.config = resolve_config(_WHO, SpectrumConfig, config, _default_config(), trace_probes=trace_probes,
+                                     lanczos_iter=lanczos_iter, lanczos_tol=lanczos_tol, seed=seed)
         self.on_checkpoint = on_checkpoint
         self.log_figure = log_figure
         self.write_report = write_report
+        self.subdir = subdir
 
         #: One plain dict per measurement, oldest first: ``step``, ``epoch``, ``trigger`` and
         #: :meth:`SpectrumSummary.to_dict` fields (``trace``, ``lambda_max``, ``lissa`` {...}, ...).
@@ -230,7 +219,7 @@ class CurvatureMonitor(Callback):
         self.shard: ShardSpec | None = None
         #: Examples this rank pushed through the model in the last measurement (sharding check).
         self.last_examples_processed = 0
-        self._batches: list[Any] | None = None
+        self._source: DataSource | None = None
         self._data: ResolvedData | None = None
         self._dataset_len: int | None = None
 
@@ -278,7 +267,7 @@ class CurvatureMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._prepare(trainer, pl_module)
+        self._prepare(RunContext.from_trainer(trainer, pl_module, _WHO))
 
     @override
     def on_train_batch_end(
@@ -298,7 +287,7 @@ class CurvatureMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # Runs on every rank inside trainer.save_checkpoint, so the collectives of a measurement line up.
-        if not self.on_checkpoint or self._batches is None:
+        if not self.on_checkpoint or self._source is None:
             return
         row = self._measure(trainer, pl_module, "checkpoint")
         if row is not None:
@@ -309,20 +298,22 @@ class CurvatureMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not (self.log_figure or self.write_report):
+        if not (self.log_figure or self.write_report):  # the same decision on every rank
             return
-        directory = output_dir(trainer, "influence") if self.write_report else None  # collective: all ranks
-        if not trainer.is_global_zero or not self.history:
-            return
+        publish(trainer, who=_WHO, step=int(trainer.global_step), subdir=self.subdir,
+                section="curvature" if self.write_report else None, content=lambda _: self._publish(trainer))
+
+    def _publish(self, trainer: pl.Trainer) -> dict[str, Any] | None:
+        """Rank 0: log the figure of all curves; return the report section (``None``: nothing to write)."""
+        if not self.history:
+            return None
         if self.log_figure and trainer.loggers:
             from lightning_influence.reporting.figures import curvature_figure
             from lightning_influence.reporting.media import log_figure
 
-            log_figure(trainer.loggers, "curvature/history", curvature_figure(self.history), step=trainer.global_step)
-        if directory is not None:
-            from lightning_influence.reporting import ReportStore
-
-            ReportStore(directory).update("curvature", self.report_section(trainer))
+            log_figure(trainer.loggers, MEDIA_CURVATURE_HISTORY, curvature_figure(self.history),
+                       step=trainer.global_step)
+        return self.report_section(trainer) if self.write_report else None
 
     # ------------------------------------------------------------------------------------------ work
     def report_section(self, trainer: pl.Trainer | None = None) -> dict[str, Any]:
@@ -331,7 +322,7 @@ class CurvatureMonitor(Callback):
         Returns:
             A JSON-friendly dict (see :mod:`lightning_influence.reporting.html` for the schema).
         """
-        config = self.config()
+        config = self.settings()
         if self.shard is not None:
             config.update({"world_size": self.shard.world_size, "dataset_size": self.shard.dataset_size})
         last = self.history[-1] if self.history else {}
@@ -339,22 +330,19 @@ class CurvatureMonitor(Callback):
         summary = {k: last[k] for k in keys if k in last}
         return {"history": [dict(r) for r in self.history], "config": config, "summary": summary}
 
-    def config(self) -> dict[str, Any]:
-        """The monitor's settings as plain values.
+    def settings(self) -> dict[str, Any]:
+        """The monitor's settings as plain values: the resolved config's fields plus the callback's own.
 
         Returns:
-            ``name -> value`` for every constructor argument except the dataset object.
+            ``name -> value`` (the dataset object by its type name).
         """
         return {
+            **self.config.to_dict(),
             "task": self.task.to_dict(),
             "dataset": self.dataset if isinstance(self.dataset, str) else type(self.dataset).__name__,
             "sample_size": self.sample_size,
             "batch_size": self.batch_size,
-            "trace_probes": self.trace_probes,
-            "lanczos_iter": self.lanczos_iter,
-            "lanczos_tol": self.lanczos_tol,
             "damping": self.damping,
-            "seed": self.seed,
             "every_n_steps": self.every_n_steps,
             "every_n_epochs": self.every_n_epochs,
             "on_checkpoint": self.on_checkpoint,
@@ -367,29 +355,26 @@ class CurvatureMonitor(Callback):
                 f"sample_size <= {n} (or sample_size=None to use every example)."
             )
 
-    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _prepare(self, ctx: RunContext) -> None:
         """Draw the sample, take this rank's shard, collate it once, and check that the task fits (all ranks)."""
-        data = resolve_data(trainer, self.dataset, _WHO)
+        data = ctx.resolve(self.dataset)
         n = len(data.dataset)
         if n < 1:
             raise MisconfigurationError(f"{_WHO}: the {data.source} dataset is empty; pass dataset=... with examples.")
         self._check_sample_size(n)
-        rank, world = rank_world(trainer)
-        shard = make_shard(n, self.sample_size, self.seed, rank, world)
-        module = unwrap_module(pl_module)
-        with _isolated_rng():  # a dataset's __getitem__ (augmentations) must not advance the training RNG
-            probe_batch = make_batches(data.dataset, shard.global_indices[: min(2, shard.global_size)],
-                                       batch_size=2, collate_fn=data.collate_fn)
-            batches = make_batches(data.dataset, shard.indices, self.batch_size, data.collate_fn)
-        self._check_task(module, probe_batch[0], data.source)
-        self._data, self._dataset_len, self.shard, self._batches = data, n, shard, batches
+        shard = make_shard(n, self.sample_size, self.seed, ctx.rank, ctx.world_size)
+        source = ctx.source(data, shard.global_indices, batch_size=self.batch_size)
+        source.batches()  # collated once, RNG-isolated (a dataset's augmentations must not advance training's RNG)
+        probe_batch = source.collate(shard.global_indices[: min(2, shard.global_size)], batch_size=2)
+        self._check_task(ctx.module, probe_batch[0], data.source)
+        self._data, self._dataset_len, self.shard, self._source = data, n, shard, source
 
     def _check_task(self, module: torch.nn.Module, batch: Any, source: str) -> None:
         param = next((p for p in module.parameters() if p.requires_grad), None)
         if param is None:
             raise MisconfigurationError(f"{_WHO}: the LightningModule has no trainable parameter to measure.")
         try:
-            with _isolated_rng(), curvature_mode(module), torch.no_grad():
+            with isolated_rng(), curvature_mode(module), torch.no_grad():
                 self.task(module, prepare_batch(batch, param.device, self._input_dtype(module)))
         except BatchFormatError as err:
             raise MisconfigurationError(
@@ -414,29 +399,23 @@ class CurvatureMonitor(Callback):
         Returns:
             The history row for this step (new or existing), or ``None`` if the sample is not prepared.
         """
-        if self._batches is None:
+        if self._source is None:
             return None
         step = int(trainer.global_step)
         for old in reversed(self.history):
             if int(old["step"]) == step:
                 return old
-        module = unwrap_module(pl_module)
+        ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
         with torch.inference_mode(False), torch.enable_grad():
-            op = GNHOperator(module, self.task, self._batches, reduce_fn=make_reduce_fn(trainer),
-                             dtype=self._input_dtype(module))
+            op = GNHOperator(ctx.module, self.task, self._source, reduce_fn=ctx.reduce_fn,
+                             dtype=self._input_dtype(ctx.module))
             summary = estimate_spectrum(
-                op,
-                damping=self.damping,
-                trace_probes=self.trace_probes,
-                lanczos_iter=self.lanczos_iter,
-                lanczos_tol=self.lanczos_tol,
-                seed=self.seed,
+                op, damping=self.damping, config=self.config,
                 dataset_size=None if isinstance(self.task, LanguageModeling) else self._dataset_len,
             )
         self.last_examples_processed = op.examples_processed
         row: dict[str, Any] = {"step": step, "epoch": int(trainer.current_epoch), "trigger": trigger,
                                **summary.to_dict()}
         self.history.append(row)
-        metrics = {k: v for k, v in summary.metrics().items() if math.isfinite(v)}
-        log_scalars(trainer, metrics, step=step)
+        log_scalars(trainer, {k: v for k, v in summary.metrics().items() if math.isfinite(v)}, step, _WHO)
         return row

@@ -15,17 +15,36 @@ from typing_extensions import override
 
 from lightning_influence.callbacks._common import (
     MisconfigurationError,
+    ResolvedData,
+    RunContext,
+    check_choice,
+    check_data_available,
+    check_dataset,
+    check_int,
+    check_number,
     check_strategy,
-    log_scalars,
-    make_reduce_fn,
-    output_dir,
-    rank_world,
+    check_task,
+    config_field,
+    find_callback,
+    isolated_rng,
+    publish,
+    resolve_config,
     resolve_data,
-    unwrap_module,
+    sample_indices,
 )
-from lightning_influence.distributed import global_sample_indices
+from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
+from lightning_influence.data import prepare_batch
+from lightning_influence.evaluator import curvature_mode
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence import InfluenceConfig, InfluenceResult, influence_scores
+from lightning_influence.metrics import (
+    MEDIA_INFLUENCE_SCORES,
+    MEDIA_INFLUENCE_SELF_INFLUENCE,
+    MEDIA_INFLUENCE_SELF_INFLUENCE_HIST,
+    MEDIA_INFLUENCE_SOLVER_CONVERGENCE,
+    MEDIA_INFLUENCE_SUMMARY,
+    MEDIA_INFLUENCE_TOP_K,
+)
 from lightning_influence.spectrum import SpectrumSummary
 from lightning_influence.tasks import Task
 
@@ -34,9 +53,14 @@ if TYPE_CHECKING:
 
 __all__ = ["RESULT_FILE", "InfluenceReport"]
 
+_WHO = "InfluenceReport"
+
 #: File (in the report directory) holding the whole :class:`InfluenceResult`; ``scores.pt`` holds the bare
 #: ``(n_query, n_train)`` score tensor.
 RESULT_FILE = "influence_result.pt"
+
+_DAMPING_FIX = ("the GNH of a network is singular, so the undamped inverse does not exist. Try 1e-3 (or your L2 "
+                "coefficient).")
 
 
 class InfluenceReport(Callback):
@@ -72,26 +96,30 @@ class InfluenceReport(Callback):
         query_data: ``"val"`` (default), ``"train"`` or a map-style dataset.
         query_indices: Which queries of ``query_data`` (default: all, capped by ``max_queries``).
         train_data: ``"train"`` (default) or a map-style dataset; its GNH is the curvature.
-        solver: ``"cg"`` (default), ``"lissa"`` or ``"exact"``.
-        damping: :math:`\lambda > 0` (default ``1e-3``).
-        top_k: Proponents/opponents per query in the report (default 10).
+        solver: ``"cg"``, ``"lissa"`` or ``"exact"`` (``None``: the config's, ``"cg"`` by default).
+        damping: :math:`\lambda > 0` (``None``: the config's, ``1e-3`` by default).
+        top_k: Proponents/opponents per query in the report (``None``: the config's, 10 by default).
         max_train: Score a seeded random subset of this many training examples (default: all). The curvature
             always uses the whole training set.
         max_queries: Cap on the number of queries (seeded random subset, default 100).
-        self_influence: Compute self-influence (default ``True``; for iterative solvers it costs
-            ``n_train / n_query`` query solves).
+        self_influence: Compute self-influence (``None``: the config's, ``True`` by default; for iterative solvers
+            it costs ``n_train / n_query`` query solves).
         images: Draw inputs as images in the report: ``None`` (default) detects ``HxW``/``CxHxW`` inputs,
             ``True`` also treats flat square vectors (e.g. 8x8 digits as 64 features) as images, ``False`` never.
         progress_bar: Show a tqdm bar on rank 0 while training gradients stream (default ``True``; off when the
             Trainer has no progress bar).
-        config: Any further :class:`~lightning_influence.influence.InfluenceConfig` settings (explicit arguments
-            above take precedence).
-        seed: Seed of the subset draws and of LiSSA's batches (default 0).
+        config: Every :class:`~lightning_influence.influence.InfluenceConfig` setting (default
+            ``InfluenceConfig()``). The explicit arguments above that are not ``None`` replace its fields;
+            ``cb.config`` is the resolved config, written beside the result.
+        seed: Seed of the subset draws and of LiSSA's batches (``None``: the config's, 0 by default).
         subdir: Output sub-directory of the log dir (default ``"influence"``).
 
     Raises:
-        MisconfigurationError: For a bad argument (here), an unsupported strategy or missing data (in ``setup``),
-            an empty query set, or a damping that leaves the curvature singular/indefinite.
+        MisconfigurationError: For a bad argument (here); in ``setup`` for an unsupported strategy or missing
+            train/query data (e.g. ``query_data="val"`` without a val dataloader), before training starts (for
+            dataloaders passed to ``trainer.fit`` directly, which Lightning attaches later, in ``on_train_start``,
+            still before the first step); when training ends for an empty query set, or a damping that leaves the
+            curvature singular/indefinite.
 
     Logged metrics (at ``trainer.global_step`` when training ends, also in ``trainer.callback_metrics``):
 
@@ -105,13 +133,25 @@ class InfluenceReport(Callback):
     * ``influence/score_abs_mean``: mean :math:`|\mathcal I|`.
     * ``influence/self_influence_mean``, ``influence/self_influence_max``: when self-influence is computed.
 
+    Media: text ``influence/summary``, histograms ``influence/scores`` and ``influence/self_influence``, figures
+    ``influence/solver_convergence`` and ``influence/self_influence_hist``, W&B table ``influence/top_k``; report
+    section ``"influence"``.
+
     Example::
 
         >>> from lightning_influence.tasks import Classification
         >>> cb = InfluenceReport(Classification(), query_data="val", solver="cg", damping=1e-3, top_k=5)
         >>> cb.config.solver, cb.config.top_k
         ('cg', 5)
+        >>> InfluenceReport(Classification(), config=InfluenceConfig(solver="lissa")).solver   # the config's
+        'lissa'
     """
+
+    solver: str = config_field()
+    damping: float = config_field()
+    top_k: int = config_field()
+    self_influence: bool = config_field()
+    seed: int = config_field()
 
     def __init__(
         self,
@@ -120,115 +160,103 @@ class InfluenceReport(Callback):
         *,
         query_indices: Sequence[int] | None = None,
         train_data: str | Any = "train",
-        solver: str = "cg",
-        damping: float = 1e-3,
-        top_k: int = 10,
+        solver: str | None = None,
+        damping: float | None = None,
+        top_k: int | None = None,
         max_train: int | None = None,
         max_queries: int | None = 100,
-        self_influence: bool = True,
+        self_influence: bool | None = None,
         images: bool | None = None,
         progress_bar: bool = True,
         config: InfluenceConfig | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         subdir: str = "influence",
     ) -> None:
-        if not isinstance(task, Task):
-            raise MisconfigurationError(f"InfluenceReport: task must be a lightning_influence Task, got {task!r}.")
-        if isinstance(query_data, str) and query_data not in ("val", "train"):
-            raise MisconfigurationError(f"InfluenceReport: query_data must be 'val', 'train' or a dataset, got "
-                                        f"{query_data!r}.")
-        if isinstance(train_data, str) and train_data != "train":
-            raise MisconfigurationError(
-                f"InfluenceReport: train_data must be 'train' or a dataset, got {train_data!r}."
-            )
+        super().__init__()
+        self.task = check_task(task, _WHO)
+        self.query_data = check_dataset(_WHO, "query_data", query_data, ("val", "train"))
+        self.train_data = check_dataset(_WHO, "train_data", train_data, ("train",))
         if query_indices is not None and len(query_indices) == 0:
-            raise MisconfigurationError("InfluenceReport: query_indices is empty; pass at least one query index.")
-        for name, value in (("max_train", max_train), ("max_queries", max_queries)):
-            if value is not None and value < 1:
-                raise MisconfigurationError(f"InfluenceReport: {name} must be >= 1 or None, got {value}.")
-        if not damping > 0:
-            raise MisconfigurationError(
-                f"InfluenceReport: damping must be > 0 (got {damping}); the GNH of a network is singular, so the "
-                "undamped inverse does not exist. Try 1e-3 (or your L2 coefficient)."
-            )
-        try:
-            cfg = InfluenceConfig(**{**(config.to_dict() if config else {}), "solver": solver, "damping": damping,
-                                     "top_k": top_k, "self_influence": self_influence, "seed": seed})
-            cfg.validate()
-        except ConfigurationError as err:
-            raise MisconfigurationError(f"InfluenceReport: {err}") from err
-        self.task = task
-        self.query_data = query_data
+            raise MisconfigurationError(f"{_WHO}: query_indices is empty; pass at least one query index.")
         self.query_indices = None if query_indices is None else [int(i) for i in query_indices]
-        self.train_data = train_data
-        self.solver = solver
-        self.max_train = max_train
-        self.max_queries = max_queries
+        self.max_train = check_int(_WHO, "max_train", max_train, allow_none=True)
+        self.max_queries = check_int(_WHO, "max_queries", max_queries, allow_none=True)
+        if solver is not None:
+            check_choice(_WHO, "solver", solver, InfluenceConfig.SOLVERS)
+        check_number(_WHO, "damping", damping, allow_none=True, fix=_DAMPING_FIX)
+        check_int(_WHO, "top_k", top_k, 0, allow_none=True)
+        #: The resolved settings (:class:`~lightning_influence.influence.InfluenceConfig`).
+        self.config = resolve_config(_WHO, InfluenceConfig, config, InfluenceConfig(), solver=solver,
+                                     damping=damping, top_k=top_k, self_influence=self_influence, seed=seed)
+        check_number(_WHO, "damping", self.config.damping, fix=_DAMPING_FIX)  # the config's may be 0
         self.images = images
         self.progress_bar = progress_bar
-        self.config = cfg
-        self.seed = int(seed)
         self.subdir = subdir
         #: The last :class:`InfluenceResult` (``None`` until training ends; not returned across ``ddp_spawn``).
         self.result: InfluenceResult | None = None
         #: Where ``scores.pt`` was written (all ranks know it; the full result is beside it).
         self.scores_path: Path | None = None
+        self._unchecked: list[Any] = []  # data setup() could not resolve yet (checked again in on_train_start)
 
     # ---------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "InfluenceReport")
+        check_strategy(trainer, _WHO)
+        # Loaders passed to trainer.fit() directly are attached only when the fit loop starts: check those then.
+        self._unchecked = [w for w in (self.train_data, self.query_data) if not check_data_available(trainer, w, _WHO)]
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for which in self._unchecked:  # e.g. query_data="val" without a val loader: raise before the first step
+            with isolated_rng():
+                resolve_data(trainer, which, _WHO)
+        self._unchecked = []
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module = unwrap_module(pl_module)
-        rank, world = rank_world(trainer)
-        reduce_fn = make_reduce_fn(trainer)
-        train = resolve_data(trainer, self.train_data, "InfluenceReport")
-        query = resolve_data(trainer, self.query_data, "InfluenceReport")
-        n_train, n_query = len(train.dataset), len(query.dataset)
-        if n_query == 0 or (self.query_indices is not None and not self.query_indices):
-            raise MisconfigurationError(
-                f"InfluenceReport: the query set ({query.source}) is empty; pass query_data=<dataset> or indices."
-            )
-        if self.query_indices is not None:
-            q_idx = torch.as_tensor(self.query_indices, dtype=torch.long)
-            if int(q_idx.min()) < 0 or int(q_idx.max()) >= n_query:
-                raise MisconfigurationError(f"InfluenceReport: query_indices must lie in [0, {n_query}).")
-        else:
-            size = None if self.max_queries is None or self.max_queries >= n_query else self.max_queries
-            q_idx = global_sample_indices(n_query, size, seed=self.seed + 1)
-        size_t = None if self.max_train is None or self.max_train >= n_train else self.max_train
-        t_idx = global_sample_indices(n_train, size_t, seed=self.seed)
+        ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
+        train, query = ctx.resolve(self.train_data), ctx.resolve(self.query_data)
+        t_idx, q_idx = self._select(len(train.dataset), len(query.dataset), query.source)
         spectrum = self._monitor_spectrum(trainer)
         bar = self._progress(trainer, len(t_idx))
         try:
             result = influence_scores(
-                module, self.task, train.dataset, query.dataset, config=self.config, train_indices=t_idx,
+                ctx.module, self.task, train.dataset, query.dataset, config=self.config, train_indices=t_idx,
                 query_indices=q_idx, spectrum=spectrum, collate_fn=train.collate_fn,
-                query_collate_fn=query.collate_fn, reduce_fn=reduce_fn, rank=rank, world_size=world,
+                query_collate_fn=query.collate_fn, reduce_fn=ctx.reduce_fn, rank=ctx.rank, world_size=ctx.world_size,
                 progress=bar.update if bar is not None else None,
             )
         except ConfigurationError as err:
             if isinstance(err, MisconfigurationError):
                 raise
-            raise MisconfigurationError(f"InfluenceReport: {err}") from err
+            raise MisconfigurationError(f"{_WHO}: {err}") from err
         finally:
             if bar is not None:
                 bar.close()
         result.diagnostics.update(train_source=train.source, query_source=query.source,
                                   spectrum_source="CurvatureMonitor" if spectrum is not None else None)
         self.result = result
-        step = int(trainer.global_step)
-        log_scalars(trainer, result.metrics(), step)
-        directory = output_dir(trainer, self.subdir)  # all ranks: broadcast + barrier
+        directory = publish(trainer, who=_WHO, step=ctx.step, metrics=result.metrics(), subdir=self.subdir,
+                            section="influence",
+                            content=lambda d: self._publish(trainer, ctx.module, result, d, train, query, ctx.step))
+        assert directory is not None
         self.scores_path = directory / "scores.pt"
-        if trainer.is_global_zero:
-            result.save(directory / RESULT_FILE)
-            self._write_report(trainer, module, result, directory, train, query, step)
-        trainer.strategy.barrier("lightning_influence.influence_report")
+
+    def _select(self, n_train: int, n_query: int, query_source: str) -> tuple[Tensor, Tensor]:
+        """The scored training examples and the queries (seeded, identical on every rank)."""
+        if n_query == 0:
+            raise MisconfigurationError(
+                f"{_WHO}: the query set ({query_source}) is empty; pass query_data=<dataset> or indices."
+            )
+        if self.query_indices is not None:
+            q_idx = torch.as_tensor(self.query_indices, dtype=torch.long)
+            if int(q_idx.min()) < 0 or int(q_idx.max()) >= n_query:
+                raise MisconfigurationError(f"{_WHO}: query_indices must lie in [0, {n_query}).")
+        else:
+            q_idx = sample_indices(n_query, self.max_queries, self.seed, "queries")
+        return sample_indices(n_train, self.max_train, self.seed), q_idx
 
     # -------------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -245,11 +273,11 @@ class InfluenceReport(Callback):
 
     @staticmethod
     def _monitor_spectrum(trainer: pl.Trainer) -> SpectrumSummary | None:
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]
-            if type(cb).__name__ == "CurvatureMonitor":
-                latest = getattr(cb, "latest", None)
-                if isinstance(latest, SpectrumSummary) and math.isfinite(latest.trace) and latest.lambda_max > 0:
-                    return latest
+        """The latest measurement of a :class:`CurvatureMonitor` in the callbacks, if usable (it ran in training)."""
+        monitor = find_callback(trainer, CurvatureMonitor)
+        latest = monitor.latest if monitor is not None else None
+        if isinstance(latest, SpectrumSummary) and math.isfinite(latest.trace) and latest.lambda_max > 0:
+            return latest
         return None
 
     def _progress(self, trainer: pl.Trainer, total: int) -> Any:
@@ -289,14 +317,16 @@ class InfluenceReport(Callback):
             return value.item() if value.numel() == 1 else None
         return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
-    def _predictions(self, module: torch.nn.Module, dataset: Any, indices: Tensor, collate_fn: Any) -> list[Any]:
-        from lightning_influence.operators import curvature_mode, make_batches, prepare_batch
+    def _predictions(self, module: torch.nn.Module, query: ResolvedData, indices: Tensor) -> list[Any]:
+        """Predicted class (argmax, or ``logit > 0`` for one output) per query; ``None`` where there is none."""
+        from lightning_influence.data import DataSource
 
         first = next(module.parameters())
         preds: list[Any] = []
         try:
+            batches = DataSource(query.dataset, indices, batch_size=256, collate_fn=query.collate_fn).batches()
             with torch.no_grad(), curvature_mode(module):
-                for batch in make_batches(dataset, indices.tolist(), 256, collate_fn):
+                for batch in batches:
                     out, _ = self.task(module, prepare_batch(batch, first.device), validate=False)
                     if out.ndim == 2 and out.shape[1] > 1:
                         preds += out.argmax(1).tolist()
@@ -308,15 +338,14 @@ class InfluenceReport(Callback):
             preds = [None] * len(indices)
         return preds
 
-    def _write_report(self, trainer: pl.Trainer, module: torch.nn.Module, result: InfluenceResult,
-                      directory: Path, train: Any, query: Any, step: int) -> None:
-        from lightning_influence.reporting import ReportStore
+    def _query_entries(
+        self, module: torch.nn.Module, result: InfluenceResult, top: Any, train: ResolvedData, query: ResolvedData,
+    ) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
+        """Per query: label, prediction, loss, top proponents/opponents; plus the query and training images."""
         from lightning_influence.reporting.figures import image_payload
 
-        top = result.top_k()
-        preds = self._predictions(module, query.dataset, result.query_indices, query.collate_fn)
-        want_images = self.images is not False
-        flat_ok = bool(self.images)
+        preds = self._predictions(module, query, result.query_indices)
+        want_images, flat_ok = self.images is not False, bool(self.images)
         queries, query_images, train_images = [], [], {}
         for i, q in enumerate(result.query_indices.tolist()):
             xq, yq = self._example(query.dataset, q)
@@ -336,6 +365,18 @@ class InfluenceReport(Callback):
             queries.append(entry)
             if want_images:
                 query_images.append(image_payload(xq, allow_flat_square=flat_ok))
+        return queries, query_images, train_images
+
+    def _publish(self, trainer: pl.Trainer, module: torch.nn.Module, result: InfluenceResult, directory: Path | None,
+                 train: ResolvedData, query: ResolvedData, step: int) -> dict[str, Any]:
+        """Rank 0: save the result and the score tensor, log the media; return the ``"influence"`` section."""
+        from lightning_influence.reporting import ReportStore
+
+        assert directory is not None
+        result.save(directory / RESULT_FILE)
+        ReportStore(directory, render=False).save_tensor("scores", result.scores, section="influence")
+        top = result.top_k()
+        queries, query_images, train_images = self._query_entries(module, result, top, train, query)
         section: dict[str, Any] = {
             "config": {**result.config, "num_train": int(result.scores.shape[1]),
                        "num_queries": int(result.scores.shape[0]), "world_size": result.diagnostics.get("world_size"),
@@ -347,9 +388,7 @@ class InfluenceReport(Callback):
             "summary": {k.split("/", 1)[1]: v for k, v in result.metrics().items()},
             "diagnostics": {k: v for k, v in result.diagnostics.items() if k != "curvature_indices"},
         }
-        if want_images and any(img is not None for img in query_images) and all(
-            img is not None for img in query_images
-        ):
+        if query_images and all(img is not None for img in query_images):
             section["query_images"] = query_images
         if train_images:
             section["train_images"] = train_images
@@ -363,10 +402,8 @@ class InfluenceReport(Callback):
         if not result.solve.get("converged", True):
             section["notes"] = [f"The {result.solve.get('method')} solver did not meet its tolerance (relative "
                                 f"residual {result.solve.get('relative_residual')}); treat the scores with care."]
-        store = ReportStore(directory)
-        store.update("influence", section, render=False)
-        store.save_tensor("scores", result.scores, section="influence")
         self._log_media(trainer, result, top, step)
+        return section
 
     @staticmethod
     def _log_media(trainer: pl.Trainer, result: InfluenceResult, top: Any, step: int) -> None:
@@ -376,7 +413,7 @@ class InfluenceReport(Callback):
             from lightning_influence.reporting import media
             from lightning_influence.reporting.figures import convergence_figure, histogram_figure
         except ImportError as err:  # pragma: no cover
-            rank_zero_warn(f"InfluenceReport: could not log media ({err}).")
+            rank_zero_warn(f"{_WHO}: could not log media ({err}).")
             return
         loggers = trainer.loggers
         s = result.solve
@@ -386,14 +423,14 @@ class InfluenceReport(Callback):
                 f"converged={s.get('converged')}, diverged={s.get('diverged')}; "
                 f"{result.diagnostics.get('gradient_equivalents')} gradient-equivalents in "
                 f"{result.diagnostics.get('seconds', 0.0):.2f} s. Sign: negative score = proponent.")
-        media.log_text(loggers, "influence/summary", text, step=step)
-        media.log_histogram(loggers, "influence/scores", result.scores.flatten(), step=step)
+        media.log_text(loggers, MEDIA_INFLUENCE_SUMMARY, text, step=step)
+        media.log_histogram(loggers, MEDIA_INFLUENCE_SCORES, result.scores.flatten(), step=step)
         if s.get("history"):
-            media.log_figure(loggers, "influence/solver_convergence",
+            media.log_figure(loggers, MEDIA_INFLUENCE_SOLVER_CONVERGENCE,
                              convergence_figure(list(s["history"]), f"{s.get('method')} residual"), step=step)
         if result.self_influence is not None and result.self_influence.numel():
-            media.log_histogram(loggers, "influence/self_influence", result.self_influence, step=step)
-            media.log_figure(loggers, "influence/self_influence_hist",
+            media.log_histogram(loggers, MEDIA_INFLUENCE_SELF_INFLUENCE, result.self_influence, step=step)
+            media.log_figure(loggers, MEDIA_INFLUENCE_SELF_INFLUENCE_HIST,
                              histogram_figure(result.self_influence.tolist(), "self-influence", "self-influence"),
                              step=step)
         rows = []
@@ -404,5 +441,5 @@ class InfluenceReport(Callback):
             for r, (j, sc) in enumerate(zip(top.opponents[i].tolist(), top.opponent_scores[i].tolist(),
                                             strict=True)):
                 rows.append([q, "opponent", r + 1, j, sc])
-        media.log_table(loggers, "influence/top_k", ["query", "kind", "rank", "train_index", "score"], rows,
+        media.log_table(loggers, MEDIA_INFLUENCE_TOP_K, ["query", "kind", "rank", "train_index", "score"], rows,
                         step=step)

@@ -28,16 +28,31 @@ from typing_extensions import override
 
 from lightning_influence.callbacks._common import (
     MisconfigurationError,
+    ResolvedData,
+    RunContext,
+    check_choice,
+    check_int,
+    check_number,
     check_strategy,
-    log_scalars,
-    make_reduce_fn,
-    output_dir,
-    rank_world,
-    resolve_data,
-    unwrap_module,
+    check_task,
+    config_field,
+    find_callback,
+    publish,
+    resolve_config,
+    sample_indices,
 )
-from lightning_influence.distributed import global_sample_indices, shard_indices
-from lightning_influence.operators import make_batches
+from lightning_influence.callbacks.influence_report import InfluenceReport
+from lightning_influence.config import PBRFConfig
+from lightning_influence.metrics import (
+    MEDIA_PBRF_CORRELATIONS,
+    MEDIA_PBRF_VERDICT,
+    PBRF_CONVERGED_FRACTION,
+    PBRF_MAX_RELATIVE_GRAD_NORM,
+    media_pbrf_scatter,
+    pbrf_pearson,
+    pbrf_spearman,
+    regroup,
+)
 from lightning_influence.params import num_parameters, trainable_parameters
 from lightning_influence.pbrf import PBRF, PBRFResult
 from lightning_influence.stats import correlation_table
@@ -49,6 +64,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PBRFValidation", "PBRFValidationResult", "correlation_table"]
 
+_WHO = "PBRFValidation"
 _ADD_REPORT = "add InfluenceReport(...) before PBRFValidation in callbacks"
 
 
@@ -95,16 +111,22 @@ class PBRFValidationResult:
     config: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "pbrf/") -> dict[str, float]:
-        """``pbrf/pearson_<estimator>``, ``pbrf/spearman_<estimator>``, convergence summaries."""
+        """``pbrf/pearson_<estimator>``, ``pbrf/spearman_<estimator>``, convergence summaries.
+
+        Names from :mod:`lightning_influence.metrics` (``PBRF_PEARSON_CG``, ...); ``prefix`` replaces ``pbrf/``.
+
+        Returns:
+            ``name -> value``.
+        """
         out: dict[str, float] = {}
         for row in self.correlations:
-            out[f"{prefix}pearson_{row['estimator']}"] = float(row["pearson"])
-            out[f"{prefix}spearman_{row['estimator']}"] = float(row["spearman"])
+            out[pbrf_pearson(row["estimator"])] = float(row["pearson"])
+            out[pbrf_spearman(row["estimator"])] = float(row["spearman"])
         conv = [bool(c["converged"]) for c in self.certificates]
-        out[f"{prefix}converged_fraction"] = float(sum(conv)) / max(len(conv), 1)
-        out[f"{prefix}max_relative_grad_norm"] = max((float(c["relative_grad_norm"]) for c in self.certificates),
-                                                     default=0.0)
-        return out
+        out[PBRF_CONVERGED_FRACTION] = float(sum(conv)) / max(len(conv), 1)
+        out[PBRF_MAX_RELATIVE_GRAD_NORM] = max((float(c["relative_grad_norm"]) for c in self.certificates),
+                                               default=0.0)
+        return regroup(out, "pbrf/", prefix)
 
 
 class PBRFValidation(Callback):
@@ -129,17 +151,24 @@ class PBRFValidation(Callback):
         task: The task (same as InfluenceReport's).
         num_train: Training examples validated (two PBO solves each); clipped to those the report scored.
         num_queries: Queries per training example; clipped to the report's queries.
-        epsilon: :math:`\epsilon > 0` of the PBO; default :math:`1/N` (upweighting by one example).
-        damping: :math:`\lambda` of the proximity term and of the exact influence; default: InfluenceReport's.
+        epsilon: :math:`\epsilon > 0` of the PBO (``None``: the config's, by default :math:`1/N`, upweighting by
+            one example).
+        damping: :math:`\lambda` of the proximity term and of the exact influence (``None``: the config's, by
+            default InfluenceReport's).
         seed: Seed of the example/query draw.
-        optimizer: PBO optimiser, ``"newton_cg"`` (default, Gauss-Newton-CG) or ``"lbfgs"``.
-        tol: Relative gradient-norm tolerance of each PBO solve.
-        max_iter: Optimiser iterations per solve.
+        optimizer: PBO optimiser, ``"newton_cg"`` (Gauss-Newton-CG) or ``"lbfgs"`` (``None``: the config's,
+            ``"newton_cg"`` by default).
+        tol: Relative gradient-norm tolerance of each PBO solve (``None``: the config's, 1e-5 by default).
+        max_iter: Optimiser iterations per solve (``None``: the config's, 500 by default).
         exact_max_params: Compute the exact damped-GNH influence when the model has at most this many
             parameters (``0`` disables it; the dense GNH costs about :math:`N K P^2` flops for :math:`N` training
             examples with :math:`K` outputs).
         batch_size: Examples per batch of the PBO data term.
         subdir: Report directory under the log dir (InfluenceReport's report, ``"influence"``).
+        config: The PBRF's settings (:class:`~lightning_influence.config.PBRFConfig`: also the dtype, L-BFGS
+            memory, inner CG tolerance, ...; default ``PBRFConfig()``). The explicit arguments above that are not
+            ``None`` replace its fields; its ``normalization`` is always the report's. ``cb.config`` is the resolved
+            config; the report section holds it with the values the run derived (``epsilon``, ``damping``).
 
     Raises:
         MisconfigurationError: In ``__init__`` for non-positive ``num_train``/``num_queries``/``epsilon``/
@@ -161,9 +190,15 @@ class PBRFValidation(Callback):
 
         >>> from lightning_influence.tasks import Classification
         >>> cb = PBRFValidation(Classification(), num_train=5, num_queries=4)
-        >>> cb.num_train, cb.epsilon
-        (5, None)
+        >>> cb.num_train, cb.epsilon, cb.config.optimizer
+        (5, None, 'newton_cg')
     """
+
+    epsilon: float | None = config_field()
+    damping: float | None = config_field()
+    optimizer: str = config_field()
+    tol: float = config_field()
+    max_iter: int = config_field()
 
     def __init__(
         self,
@@ -173,85 +208,59 @@ class PBRFValidation(Callback):
         epsilon: float | None = None,
         damping: float | None = None,
         seed: int = 0,
-        optimizer: str = "newton_cg",
-        tol: float = 1e-5,
-        max_iter: int = 500,
+        optimizer: str | None = None,
+        tol: float | None = None,
+        max_iter: int | None = None,
         exact_max_params: int = 1000,
         batch_size: int = 512,
         subdir: str = "influence",
+        config: PBRFConfig | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_train", num_train), ("num_queries", num_queries), ("max_iter", max_iter),
-                            ("batch_size", batch_size)):
-            if int(value) < 1:
-                raise MisconfigurationError(f"PBRFValidation: {name} must be >= 1, got {value}.")
-        if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
-            raise MisconfigurationError(
-                f"PBRFValidation: epsilon must be > 0 (the PBRF up/down-weights by ±epsilon), got {epsilon}; "
-                "leave it None for 1/N."
-            )
-        if damping is not None and not damping > 0:
-            raise MisconfigurationError(f"PBRFValidation: damping must be > 0, got {damping}; None uses the report's.")
-        if not tol > 0:
-            raise MisconfigurationError(f"PBRFValidation: tol must be > 0, got {tol}.")
-        if optimizer not in ("lbfgs", "newton_cg"):
-            raise MisconfigurationError(f"PBRFValidation: optimizer must be 'lbfgs' or 'newton_cg', got {optimizer!r}.")
-        if exact_max_params < 0:
-            raise MisconfigurationError(f"PBRFValidation: exact_max_params must be >= 0, got {exact_max_params}.")
-        self.task = task
-        self.num_train = int(num_train)
-        self.num_queries = int(num_queries)
-        self.epsilon = epsilon
-        self.damping = damping
+        self.task = check_task(task, _WHO)
+        self.num_train = check_int(_WHO, "num_train", num_train)
+        self.num_queries = check_int(_WHO, "num_queries", num_queries)
+        self.batch_size = check_int(_WHO, "batch_size", batch_size)
+        self.exact_max_params = check_int(_WHO, "exact_max_params", exact_max_params, 0, fix="0 disables it")
+        check_int(_WHO, "max_iter", max_iter, allow_none=True)
+        check_number(_WHO, "epsilon", epsilon, allow_none=True,
+                     fix="the PBRF up/down-weights by ±epsilon; leave it None for 1/N")
+        check_number(_WHO, "damping", damping, allow_none=True, fix="None uses the report's")
+        check_number(_WHO, "tol", tol, allow_none=True)
+        if optimizer is not None:
+            check_choice(_WHO, "optimizer", optimizer, ("lbfgs", "newton_cg"))
+        #: The resolved PBRF settings (:class:`~lightning_influence.config.PBRFConfig`).
+        self.config = resolve_config(_WHO, PBRFConfig, config, PBRFConfig(), epsilon=epsilon, damping=damping,
+                                     optimizer=optimizer, tol=tol, max_iter=max_iter)
         self.seed = int(seed)
-        self.optimizer = optimizer
-        self.tol = float(tol)
-        self.max_iter = int(max_iter)
-        self.exact_max_params = int(exact_max_params)
-        self.batch_size = int(batch_size)
         self.subdir = subdir
         #: The last validation (``None`` before ``on_train_end``; not returned to the parent under ``ddp_spawn``).
         self.result: PBRFValidationResult | None = None
 
     # ------------------------------------------------------------------------------------------- setup
-    def _influence_report(self, trainer: pl.Trainer) -> Any:
-        callbacks = list(getattr(trainer, "callbacks", []))
-        try:
-            from lightning_influence.callbacks.influence_report import (  # type: ignore[import-not-found,unused-ignore]
-                InfluenceReport,
-            )
-
-            found = [i for i, cb in enumerate(callbacks) if isinstance(cb, InfluenceReport)]
-        except ImportError:  # pragma: no cover - the influence callback is part of the package
-            found = [i for i, cb in enumerate(callbacks) if type(cb).__name__ == "InfluenceReport"]
-        if not found:
+    def _influence_report(self, trainer: pl.Trainer) -> InfluenceReport:
+        report = find_callback(trainer, InfluenceReport, before=self)  # raises if it comes after this callback
+        if report is None:
             raise MisconfigurationError(
-                f"PBRFValidation validates InfluenceReport's scores but the Trainer has no InfluenceReport: "
-                f"{_ADD_REPORT}."
+                f"{_WHO} validates InfluenceReport's scores but the Trainer has no InfluenceReport: {_ADD_REPORT}."
             )
-        me = next((i for i, cb in enumerate(callbacks) if cb is self), None)
-        if me is not None and found[0] > me:
-            raise MisconfigurationError(
-                "PBRFValidation comes before InfluenceReport in callbacks, so the scores would not exist yet when it "
-                f"runs (both use on_train_end): {_ADD_REPORT}."
-            )
-        return callbacks[found[0]]
+        return report
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "PBRFValidation")
+        check_strategy(trainer, _WHO)
         self._influence_report(trainer)
 
     # -------------------------------------------------------------------------------------- validation
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         report = self._influence_report(trainer)
-        inf = getattr(report, "result", None)
+        inf = report.result  # the same on every rank, so every rank raises or none does
         if inf is None:
             raise MisconfigurationError(
-                "PBRFValidation found no influence scores to validate: InfluenceReport.result is None (it did not "
+                f"{_WHO} found no influence scores to validate: InfluenceReport.result is None (it did not "
                 f"run, or failed). {_ADD_REPORT[0].upper()}{_ADD_REPORT[1:]} and make sure it runs at train end."
             )
         start = time.perf_counter()
@@ -259,11 +268,8 @@ class PBRFValidation(Callback):
         result.config["seconds"] = time.perf_counter() - start
         self.result = result
         step = int(trainer.global_step)
-        log_scalars(trainer, result.metrics(), step)
-        directory = output_dir(trainer, self.subdir)  # all ranks (broadcast + barrier)
-        if trainer.is_global_zero:
-            self._publish(trainer, result, directory, step)
-        trainer.strategy.barrier("lightning_influence.pbrf_validation")
+        publish(trainer, who=_WHO, step=step, metrics=result.metrics(), subdir=self.subdir, section="pbrf",
+                content=lambda _: self._publish(trainer, result, step))
 
     def validate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: Any, inf: Any
@@ -276,110 +282,105 @@ class PBRFValidation(Callback):
         Raises:
             MisconfigurationError: If the report's result has no scores or no usable damping.
         """
-        from lightning_influence.influence import InfluenceConfig, gradient_dot_scores, influence_scores
-
-        scores: Tensor = inf.scores.detach().cpu()
-        if scores.ndim != 2 or scores.numel() == 0:
-            raise MisconfigurationError(
-                f"PBRFValidation found no influence scores to validate (shape {tuple(scores.shape)}): {_ADD_REPORT}."
-            )
+        ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
         cfg = dict(getattr(inf, "config", {}) or {})
         report_solver = str(cfg.get("solver", getattr(report, "solver", "influence")))
         damping = float(self.damping if self.damping is not None else cfg.get("damping", math.nan))
         if not (math.isfinite(damping) and damping > 0):
             raise MisconfigurationError(
-                f"PBRFValidation needs damping > 0 for the PBRF proximity term; InfluenceReport used {damping}. Pass "
+                f"{_WHO} needs damping > 0 for the PBRF proximity term; InfluenceReport used {damping}. Pass "
                 "damping=... to PBRFValidation."
             )
-        normalization = str(cfg.get("normalization", "sum"))
-        rank, world = rank_world(trainer)
-        reduce_fn = make_reduce_fn(trainer)
-        module = unwrap_module(pl_module)
-
-        train = resolve_data(trainer, getattr(report, "train_data", "train"), "PBRFValidation")
-        query = resolve_data(trainer, getattr(report, "query_data", "val"), "PBRFValidation")
-        collate = train.collate_fn
-        # Columns / rows of the report's score matrix to validate (seeded: identical on every rank).
-        n_cols, n_rows = scores.shape[1], scores.shape[0]
-        cols = global_sample_indices(n_cols, min(self.num_train, n_cols), seed=self.seed)
-        rows = global_sample_indices(n_rows, min(self.num_queries, n_rows), seed=self.seed + 1)
-        train_idx = torch.as_tensor(inf.train_indices).cpu()[cols]
-        query_idx = torch.as_tensor(inf.query_indices).cpu()[rows]
-        report_scores = scores[rows][:, cols].T.contiguous().double()  # (num_train, num_queries)
-
+        train = ctx.resolve(getattr(report, "train_data", "train"))
+        query = ctx.resolve(getattr(report, "query_data", "val"))
+        train_idx, query_idx, report_scores = self._pairs(inf)
         # The PBO's data term: the same sample as the report's GNH (default: the whole training set), sharded.
-        curv = getattr(inf, "diagnostics", {}).get("curvature_indices") if hasattr(inf, "diagnostics") else None
+        curv = getattr(inf, "diagnostics", {}).get("curvature_indices")
         curv_idx = torch.as_tensor(curv) if curv is not None else torch.arange(len(train.dataset))
-        local = shard_indices(curv_idx, rank, world)
-        data = make_batches(train.dataset, local, self.batch_size, collate) if len(local) else []
-        pbrf = PBRF(module, self.task, data, damping=damping, epsilon=self.epsilon, reduce_fn=reduce_fn,
-                    optimizer=self.optimizer, tol=self.tol, max_iter=self.max_iter,
-                    normalization=normalization)
-        query_batches = make_batches(query.dataset, query_idx, self.batch_size, query.collate_fn)
+        pbrf = PBRF(ctx.module, self.task, ctx.source(train, curv_idx, batch_size=self.batch_size),
+                    config=self.config, damping=damping, reduce_fn=ctx.reduce_fn,
+                    normalization=str(cfg.get("normalization", "sum")))
+        query_batches = ctx.source(query, query_idx, batch_size=self.batch_size, shard=False).batches()
         responses: list[Tensor] = []
         certificates: list[dict[str, Any]] = []
         for i in train_idx.tolist():
-            example = make_batches(train.dataset, [i], 1, collate)[0]
-            res: PBRFResult = pbrf.response(example, queries=query_batches)
+            res: PBRFResult = pbrf.response(ctx.source(train, [i], batch_size=1, shard=False).batches()[0],
+                                            queries=query_batches)
             responses.append(res.response.cpu())
-            cert = res.to_dict()
-            cert.pop("response")
-            cert["train_index"] = int(i)
-            certificates.append(cert)
+            certificates.append({**{k: v for k, v in res.to_dict().items() if k != "response"}, "train_index": int(i)})
         pbrf_matrix = torch.stack(responses)
-
-        estimates: dict[str, Tensor] = {report_solver: report_scores}
-        model64 = pbrf.model  # float64 copy at the trained weights (restored after every PBO measurement)
-        common: dict[str, Any] = {"train_indices": train_idx, "query_indices": query_idx, "collate_fn": collate}
-        p = num_parameters(trainable_parameters(module))
-        if report_solver != "exact" and p <= self.exact_max_params:
-            base = {k: v for k, v in cfg.items() if k in InfluenceConfig.__dataclass_fields__}
-            base.update(solver="exact", damping=damping, self_influence=False, dtype="float64")
-            exact = influence_scores(
-                model64, self.task, train.dataset, query.dataset, config=InfluenceConfig(**base),
-                curvature_indices=curv_idx if curv is not None else None, reduce_fn=reduce_fn, rank=rank,
-                world_size=world, query_collate_fn=query.collate_fn, **common,
-            )
-            estimates["exact"] = exact.scores.detach().cpu().T.double()
-        gd = gradient_dot_scores(model64, self.task, train.dataset, query.dataset, normalization=normalization,
-                                 **common)
-        estimates["gradient_dot"] = gd.detach().cpu().T.double()
-
+        estimates = {report_solver: report_scores,
+                     **self._baselines(ctx, pbrf, cfg, report_solver, train, query, train_idx, query_idx,
+                                       curv_idx if curv is not None else None)}
         table, per_example = correlation_table(pbrf_matrix, estimates)
-        converged = all(c["converged"] for c in certificates)
         config = {
-            **pbrf.to_dict(),
-            "report_solver": report_solver,
-            "report_damping": cfg.get("damping"),
-            "num_train": len(train_idx),
-            "num_queries": len(query_idx),
-            "seed": self.seed,
-            "world_size": world,
-            "num_params": p,
-            "exact_computed": "exact" in estimates,
+            **pbrf.config.to_dict(), **pbrf.to_dict(), "report_solver": report_solver,
+            "report_damping": cfg.get("damping"), "num_train": len(train_idx), "num_queries": len(query_idx),
+            "seed": self.seed, "world_size": ctx.world_size, "num_params": pbrf.num_params,
+            "exact_computed": "exact" in estimates, "batch_size": self.batch_size,
+            "exact_max_params": self.exact_max_params,
         }
         return PBRFValidationResult(
-            train_indices=train_idx,
-            query_indices=query_idx,
-            pbrf=pbrf_matrix,
-            estimates=estimates,
-            correlations=table,
-            per_example=per_example,
-            certificates=certificates,
-            verdict=_verdict(table, report_solver, converged),
-            config=config,
+            train_indices=train_idx, query_indices=query_idx, pbrf=pbrf_matrix, estimates=estimates,
+            correlations=table, per_example=per_example, certificates=certificates,
+            verdict=_verdict(table, report_solver, all(c["converged"] for c in certificates)), config=config,
         )
 
+    def _pairs(self, inf: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """The validated training examples and queries (seeded draws from the report's) and the report's scores.
+
+        Returns:
+            ``(train_indices, query_indices, scores)``, the scores as ``(num_train, num_queries)`` float64.
+
+        Raises:
+            MisconfigurationError: If the report holds no scores.
+        """
+        scores: Tensor = inf.scores.detach().cpu()
+        if scores.ndim != 2 or scores.numel() == 0:
+            raise MisconfigurationError(
+                f"{_WHO} found no influence scores to validate (shape {tuple(scores.shape)}): {_ADD_REPORT}."
+            )
+        cols = sample_indices(scores.shape[1], self.num_train, self.seed)
+        rows = sample_indices(scores.shape[0], self.num_queries, self.seed, "queries")
+        train_idx = torch.as_tensor(inf.train_indices).cpu()[cols]
+        query_idx = torch.as_tensor(inf.query_indices).cpu()[rows]
+        return train_idx, query_idx, scores[rows][:, cols].T.contiguous().double()
+
+    def _baselines(
+        self, ctx: RunContext, pbrf: PBRF, cfg: dict[str, Any], report_solver: str, train: ResolvedData,
+        query: ResolvedData, train_idx: Tensor, query_idx: Tensor, curv_idx: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """The exact damped-GNH influence (small models) and the gradient-dot baseline, on the float64 copy."""
+        from lightning_influence.influence import InfluenceConfig, gradient_dot_scores, influence_scores
+
+        model64 = pbrf.model  # float64 copy at the trained weights (restored after every PBO measurement)
+        common: dict[str, Any] = {"train_indices": train_idx, "query_indices": query_idx,
+                                  "collate_fn": train.collate_fn}
+        out: dict[str, Tensor] = {}
+        if report_solver != "exact" and num_parameters(trainable_parameters(ctx.module)) <= self.exact_max_params:
+            base = {k: v for k, v in cfg.items() if k in InfluenceConfig.__dataclass_fields__}
+            base.update(solver="exact", damping=pbrf.damping, self_influence=False, dtype="float64")
+            exact = influence_scores(
+                model64, self.task, train.dataset, query.dataset, config=InfluenceConfig(**base),
+                curvature_indices=curv_idx, reduce_fn=ctx.reduce_fn, rank=ctx.rank, world_size=ctx.world_size,
+                query_collate_fn=query.collate_fn, **common,
+            )
+            out["exact"] = exact.scores.detach().cpu().T.double()
+        gd = gradient_dot_scores(model64, self.task, train.dataset, query.dataset, normalization=pbrf.normalization,
+                                 **common)
+        out["gradient_dot"] = gd.detach().cpu().T.double()
+        return out
+
     # ---------------------------------------------------------------------------------------- outputs
-    def _publish(self, trainer: pl.Trainer, result: PBRFValidationResult, directory: Any, step: int) -> None:
+    def _publish(self, trainer: pl.Trainer, result: PBRFValidationResult, step: int) -> dict[str, Any]:
+        """Rank 0: log the table, the verdict and the scatter figures; return the ``"pbrf"`` report section."""
         from lightning_influence.reporting import figures, media
-        from lightning_influence.reporting.store import ReportStore
 
         columns = ["estimator", "pearson", "spearman", "pearson_median_per_example", "spearman_median_per_example",
                    "n"]
-        media.log_table(trainer.loggers, "pbrf/correlations", columns,
+        media.log_table(trainer.loggers, MEDIA_PBRF_CORRELATIONS, columns,
                         [[row[c] for c in columns] for row in result.correlations], step=step)
-        media.log_text(trainer.loggers, "pbrf/verdict", result.verdict, step=step)
+        media.log_text(trainer.loggers, MEDIA_PBRF_VERDICT, result.verdict, step=step)
         x = result.pbrf.flatten().tolist()
         scatter = []
         for name, est in result.estimates.items():
@@ -387,7 +388,7 @@ class PBRFValidation(Callback):
             scatter.append({"estimator": name, "pbrf": x, "estimate": y})
             if trainer.loggers:
                 fig = figures.scatter_figure(x, y, f"{name} vs PBRF", "PBRF response", name)
-                media.log_figure(trainer.loggers, f"pbrf/scatter_{name}", fig, step=step)
+                media.log_figure(trainer.loggers, media_pbrf_scatter(name), fig, step=step)
         per_example_rows = []
         for j, idx in enumerate(result.train_indices.tolist()):
             row: dict[str, Any] = {"train_index": int(idx)}
@@ -397,13 +398,13 @@ class PBRFValidation(Callback):
             row["converged"] = result.certificates[j]["converged"]
             row["relative_grad_norm"] = result.certificates[j]["relative_grad_norm"]
             per_example_rows.append(row)
-        ReportStore(directory).update("pbrf", {
+        return {
             "verdict": result.verdict,
             "correlations": result.correlations,
             "scatter": scatter,
             "per_example": per_example_rows,
-            "summary": {k: v for k, v in result.metrics().items()},
+            "summary": result.metrics(),
             "config": result.config,
             "train_indices": result.train_indices.tolist(),
             "query_indices": result.query_indices.tolist(),
-        })
+        }

@@ -11,6 +11,16 @@ import torch
 from torch import Tensor
 
 from lightning_influence.distributed import ReduceFn, reduce_packed
+from lightning_influence.metrics import (
+    CV_APPROX_LOSS,
+    CV_APPROX_PASSES,
+    CV_APPROX_SECONDS,
+    CV_EXACT_LOSS,
+    CV_EXACT_PASSES,
+    CV_EXACT_SECONDS,
+    cv_approx_fold,
+    cv_exact_fold,
+)
 
 __all__ = ["FISHER_PRODUCT_COST", "FORWARD_COST", "HESSIAN_PRODUCT_COST", "CVResult", "FoldResult", "PassCount"]
 
@@ -186,6 +196,33 @@ class CVResult:
     def thetas(self) -> list[Tensor]:
         """Refit parameters per fold."""
         return [f.theta for f in self.folds]
+
+    @property
+    def is_exact(self) -> bool:
+        """Whether this is an exact-refit result (``method`` ``"exact-<solver>"``), not an approximation."""
+        return self.method.startswith("exact")
+
+    def metrics(self) -> dict[str, float]:
+        """The logged scalars: ``cv/approx_*`` (or ``cv/exact_*`` for exact refits) and one per fold.
+
+        Returns:
+            ``name -> value`` (names from :mod:`lightning_influence.metrics`).
+
+        Example::
+
+            >>> res = CVResult(estimate=0.5, pooled=0.5, folds=[], method="afif-fisher", cost=PassCount(10, 20.0),
+            ...                seconds=1.0)
+            >>> res.metrics()
+            {'cv/approx_loss': 0.5, 'cv/approx_passes': 2.0, 'cv/approx_seconds': 1.0}
+        """
+        if self.is_exact:
+            out = {CV_EXACT_LOSS: self.estimate, CV_EXACT_PASSES: self.cost.passes, CV_EXACT_SECONDS: self.seconds}
+            out.update({cv_exact_fold(f.fold): f.held_out_loss for f in self.folds})
+        else:
+            out = {CV_APPROX_LOSS: self.estimate, CV_APPROX_PASSES: self.cost.passes,
+                   CV_APPROX_SECONDS: self.seconds}
+            out.update({cv_approx_fold(f.fold): f.held_out_loss for f in self.folds})
+        return {k: float(v) for k, v in out.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary for logs and reports."""

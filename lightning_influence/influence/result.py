@@ -11,6 +11,21 @@ import torch
 from torch import Tensor
 
 from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.metrics import (
+    INFLUENCE_GRADIENT_EQUIVALENTS,
+    INFLUENCE_NUM_PRODUCTS,
+    INFLUENCE_NUM_QUERIES,
+    INFLUENCE_NUM_TRAIN,
+    INFLUENCE_SCORE_ABS_MEAN,
+    INFLUENCE_SECONDS,
+    INFLUENCE_SELF_INFLUENCE_MAX,
+    INFLUENCE_SELF_INFLUENCE_MEAN,
+    INFLUENCE_SOLVER_CONVERGED,
+    INFLUENCE_SOLVER_DIVERGED,
+    INFLUENCE_SOLVER_ITERATIONS,
+    INFLUENCE_SOLVER_RESIDUAL,
+    regroup,
+)
 
 __all__ = ["InfluenceResult", "TopK", "top_k"]
 
@@ -126,23 +141,23 @@ class InfluenceResult:
         return self.train_indices[torch.argsort(self.self_influence, descending=True).cpu()]
 
     def metrics(self, prefix: str = "influence/") -> dict[str, float]:
-        """Scalar diagnostics under their logged names (``influence/solver_residual``, ...)."""
+        """Scalar diagnostics under their logged names (:mod:`lightning_influence.metrics`), group ``prefix``."""
         out = {
-            f"{prefix}solver_residual": float(self.solve.get("relative_residual", math.nan)),
-            f"{prefix}solver_iterations": float(self.solve.get("iterations", 0)),
-            f"{prefix}solver_converged": float(bool(self.solve.get("converged", False))),
-            f"{prefix}solver_diverged": float(bool(self.solve.get("diverged", False))),
-            f"{prefix}num_products": float(self.diagnostics.get("num_products", 0)),
-            f"{prefix}gradient_equivalents": float(self.diagnostics.get("gradient_equivalents", 0.0)),
-            f"{prefix}seconds": float(self.diagnostics.get("seconds", 0.0)),
-            f"{prefix}num_train": float(self.scores.shape[1]),
-            f"{prefix}num_queries": float(self.scores.shape[0]),
-            f"{prefix}score_abs_mean": float(self.scores.abs().mean()) if self.scores.numel() else 0.0,
+            INFLUENCE_SOLVER_RESIDUAL: float(self.solve.get("relative_residual", math.nan)),
+            INFLUENCE_SOLVER_ITERATIONS: float(self.solve.get("iterations", 0)),
+            INFLUENCE_SOLVER_CONVERGED: float(bool(self.solve.get("converged", False))),
+            INFLUENCE_SOLVER_DIVERGED: float(bool(self.solve.get("diverged", False))),
+            INFLUENCE_NUM_PRODUCTS: float(self.diagnostics.get("num_products", 0)),
+            INFLUENCE_GRADIENT_EQUIVALENTS: float(self.diagnostics.get("gradient_equivalents", 0.0)),
+            INFLUENCE_SECONDS: float(self.diagnostics.get("seconds", 0.0)),
+            INFLUENCE_NUM_TRAIN: float(self.scores.shape[1]),
+            INFLUENCE_NUM_QUERIES: float(self.scores.shape[0]),
+            INFLUENCE_SCORE_ABS_MEAN: float(self.scores.abs().mean()) if self.scores.numel() else 0.0,
         }
         if self.self_influence is not None and self.self_influence.numel():
-            out[f"{prefix}self_influence_mean"] = float(self.self_influence.mean())
-            out[f"{prefix}self_influence_max"] = float(self.self_influence.max())
-        return out
+            out[INFLUENCE_SELF_INFLUENCE_MEAN] = float(self.self_influence.mean())
+            out[INFLUENCE_SELF_INFLUENCE_MAX] = float(self.self_influence.max())
+        return regroup(out, "influence/", prefix)
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         """JSON-ready summary: config, diagnostics, solver certificate, top-k per query, self-influence ranking."""
