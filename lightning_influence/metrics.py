@@ -13,7 +13,7 @@ who computes it                    names
 ``InfluenceResult.metrics``        ``INFLUENCE_*`` (``InfluenceReport``)
 ``CVResult.metrics``               ``CV_APPROX_*``, ``CV_EXACT_*``; ``CV_REL_ERROR`` (``ApproximateCV``)
 ``PBRFValidationResult.metrics``   ``PBRF_*`` (``PBRFValidation``)
-``AttributionBenchmark._run``      ``ATTRIBUTION_*`` (``AttributionBenchmark``)
+``AttributionBenchmark`` (callback)  ``ATTRIBUTION_*`` (``AttributionBenchmark``)
 =================================  ======================================================================
 
 Plain Python, no Lightning or torch import.
@@ -194,6 +194,8 @@ SCALAR_NAMES: tuple[str, ...] = (
     CV_APPROX_LOSS, CV_APPROX_PASSES, CV_APPROX_SECONDS, CV_EXACT_LOSS, CV_EXACT_PASSES, CV_EXACT_SECONDS,
     CV_REL_ERROR,
     *_PEARSON.values(), *_SPEARMAN.values(), PBRF_CONVERGED_FRACTION, PBRF_MAX_RELATIVE_GRAD_NORM,
+    ATTRIBUTION_LDS, ATTRIBUTION_LDS_CI_LOW, ATTRIBUTION_LDS_CI_HIGH, ATTRIBUTION_LDS_GRADIENT_DOT,
+    ATTRIBUTION_NUM_SUBSETS, ATTRIBUTION_CACHED_SUBSETS, ATTRIBUTION_SECONDS,
 )
 
 

@@ -1,4 +1,4 @@
-"""Metric names are data: a real fit with all four callbacks logs exactly the names docs/metrics.md documents.
+"""Metric names are data: a real fit with all five callbacks logs exactly the names docs/metrics.md documents.
 
 The names live in ``lightning_influence/metrics.py``; every name there is documented, every fixed scalar constant
 is used where its value is computed, and no code outside metrics.py builds a metric name with an f-string.
@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import Logger
 
 from lightning_influence import metrics
 from lightning_influence.callbacks.approximate_cv import ApproximateCV
+from lightning_influence.callbacks.attribution_benchmark import AttributionBenchmark
 from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_influence.callbacks.influence_report import InfluenceReport
 from lightning_influence.callbacks.pbrf_validation import PBRFValidation
@@ -26,7 +27,7 @@ from tests.helpers.lightning_models import TinyClassifier
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "metrics.md"
 PACKAGE = ROOT / "lightning_influence"
-GROUPS = ("curvature/", "lissa/", "influence/", "cv/", "pbrf/")
+GROUPS = ("curvature/", "lissa/", "influence/", "cv/", "pbrf/", "attribution/")
 FOLDS = 3
 
 
@@ -70,6 +71,8 @@ def _expand(name: str, estimators: set[str]) -> set[str]:
         return {name.replace("<k>", str(k)) for k in range(FOLDS)}
     if "<estimator>" in name:
         return {name.replace("<estimator>", e) for e in estimators}
+    if "<baseline>" in name:
+        return {name.replace("<baseline>", "gradient_dot")}
     return {name}
 
 
@@ -85,7 +88,7 @@ def _expected(estimators: set[str]) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_fit_with_all_four_callbacks_logs_exactly_the_documented_names(tmp_path: Path) -> None:
+def test_a_fit_with_all_five_callbacks_logs_exactly_the_documented_names(tmp_path: Path) -> None:
     task = Classification()
     callbacks = [
         CurvatureMonitor(task, every_n_steps=4, on_checkpoint=False, sample_size=16, batch_size=16, trace_probes=4,
@@ -94,6 +97,7 @@ def test_a_fit_with_all_four_callbacks_logs_exactly_the_documented_names(tmp_pat
                         progress_bar=False, images=False),
         ApproximateCV(task, folds=FOLDS, damping=1e-2, exact_check=True, exact_tol=1e-4, exact_max_iter=30),
         PBRFValidation(task, num_train=2, num_queries=3, max_iter=10),
+        AttributionBenchmark(task, num_subsets=3, epochs=1),
     ]
     recorder = _Recorder()
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, logger=recorder, callbacks=callbacks,
@@ -136,14 +140,16 @@ def test_every_name_in_metrics_py_is_documented() -> None:
 def test_each_constant_is_used_where_its_value_is_computed_and_no_name_is_built_elsewhere() -> None:
     sources = {p: p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py") if p.name != "metrics.py"}
     estimator_dependent = set(metrics._PEARSON.values()) | set(metrics._SPEARMAN.values())
+    estimator_dependent.add(metrics.ATTRIBUTION_LDS_GRADIENT_DOT)  # filled in through attribution_lds()
     for const, value in _constants().items():
         if value in estimator_dependent or const.endswith("_PATTERN"):
             continue  # filled in through pbrf_pearson()/pbrf_spearman()/cv_*_fold()/media_pbrf_scatter()
         users = [p.name for p, text in sources.items() if re.search(rf"\b{const}\b", text)]
         assert users, f"{const} ({value}) is not used outside metrics.py"
-    for func in ("pbrf_pearson", "pbrf_spearman", "cv_approx_fold", "cv_exact_fold", "media_pbrf_scatter"):
+    for func in ("pbrf_pearson", "pbrf_spearman", "cv_approx_fold", "cv_exact_fold", "media_pbrf_scatter",
+                 "attribution_lds"):
         assert any(re.search(rf"\b{func}\(", t) for t in sources.values()), func
-    built = re.compile(r"""f["'][^"'\n]*\b(?:curvature|lissa|influence|cv|pbrf)/[a-z_]*\{""")
+    built = re.compile(r"""f["'][^"'\n]*\b(?:curvature|lissa|influence|cv|pbrf|attribution)/[a-z_]*\{""")
     offenders = [f"{p.relative_to(ROOT)}:{i}" for p, text in sources.items()
                  for i, line in enumerate(text.splitlines(), 1) if built.search(line)]
     assert not offenders, f"metric names built with f-strings outside metrics.py: {offenders}"

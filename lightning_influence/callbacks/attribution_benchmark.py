@@ -24,12 +24,12 @@ from typing_extensions import override
 from lightning_influence import metrics as M
 from lightning_influence.callbacks._common import (
     MisconfigurationError,
+    ResolvedData,
+    RunContext,
     check_strategy,
-    log_scalars,
+    find_callback,
     output_dir,
-    rank_world,
-    resolve_data,
-    unwrap_module,
+    publish,
 )
 from lightning_influence.evaluation.lds import MEASUREMENTS, LDSResult, lds
 from lightning_influence.evaluation.retrain import RetrainResult, SubsetRetrainer, tensor_fingerprint
@@ -224,20 +224,13 @@ class AttributionBenchmark(Callback):
     def _influence_report(self, trainer: pl.Trainer) -> Any:
         from lightning_influence.callbacks.influence_report import InfluenceReport
 
-        callbacks = list(getattr(trainer, "callbacks", []))
-        found = [i for i, cb in enumerate(callbacks) if isinstance(cb, InfluenceReport)]
-        if not found:
+        report = find_callback(trainer, InfluenceReport, before=self)  # raises if it comes after this callback
+        if report is None:
             raise MisconfigurationError(
                 f"{_WHO} scores InfluenceReport's influence scores but the Trainer has no InfluenceReport: "
                 f"{_ADD_REPORT}."
             )
-        me = next((i for i, cb in enumerate(callbacks) if cb is self), None)
-        if me is not None and found[0] > me:
-            raise MisconfigurationError(
-                f"{_WHO} comes before InfluenceReport in callbacks, so the scores would not exist yet when it runs "
-                f"(both use on_train_end): {_ADD_REPORT}."
-            )
-        return callbacks[found[0]]
+        return report
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -332,16 +325,41 @@ class AttributionBenchmark(Callback):
                 f"failed). {_ADD_REPORT[0].upper()}{_ADD_REPORT[1:]} and make sure it runs at train end."
             )
         start = time.perf_counter()
+        ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
         directory = output_dir(trainer, self.subdir)  # all ranks (broadcast + barrier)
-        rank, world = rank_world(trainer)
-        module = unwrap_module(pl_module)
-        train = resolve_data(trainer, getattr(report, "train_data", "train"), _WHO)
-        query = resolve_data(trainer, getattr(report, "query_data", "val"), _WHO)
+        train = ctx.resolve(getattr(report, "train_data", "train"))
+        query = ctx.resolve(getattr(report, "query_data", "val"))
         train_idx = torch.as_tensor(inf.train_indices).long().cpu()
         query_idx = torch.as_tensor(inf.query_indices).long().cpu()
-        params = {k: v.detach().clone() for k, v in trainable_parameters(module).items()}
-        query_batches = make_batches(query.dataset, query_idx.tolist(), 256, query.collate_fn)
+        retrained = self._retrain_subsets(ctx, train, query, train_idx, query_idx, directory)
         solver = str(getattr(inf, "config", {}).get("solver", "influence"))
+        result, baselines = self._scores_lds(ctx, inf, train, query, train_idx, query_idx, retrained)
+        seconds = time.perf_counter() - start
+        for r in (result, *baselines.values()):
+            r.info.update(alpha=self.alpha, seconds=seconds)
+        result.info["estimator"] = solver
+        self.result, self.baseline_results, self.retrained = result, baselines, retrained
+        metrics = {
+            M.ATTRIBUTION_LDS: result.lds,
+            M.ATTRIBUTION_LDS_CI_LOW: result.ci.low,
+            M.ATTRIBUTION_LDS_CI_HIGH: result.ci.high,
+            **{M.attribution_lds(name): r.lds for name, r in baselines.items()},
+            M.ATTRIBUTION_NUM_SUBSETS: float(self.num_subsets),
+            M.ATTRIBUTION_CACHED_SUBSETS: float(len(retrained.reused)),
+            M.ATTRIBUTION_SECONDS: seconds,
+        }
+        self._last_metrics = dict(metrics)
+        publish(trainer, step=ctx.step, metrics=metrics, subdir=self.subdir, section="attribution", who=_WHO,
+                content=lambda d: self._section(trainer, solver, result, baselines, retrained, directory, ctx.step))
+
+    def _retrain_subsets(
+        self, ctx: RunContext, train: ResolvedData, query: ResolvedData, train_idx: Tensor, query_idx: Tensor,
+        directory: Any,
+    ) -> RetrainResult:
+        """Retrain (or read from the cache) the seeded subsets, sharded over the ranks; every rank gets them all."""
+        module = ctx.module
+        params = {k: v.detach().clone() for k, v in trainable_parameters(module).items()}
+        query_batches = ctx.source(query, query_idx, batch_size=256, shard=False).batches()
         fingerprint = "|".join([
             "builtin-finetune", type(module).__qualname__, self.optimizer, f"epochs={self.epochs}", f"lr={self.lr}",
             f"batch={self.batch_size}", f"wd={self.weight_decay}", self.measurement, type(self.task).__name__,
@@ -361,46 +379,33 @@ class AttributionBenchmark(Callback):
                 train_fn, measure_fn, n_train=len(train.dataset), num_subsets=self.num_subsets, alpha=self.alpha,
                 seed=self.seed, candidates=train_idx, cache_dir=directory / self.cache_subdir, fingerprint=fingerprint,
                 query_fingerprint=f"{query.source}:{len(query.dataset)}:{tensor_fingerprint(query_idx)}",
-                on_mismatch=self.on_mismatch, rank=rank, world_size=world,
-                barrier=lambda: trainer.strategy.barrier("lightning_influence.attribution_benchmark.retrain"),
+                on_mismatch=self.on_mismatch, rank=ctx.rank, world_size=ctx.world_size,
+                barrier=lambda: ctx.strategy.barrier("lightning_influence.attribution_benchmark.retrain"),
             )
-            retrained = retrainer.run()
+            return retrainer.run()
         except ConfigurationError as err:
             if isinstance(err, MisconfigurationError):
                 raise
             raise MisconfigurationError(f"{_WHO}: {err}") from err
+
+    def _scores_lds(
+        self, ctx: RunContext, inf: Any, train: ResolvedData, query: ResolvedData, train_idx: Tensor,
+        query_idx: Tensor, retrained: RetrainResult,
+    ) -> tuple[LDSResult, dict[str, LDSResult]]:
+        """LDS of the report's scores and of the baselines on the same retrained models."""
         common: dict[str, Any] = {"measurement": self.measurement, "train_indices": train_idx,
                                   "num_resamples": self.num_resamples, "level": self.level, "seed": self.seed}
-        result = lds(scores.detach().cpu(), retrained.subsets, retrained.outputs, **common)
+        result = lds(inf.scores.detach().cpu(), retrained.subsets, retrained.outputs, **common)
         baselines: dict[str, LDSResult] = {}
         if "gradient_dot" in self.baselines:
             from lightning_influence.influence import gradient_dot_scores
 
             normalization = str(getattr(inf, "config", {}).get("normalization", "sum"))
-            gd = gradient_dot_scores(module, self.task, train.dataset, query.dataset, train_indices=train_idx,
+            gd = gradient_dot_scores(ctx.module, self.task, train.dataset, query.dataset, train_indices=train_idx,
                                      query_indices=query_idx, normalization=normalization,
                                      collate_fn=train.collate_fn)
             baselines["gradient_dot"] = lds(gd.detach().cpu(), retrained.subsets, retrained.outputs, **common)
-        seconds = time.perf_counter() - start
-        for r in (result, *baselines.values()):
-            r.info.update(alpha=self.alpha, seconds=seconds)
-        result.info["estimator"] = solver
-        self.result, self.baseline_results, self.retrained = result, baselines, retrained
-        metrics = {
-            M.ATTRIBUTION_LDS: result.lds,
-            M.ATTRIBUTION_LDS_CI_LOW: result.ci.low,
-            M.ATTRIBUTION_LDS_CI_HIGH: result.ci.high,
-            **{M.attribution_lds(name): r.lds for name, r in baselines.items()},
-            M.ATTRIBUTION_NUM_SUBSETS: float(self.num_subsets),
-            M.ATTRIBUTION_CACHED_SUBSETS: float(len(retrained.reused)),
-            M.ATTRIBUTION_SECONDS: seconds,
-        }
-        self._last_metrics = dict(metrics)
-        step = int(trainer.global_step)
-        log_scalars(trainer, metrics, step)
-        if trainer.is_global_zero:
-            self._publish(trainer, solver, result, baselines, retrained, directory, step)
-        trainer.strategy.barrier("lightning_influence.attribution_benchmark")
+        return result, baselines
 
     # ------------------------------------------------------------------------------------------ output
     def verdict(self, solver: str, result: LDSResult, baselines: dict[str, LDSResult]) -> str:
@@ -425,10 +430,10 @@ class AttributionBenchmark(Callback):
                      "and consider a larger damping.")
         return text
 
-    def _publish(self, trainer: pl.Trainer, solver: str, result: LDSResult, baselines: dict[str, LDSResult],
-                 retrained: RetrainResult, directory: Any, step: int) -> None:
+    def _section(self, trainer: pl.Trainer, solver: str, result: LDSResult, baselines: dict[str, LDSResult],
+                 retrained: RetrainResult, directory: Any, step: int) -> dict[str, Any]:
+        """Rank 0: log the verdict and the scatter, and return the report's ``"attribution"`` section."""
         from lightning_influence.reporting import figures, media
-        from lightning_influence.reporting.store import ReportStore
 
         text = self.verdict(solver, result, baselines)
         media.log_text(trainer.loggers, M.MEDIA_ATTRIBUTION_VERDICT, text, step=step)
@@ -442,7 +447,7 @@ class AttributionBenchmark(Callback):
             rows.append({"estimator": name, "lds": r.lds, "ci_low": r.ci.low, "ci_high": r.ci.high,
                          "num_queries": r.num_queries, "num_subsets": r.num_subsets,
                          "undefined_queries": r.num_undefined})
-        ReportStore(directory).update("attribution", {
+        return {
             "verdict": text,
             "lds": rows,
             "scatter": {"estimator": solver, **scatter},
@@ -455,4 +460,4 @@ class AttributionBenchmark(Callback):
                        "retraining": "warm start from the trained weights (see AttributionBenchmark.retrain)",
                        "cache": str(directory / self.cache_subdir), "config_hash": retrained.config.get("config_hash"),
                        "sign": "predicted = sum of I(z, q) over the subset, times +1 for a loss, -1 for a margin"},
-        })
+        }

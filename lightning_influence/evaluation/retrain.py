@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_influence.distributed import reduce_packed
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.params import make_generator
 
@@ -687,11 +688,13 @@ class SubsetRetrainer:
     def _gather_by_reduce(self, values: dict[int, np.ndarray]) -> Tensor:
         assert self.reduce_fn is not None
         q_local = next(iter(values.values())).size if values else 0
-        head = self.reduce_fn(torch.tensor([float(q_local), float(bool(values))], dtype=torch.float64))
+        (head,) = reduce_packed([torch.tensor([float(q_local), float(bool(values))], dtype=torch.float64)],
+                                self.reduce_fn)
         q = round(float(head[0]) / max(float(head[1]), 1.0))
         if any(v.size != q for v in values.values()):
             raise ConfigurationError("measure_fn returned different numbers of values on different ranks.")
         buf = torch.zeros(self.num_runs, q, dtype=torch.float64)
         for r, v in values.items():
             buf[r] = torch.from_numpy(v.astype(np.float64))
-        return self.reduce_fn(buf.reshape(-1)).reshape(self.num_runs, q)
+        (table,) = reduce_packed([buf], self.reduce_fn)
+        return table
