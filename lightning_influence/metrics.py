@@ -6,15 +6,15 @@ below). Names that depend on a value (the fold index, the estimator) come from a
 documented pattern (``cv/approx_fold_<k>``) is a constant too; ``docs/metrics.md`` documents every name of this
 module (``tests/test_metric_names.py`` checks it).
 
-=================================  ======================================================================
-who computes it                    names
-=================================  ======================================================================
-``SpectrumSummary.metrics``        ``CURVATURE_*``, ``LISSA_*`` (logged by ``CurvatureMonitor``)
-``InfluenceResult.metrics``        ``INFLUENCE_*`` (``InfluenceReport``)
-``CVResult.metrics``               ``CV_APPROX_*``, ``CV_EXACT_*``; ``CV_REL_ERROR`` (``ApproximateCV``)
-``PBRFValidationResult.metrics``   ``PBRF_*`` (``PBRFValidation``)
-``AttributionBenchmark`` (callback)  ``ATTRIBUTION_*`` (``AttributionBenchmark``)
-=================================  ======================================================================
+======================================  ======================================================================
+who computes it                         names
+======================================  ======================================================================
+``SpectrumSummary.metrics``             ``CURVATURE_*``, ``LISSA_*`` (logged by ``CurvatureMonitor``)
+``InfluenceResult.metrics``             ``INFLUENCE_*`` (``InfluenceReport``)
+``CVResult.metrics``                    ``CV_APPROX_*``, ``CV_EXACT_*``; ``CV_REL_ERROR`` (``ApproximateCV``)
+``PBRFValidationResult.metrics``        ``PBRF_*`` (``PBRFValidation``)
+``AttributionBenchmark`` (callback)     ``ATTRIBUTION_*`` (``AttributionBenchmark``)
+======================================  ======================================================================
 
 Plain Python, no Lightning or torch import.
 

@@ -38,25 +38,30 @@ calls) happen on rank 0 only.
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_influence.config import Config
+from lightning_influence.callbacks._checks import (
+    MisconfigurationError,
+    check_choice,
+    check_dataset,
+    check_int,
+    check_number,
+    check_task,
+    config_field,
+    resolve_config,
+)
+from lightning_influence.callbacks._data import ResolvedData, check_data_available, resolve_data, resolve_dataset
 from lightning_influence.data import CollateFn, DataSource
 from lightning_influence.distributed import ReduceFn, global_sample_indices, sum_reducer
-from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.params import derive_seed, isolated_rng
-from lightning_influence.tasks import Task
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -90,277 +95,12 @@ __all__ = [
     "warn_no_logger",
 ]
 
-C = TypeVar("C", bound=Config)
-
 #: Strategies the callbacks support (curvature work is sharded data-parallel over the unwrapped module).
 SUPPORTED_STRATEGIES: tuple[str, ...] = ("single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 
 # Strategies that subclass a supported one but shard or compile the model: not supported.
 _REJECTED_STRATEGY_NAMES = ("DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLAStrategy", "FSDPStrategy",
                             "ModelParallelStrategy")
-
-
-class MisconfigurationError(MisconfigurationException, ConfigurationError):
-    """A callback argument does not fit the Trainer, model or data; the message names the argument and the fix.
-
-    Subclasses Lightning's ``MisconfigurationException`` and
-    :class:`~lightning_influence.exceptions.ConfigurationError` (a ``ValueError``).
-
-    Example::
-
-        >>> from lightning.fabric.utilities.exceptions import MisconfigurationException
-        >>> try:
-        ...     raise MisconfigurationError("dataset must be 'train', 'val' or a Dataset")
-        ... except ValueError as e:
-        ...     print(type(e).__name__, isinstance(e, (MisconfigurationException, ConfigurationError)))
-        MisconfigurationError True
-    """
-
-
-# ------------------------------------------------------------------------------------------- arguments
-def _must_be(who: str, name: str, rule: str, shown: str, fix: str | None) -> str:
-    """``"<who>: <name> must be <rule>, got <shown>; <fix>"`` (the callbacks' argument-error style)."""
-    return f"{who}: {name} must be {rule}, got {shown}" + (f"; {fix}" if fix else ".")
-
-
-def check_task(task: Any, who: str, *, allow_loss_name: bool = False) -> Task:
-    """``task`` as a :class:`~lightning_influence.tasks.Task` (a loss name builds one if ``allow_loss_name``).
-
-    Returns:
-        The task.
-
-    Raises:
-        MisconfigurationError: For anything else, or an unknown loss name.
-
-    Example::
-
-        >>> from lightning_influence.tasks import Classification
-        >>> isinstance(check_task(Classification(), "InfluenceReport"), Classification)
-        True
-        >>> type(check_task("mse", "CurvatureMonitor", allow_loss_name=True)).__name__
-        'Task'
-        >>> try:
-        ...     check_task(object(), "ApproximateCV")
-        ... except MisconfigurationError as e:
-        ...     print(str(e)[:73])
-        ApproximateCV: task must be a lightning_influence.tasks.Task, got object;
-    """
-    if allow_loss_name and isinstance(task, str):
-        try:
-            return Task(task)
-        except (ConfigurationError, ValueError, KeyError) as err:
-            raise MisconfigurationError(f"{who}: task={task!r} is not a known loss name ({err}).") from err
-    if not isinstance(task, Task):
-        raise MisconfigurationError(
-            f"{who}: task must be a lightning_influence.tasks.Task, got {type(task).__name__}; pass e.g. "
-            "Classification(), Regression() or LanguageModeling() (subclass Task for custom batch formats)."
-        )
-    return task
-
-
-@overload
-def check_int(
-    who: str, name: str, value: Any, minimum: int = ..., *, allow_none: Literal[False] = ..., rule: str | None = ...,
-    fix: str | None = ...,
-) -> int: ...
-@overload
-def check_int(
-    who: str, name: str, value: Any, minimum: int = ..., *, allow_none: bool, rule: str | None = ...,
-    fix: str | None = ...,
-) -> int | None: ...
-def check_int(
-    who: str, name: str, value: Any, minimum: int = 1, *, allow_none: bool = False, rule: str | None = None,
-    fix: str | None = None,
-) -> int | None:
-    """An integer ``>= minimum`` (or ``None`` when ``allow_none``); bools and fractional numbers are rejected.
-
-    Args:
-        who: The callback's name.
-        name: The argument's name.
-        value: Its value.
-        minimum: The smallest allowed value.
-        allow_none: Accept ``None`` (returned as is).
-        rule: The rule as the message states it (default ``">= <minimum>"``).
-        fix: What to do instead, appended to the message.
-
-    Returns:
-        ``int(value)``, or ``None``.
-
-    Raises:
-        MisconfigurationError: Naming the argument, the rule and the value.
-
-    Example::
-
-        >>> check_int("PBRFValidation", "num_train", 3)
-        3
-        >>> try:
-        ...     check_int("PBRFValidation", "num_train", 0, fix="validate at least one training example")
-        ... except MisconfigurationError as e:
-        ...     print(e)
-        PBRFValidation: num_train must be >= 1, got 0; validate at least one training example
-    """
-    if value is None and allow_none:
-        return None
-    stated = (rule or f">= {minimum}") + (" or None" if allow_none else "")
-    integral = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not integral or int(value) < minimum:
-        raise MisconfigurationError(_must_be(who, name, stated, repr(value), fix))
-    return int(value)
-
-
-@overload
-def check_number(
-    who: str, name: str, value: Any, *, strict: bool = ..., allow_none: Literal[False] = ..., fix: str | None = ...,
-) -> float: ...
-@overload
-def check_number(
-    who: str, name: str, value: Any, *, strict: bool = ..., allow_none: bool, fix: str | None = ...,
-) -> float | None: ...
-def check_number(
-    who: str, name: str, value: Any, *, strict: bool = True, allow_none: bool = False, fix: str | None = None,
-) -> float | None:
-    """A finite number ``> 0`` (``strict``) or ``>= 0``, or ``None`` when ``allow_none``.
-
-    Returns:
-        ``float(value)``, or ``None``.
-
-    Raises:
-        MisconfigurationError: Naming the argument, the rule and the value.
-
-    Example::
-
-        >>> check_number("ApproximateCV", "damping", 0.0, strict=False)
-        0.0
-        >>> try:
-        ...     check_number("InfluenceReport", "damping", 0.0, fix="try 1e-3")
-        ... except MisconfigurationError as e:
-        ...     print(e)
-        InfluenceReport: damping must be > 0, got 0.0; try 1e-3
-    """
-    if value is None and allow_none:
-        return None
-    stated = ("> 0" if strict else ">= 0") + (" or None" if allow_none else "")
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (value > 0 if strict else value >= 0):
-        raise MisconfigurationError(_must_be(who, name, stated, repr(value), fix))
-    return float(value)
-
-
-def check_choice(who: str, name: str, value: Any, choices: Sequence[Any], fix: str | None = None) -> Any:
-    """``value`` if it is one of ``choices``.
-
-    Returns:
-        ``value``.
-
-    Raises:
-        MisconfigurationError: Listing the choices.
-
-    Example::
-
-        >>> try:
-        ...     check_choice("PBRFValidation", "optimizer", "adam", ("lbfgs", "newton_cg"))
-        ... except MisconfigurationError as e:
-        ...     print(e)
-        PBRFValidation: optimizer must be 'lbfgs' or 'newton_cg', got 'adam'.
-    """
-    if value not in choices:
-        listed = [repr(c) for c in choices]
-        stated = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " or " + listed[-1]
-        raise MisconfigurationError(_must_be(who, name, stated, repr(value), fix))
-    return value
-
-
-def check_dataset(who: str, name: str, value: Any, allowed: Sequence[str] = ("train", "val")) -> Any:
-    """A dataset spec: one of the names in ``allowed`` or a map-style dataset (indexable, with ``len()``).
-
-    Returns:
-        ``value``.
-
-    Raises:
-        MisconfigurationError: For another name or an object that is not a map-style dataset.
-
-    Example::
-
-        >>> check_dataset("CurvatureMonitor", "dataset", "val")
-        'val'
-        >>> try:
-        ...     check_dataset("InfluenceReport", "train_data", "val", allowed=("train",))
-        ... except MisconfigurationError as e:
-        ...     print(e)
-        InfluenceReport: train_data must be 'train' or a map-style Dataset, got 'val'.
-    """
-    if isinstance(value, str) and value in allowed:
-        return value
-    if isinstance(value, str) or not _is_map_style(value):
-        stated = ", ".join(repr(a) for a in allowed) + " or a map-style Dataset"
-        shown = repr(value) if isinstance(value, str) else type(value).__name__
-        fix = None if isinstance(value, str) else "an IterableDataset or a DataLoader cannot be indexed"
-        raise MisconfigurationError(_must_be(who, name, stated, shown, fix))
-    return value
-
-
-def resolve_config(who: str, cls: type[C], config: C | None, default: C, **explicit: Any) -> C:
-    """The callback's resolved config: ``config`` (or ``default``) with the explicit arguments that are not ``None``.
-
-    So ``InfluenceReport(config=InfluenceConfig(solver="lissa"))`` keeps ``"lissa"``, while
-    ``InfluenceReport(solver="exact", config=...)`` overrides the config's solver.
-
-    Args:
-        who: The callback's name.
-        cls: The config class.
-        config: The user's config, or ``None`` for ``default``.
-        default: The callback's default config (its own defaults where they differ from the numerics').
-        **explicit: The explicit keyword arguments duplicating config fields (``None``: take the config's).
-
-    Returns:
-        The validated config.
-
-    Raises:
-        MisconfigurationError: For a config of another type or a field that fails validation.
-
-    Example::
-
-        >>> from lightning_influence.config import CGConfig
-        >>> resolve_config("X", CGConfig, CGConfig(rtol=1e-3), CGConfig(), rtol=None, max_iter=5)
-        CGConfig(rtol=0.001, max_iter=5, warn=True)
-    """
-    try:
-        return cls.resolve(default if config is None else config, **{k: v for k, v in explicit.items()
-                                                                    if v is not None})
-    except ConfigurationError as err:
-        raise MisconfigurationError(f"{who}: {err}") from err
-
-
-class _ConfigField:
-    """Read-only attribute reading the field of the same name from ``self.config``."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return self if obj is None else getattr(obj.config, self.name)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        raise AttributeError(f"{type(obj).__name__}.{self.name} is config.{self.name}; pass it to __init__ instead.")
-
-
-def config_field() -> Any:
-    """Declare a callback attribute that reads the same-named field of ``self.config`` (read-only).
-
-    Returns:
-        The descriptor.
-
-    Example::
-
-        >>> from lightning_influence.config import CGConfig
-        >>> class Holder:
-        ...     rtol: float = config_field()
-        ...     def __init__(self):
-        ...         self.config = CGConfig(rtol=1e-4)
-        >>> Holder().rtol
-        0.0001
-    """
-    return _ConfigField()
 
 
 # ------------------------------------------------------------------------------------------- strategies
@@ -572,193 +312,6 @@ class RunContext:
         rank, world = (self.rank, self.world_size) if shard else (0, 1)
         return DataSource(data.dataset, indices, batch_size=batch_size, collate_fn=collate_fn or data.collate_fn,
                           rank=rank, world_size=world)
-
-
-# ------------------------------------------------------------------------------------------------- data
-@dataclass
-class ResolvedData:
-    """A map-style dataset with the collate function its dataloader used.
-
-    Attributes:
-        dataset: Indexable with ``len``.
-        collate_fn: Collates a list of examples (``None``: ``torch.utils.data.default_collate``).
-        source: Where it came from (``"train"``, ``"val"``, ``"user"``), for messages and reports.
-
-    Example::
-
-        >>> from torch.utils.data import TensorDataset
-        >>> data = ResolvedData(TensorDataset(torch.arange(4.0)), None, "user")
-        >>> len(data.dataset), data.collate_fn, data.source
-        (4, None, 'user')
-    """
-
-    dataset: Any
-    collate_fn: Callable[[list[Any]], Any] | None
-    source: str
-
-
-def _single_loader(loaders: Any, which: str, who: str) -> Any:
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, Sequence) and not hasattr(loaders, "dataset"):
-        if len(loaders) != 1:
-            raise MisconfigurationError(
-                f"{who} found {len(loaders)} {which} dataloaders and cannot pick one; pass dataset=... explicitly."
-            )
-        loaders = loaders[0]
-    return loaders
-
-
-def _request_loader(trainer: pl.Trainer, which: str) -> Any:
-    loaders = trainer.train_dataloader if which == "train" else trainer.val_dataloaders
-    if loaders is not None:
-        return loaders
-    hook = "train_dataloader" if which == "train" else "val_dataloader"
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    dm = getattr(trainer, "datamodule", None)
-    if dm is not None and is_overridden(hook, dm):
-        return getattr(dm, hook)()
-    module = trainer.lightning_module
-    if module is not None and is_overridden(hook, module):
-        return getattr(module, hook)()
-    return None
-
-
-def _is_map_style(dataset: Any) -> bool:
-    from torch.utils.data import IterableDataset
-
-    return (not isinstance(dataset, IterableDataset)) and hasattr(dataset, "__getitem__") and hasattr(
-        dataset, "__len__"
-    )
-
-
-def resolve_data(trainer: pl.Trainer, which: Literal["train", "val"] | Any, who: str = "callback") -> ResolvedData:
-    """The dataset (and collate function) to measure on.
-
-    Args:
-        trainer: The Trainer (its train/val dataloaders, or its datamodule's / module's dataloader hooks).
-        which: ``"train"``, ``"val"`` or a map-style dataset (used as is with the default collate).
-        who: The callback's name, for messages.
-
-    Returns:
-        The resolved dataset.
-
-    Raises:
-        MisconfigurationError: If no such dataloader exists, several exist, or the dataset is not map-style
-            (indexable with a length); the message says to pass ``dataset=...``.
-
-    Example::
-
-        >>> from types import SimpleNamespace
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> ds = TensorDataset(torch.arange(6.0))
-        >>> trainer = SimpleNamespace(train_dataloader=DataLoader(ds, batch_size=2), val_dataloaders=None)
-        >>> data = resolve_data(trainer, "train")
-        >>> data.dataset is ds, data.source
-        (True, 'train')
-        >>> resolve_data(trainer, ds).source   # a dataset passed by the user is used as is
-        'user'
-        >>> import lightning.pytorch as pl
-        >>> unfitted = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        ...                      enable_progress_bar=False, enable_model_summary=False)
-        >>> try:
-        ...     resolve_data(unfitted, "val", "PBRFValidation")
-        ... except MisconfigurationError as e:
-        ...     print(str(e)[:64])
-        PBRFValidation needs the val data but the Trainer has no val dat
-    """
-    if not isinstance(which, str):
-        if not _is_map_style(which):
-            raise MisconfigurationError(
-                f"{who}: dataset must be a map-style dataset (indexable, with len()), got {type(which).__name__}."
-            )
-        return ResolvedData(which, None, "user")
-    if which not in ("train", "val"):
-        raise MisconfigurationError(f"{who}: dataset must be 'train', 'val' or a Dataset, got {which!r}.")
-    loader = _single_loader(_request_loader(trainer, which), which, who)
-    if loader is None:
-        raise MisconfigurationError(
-            f"{who} needs the {which} data but the Trainer has no {which} dataloader; pass dataset=... "
-            "(a map-style dataset) to the callback."
-        )
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None or not _is_map_style(dataset):
-        kind = type(dataset).__name__ if dataset is not None else type(loader).__name__
-        raise MisconfigurationError(
-            f"{who} needs a map-style dataset (indexable, with len()) behind the {which} dataloader, got {kind}; "
-            "pass dataset=... (a map-style dataset) to the callback."
-        )
-    return ResolvedData(dataset, getattr(loader, "collate_fn", None), which)
-
-
-def resolve_dataset(trainer: pl.Trainer, which: Literal["train", "val"] | Any, who: str = "callback") -> Any:
-    """The map-style dataset behind ``which`` (see :func:`resolve_data`, which also returns the collate function).
-
-    Returns:
-        The dataset.
-
-    Example::
-
-        >>> from types import SimpleNamespace
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> ds = TensorDataset(torch.arange(6.0))
-        >>> trainer = SimpleNamespace(train_dataloader=None, val_dataloaders=[DataLoader(ds)])
-        >>> resolve_dataset(trainer, "val") is ds
-        True
-    """
-    return resolve_data(trainer, which, who).dataset
-
-
-def check_data_available(trainer: pl.Trainer, which: Literal["train", "val"] | Any, who: str) -> bool:
-    """Check in ``setup`` what :func:`resolve_data` will find later: raise now for data that cannot be used.
-
-    The Trainer's dataloaders are not attached yet in ``setup``; this runs :func:`resolve_data`'s own path, which then
-    calls the datamodule's or the module's ``*_dataloader`` hook (under :func:`isolated_rng`), and checks that there
-    is one map-style dataset behind it. When no loader is reachable yet the check cannot decide: dataloaders passed
-    to ``trainer.fit(...)`` directly are only attached when the fit loop starts. Then it returns ``False`` and the
-    caller checks again with :func:`resolve_data` in ``on_train_start``, still before the first training step. A
-    hook that fails for another reason (e.g. it needs ``LightningModule.setup``, which runs after the callbacks')
-    also defers the check.
-
-    Returns:
-        ``True`` if the data were found and are usable, ``False`` if the check has to wait for ``on_train_start``.
-
-    Raises:
-        MisconfigurationError: If the loader found has several dataloaders or no map-style dataset behind it.
-
-    Example::
-
-        >>> from types import SimpleNamespace
-        >>> from torch.utils.data import DataLoader, IterableDataset, TensorDataset
-        >>> loader = DataLoader(TensorDataset(torch.arange(4.0)))
-        >>> check_data_available(SimpleNamespace(train_dataloader=loader), "train", "InfluenceReport")
-        True
-        >>> no_val = SimpleNamespace(val_dataloaders=None, datamodule=None, lightning_module=None)
-        >>> check_data_available(no_val, "val", "InfluenceReport")   # maybe passed to fit(): ask again later
-        False
-        >>> class Stream(IterableDataset):
-        ...     def __iter__(self):
-        ...         return iter([])
-        >>> try:
-        ...     check_data_available(SimpleNamespace(train_dataloader=DataLoader(Stream())), "train", "InfluenceReport")
-        ... except MisconfigurationError as e:
-        ...     print(str(e)[:56])
-        InfluenceReport needs a map-style dataset (indexable, wi
-    """
-    if not isinstance(which, str):
-        resolve_data(trainer, which, who)  # a user dataset: checked as is
-        return True
-    try:
-        with isolated_rng():
-            if _request_loader(trainer, which) is None:
-                return False
-            resolve_data(trainer, which, who)
-    except MisconfigurationError:
-        raise
-    except Exception:  # a dataloader hook that cannot run yet: resolve_data runs again when the data are needed
-        return False
-    return True
 
 
 def sample_indices(n: int, size: int | None, seed: int, *tags: object) -> Tensor:
