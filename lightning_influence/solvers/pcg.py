@@ -54,6 +54,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_influence.config import CGConfig
@@ -207,7 +208,7 @@ def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: flo
     _check(sketch, damping, grads.shape[1])
     evals, V = _cast(sketch, grads)
     C = grads @ V
-    outside = ((grads * grads).sum(1) - (C * C).sum(1)).clamp_min(0.0)
+    outside = torch.clamp((grads * grads).sum(1) - (C * C).sum(1), min=0.0)
     values = (C * C / (evals + damping)).sum(1) + outside / damping
     bounds = outside * (1.0 / damping - 1.0 / (sketch.tail_eigenvalue + damping))
     return values, bounds
