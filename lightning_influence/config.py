@@ -11,6 +11,8 @@ is ``conjugate_gradient(op, b, config=CGConfig(rtol=1e-8))``); :meth:`Config.res
 * :class:`SpectrumConfig`: :func:`~lightning_influence.spectrum.estimate_spectrum` (``CurvatureMonitor``);
 * :class:`CGConfig`: :func:`~lightning_influence.solvers.conjugate_gradient`;
 * :class:`LissaConfig`: :func:`~lightning_influence.solvers.lissa`;
+* :class:`SketchConfig`: :func:`~lightning_influence.solvers.compute_sketch` (low-rank GNH sketch: ``"pcg"``,
+  ``"lowrank"``);
 * :class:`InfluenceConfig`: :func:`~lightning_influence.influence.influence_scores` (``InfluenceReport``);
 * :class:`CVConfig`: :func:`~lightning_influence.cv.approximate_cv` (``ApproximateCV``);
 * :class:`PBRFConfig`: :class:`~lightning_influence.pbrf.PBRF` (``PBRFValidation``).
@@ -39,6 +41,7 @@ import torch
 from lightning_influence.exceptions import ConfigurationError
 
 __all__ = [
+    "AUTO_EXACT_MAX_PARAMS",
     "DEFAULT_LISSA_CONSTANT",
     "DEFAULT_LISSA_STEPS_FACTOR",
     "CGConfig",
@@ -47,6 +50,7 @@ __all__ = [
     "InfluenceConfig",
     "LissaConfig",
     "PBRFConfig",
+    "SketchConfig",
     "SpectrumConfig",
 ]
 
@@ -63,8 +67,12 @@ DEFAULT_LISSA_CONSTANT = 4.0
 #: over the second half, that bias is :math:`e^{-3}(1-e^{-3})/3 \approx 1.6\,\%`.
 DEFAULT_LISSA_STEPS_FACTOR = 6.0
 
+#: ``solver="auto"`` uses the exact dense solve up to this many trainable parameters and ``"pcg"`` above
+#: (measured by ``benchmarks/bench_solver_thresholds.py``; the dense curvature is also capped at 5,000 parameters).
+AUTO_EXACT_MAX_PARAMS = 2000
+
 CurvatureKind = Literal["gnh", "expected_fisher", "sampled_fisher", "finite_difference_gnh", "hessian"]
-SolverName = Literal["cg", "lissa", "exact"]
+SolverName = Literal["cg", "lissa", "exact", "pcg", "lowrank", "auto"]
 Normalization = Literal["sum", "mean"]
 DtypeName = Literal["float64", "float32", "float16", "bfloat16"]
 
@@ -312,6 +320,71 @@ class LissaConfig(Config):
         self._choice("on_divergence", ("raise", "warn"))
 
 
+@dataclass
+class SketchConfig(Config):
+    r"""Low-rank sketch of the curvature, its top-``rank`` eigenpairs (:func:`~.solvers.compute_sketch`).
+
+    Attributes:
+        rank: Eigenpairs kept (``r``); must not exceed the number of parameters.
+        method: ``"lanczos"`` (block Krylov with Rayleigh-Ritz, default: measured more accurate per product) or
+            ``"nystrom"`` (randomized Nyström with power iterations).
+        oversample: Extra probe columns beyond ``rank`` (block size ``rank + oversample``).
+        iterations: Krylov depth (``"lanczos"``: blocks of products) or power iterations plus one
+            (``"nystrom"``); the sketch costs ``iterations * (rank + oversample)`` products.
+        trace_probes: Hutchinson probes for the captured trace fraction (``0``: not measured).
+        seed: Seed of the random start block and the probes.
+
+    Example::
+
+        >>> SketchConfig(rank=8).block_size, SketchConfig(rank=8).num_products
+        (18, 54)
+        >>> try:
+        ...     SketchConfig(rank=0).validate()
+        ... except ConfigurationError as e:
+        ...     print(e)
+        SketchConfig.rank must be an integer >= 1, got 0.
+    """
+
+    rank: int = 64
+    method: Literal["lanczos", "nystrom"] = "lanczos"
+    oversample: int = 10
+    iterations: int = 3
+    trace_probes: int = 16
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Check every field.
+
+        Raises:
+            ConfigurationError: Naming the bad field.
+        """
+        self._at_least(1, "rank", "iterations")
+        self._at_least(0, "oversample", "trace_probes")
+        self._choice("method", ("lanczos", "nystrom"))
+
+    @property
+    def block_size(self) -> int:
+        """Columns per product block, ``rank + oversample``."""
+        return self.rank + self.oversample
+
+    @property
+    def num_products(self) -> int:
+        """Products of the eigen-sketch (without the trace probes), ``iterations * block_size``."""
+        return self.iterations * self.block_size
+
+    def check_rank(self, num_params: int) -> None:
+        """Raise if ``rank`` exceeds the number of parameters.
+
+        Raises:
+            ConfigurationError: If ``rank > num_params``.
+        """
+        if self.rank > num_params:
+            raise ConfigurationError(
+                f"SketchConfig.rank={self.rank} exceeds the model's {num_params} trainable parameters; "
+                f"use rank <= {num_params}."
+            )
+
+
 # =============================================================================================== influence
 @dataclass
 class InfluenceConfig(Config):
@@ -319,7 +392,9 @@ class InfluenceConfig(Config):
 
     Attributes:
         damping: :math:`\lambda > 0` added to the GNH (for L2-regularised training, the L2 coefficient).
-        solver: ``"cg"``, ``"lissa"`` or ``"exact"``.
+        solver: ``"cg"``, ``"lissa"``, ``"exact"``, ``"pcg"`` (CG preconditioned by the low-rank sketch: the exact
+            answer, certified), ``"lowrank"`` (the sketch's approximate inverse: no products per query) or
+            ``"auto"`` (``"exact"`` up to :data:`AUTO_EXACT_MAX_PARAMS` parameters, else ``"pcg"``).
         curvature: ``"gnh"`` (default), ``"expected_fisher"``, ``"sampled_fisher"``, ``"finite_difference_gnh"``
             or ``"hessian"`` (may be indefinite; for comparison).
         batch_size: Examples per batch of the fixed-sample curvature operator (CG, certificate, spectrum).
@@ -349,11 +424,22 @@ class InfluenceConfig(Config):
         lissa_measure_constant: Measure condition C.1's constant on the model
             (:func:`~lightning_influence.solvers.measure_batch_constant`) and use it when it exceeds
             ``lissa_constant``.
+        sketch_rank: Eigenpairs of the low-rank sketch (``"pcg"``, ``"lowrank"``; see :class:`SketchConfig`).
+        sketch_method: ``"lanczos"`` or ``"nystrom"``.
+        sketch_oversample: Extra sketch columns beyond ``sketch_rank``.
+        sketch_iterations: Krylov depth / power iterations of the sketch.
+        sketch_trace_probes: Hutchinson probes for the sketch's captured trace fraction.
+        projection_dim: Project training and query gradients to this many dimensions with a seeded random
+            matrix before the dot products of the scores (``None``: no projection; see
+            :class:`~lightning_influence.influence.RandomProjection`).
+        projection_kind: ``"rademacher"`` or ``"gaussian"`` entries of the projection.
         seed: Seed of every random draw (LiSSA batches, probes, sampled labels).
         dtype: ``"float64"``/``"float32"`` to cast floating inputs (the model's dtype is used for products).
 
     Example::
 
+        >>> InfluenceConfig(solver="pcg", sketch_rank=16).sketch_config().rank
+        16
         >>> cfg = InfluenceConfig(solver="lissa", damping=1e-2)
         >>> cfg.lissa_config().average, cfg.lissa_config().chains, cfg.cg_config().rtol
         (0.5, 2, 1e-06)
@@ -382,11 +468,18 @@ class InfluenceConfig(Config):
     lissa_steps: int | None = None
     lissa_eta: float | None = None
     lissa_measure_constant: bool = True
+    sketch_rank: int = 64
+    sketch_method: Literal["lanczos", "nystrom"] = "lanczos"
+    sketch_oversample: int = 10
+    sketch_iterations: int = 3
+    sketch_trace_probes: int = 16
+    projection_dim: int | None = None
+    projection_kind: Literal["rademacher", "gaussian"] = "rademacher"
     seed: int = 0
     dtype: DtypeName | None = None
 
     #: The solver names :meth:`validate` accepts.
-    SOLVERS = ("cg", "lissa", "exact")
+    SOLVERS = ("cg", "lissa", "exact", "pcg", "lowrank", "auto")
 
     def validate(self) -> None:
         """Check the values; raises :class:`ConfigurationError` naming the argument and the fix.
@@ -414,8 +507,20 @@ class InfluenceConfig(Config):
             raise ConfigurationError(f"solver='lissa' needs damping > 0, got {self.damping}.")
         if self.dtype not in (None, "float64", "float32", "float16", "bfloat16"):
             raise ConfigurationError(f"dtype must be None or a floating dtype name, got {self.dtype!r}.")
+        if self.solver in ("pcg", "lowrank", "auto") and not self.damping > 0:
+            raise ConfigurationError(f"solver={self.solver!r} needs damping > 0, got {self.damping}.")
+        if self.projection_dim is not None and (isinstance(self.projection_dim, bool) or self.projection_dim < 1):
+            raise ConfigurationError(
+                f"projection_dim must be a positive number of dimensions (or None for no projection), got "
+                f"{self.projection_dim!r}."
+            )
+        if self.projection_kind not in ("rademacher", "gaussian"):
+            raise ConfigurationError(
+                f"projection_kind must be 'rademacher' or 'gaussian', got {self.projection_kind!r}."
+            )
         self.cg_config().validate()
         self.lissa_config().validate()
+        self.sketch_config().validate()
 
     def torch_dtype(self) -> torch.dtype | None:
         """``dtype`` as a ``torch.dtype``.
@@ -432,6 +537,15 @@ class InfluenceConfig(Config):
             A :class:`CGConfig`.
         """
         return CGConfig(rtol=self.cg_rtol, max_iter=self.cg_max_iter)
+
+    def sketch_config(self) -> SketchConfig:
+        """The sketch settings these fields describe.
+
+        Returns:
+            A :class:`SketchConfig`.
+        """
+        return SketchConfig(rank=self.sketch_rank, method=self.sketch_method, oversample=self.sketch_oversample,
+                            iterations=self.sketch_iterations, trace_probes=self.sketch_trace_probes, seed=self.seed)
 
     def lissa_config(self) -> LissaConfig:
         """The LiSSA settings these fields describe.

@@ -9,6 +9,12 @@ r"""Solvers for damped curvature systems :math:`(A + \lambda I) x = b`.
   (:class:`SampledCurvature` in :mod:`~lightning_influence.solvers.sampling`), settings from the measured spectrum,
   a divergence guard and a residual certificate on a held-out sample.
 
+* :mod:`~lightning_influence.solvers.sketch`: :func:`compute_sketch`, the top-``r`` eigenpairs of the curvature
+  (:class:`LowRankSketch`, saved as ``sketch.pt``), computed once from a fixed number of products.
+* :mod:`~lightning_influence.solvers.pcg`: :func:`preconditioned_cg` (CG with the sketch's Nyström
+  preconditioner, same certificate), :func:`lowrank_solve` (the sketch's approximate inverse, no products) and
+  :func:`lowrank_self_influence` (with its error bound from the discarded spectrum).
+
 Every solver returns a :class:`SolveResult` carrying its certificate (iterations, relative residual,
 convergence flag) so that the logs and the report can show how far the answer can be trusted.
 """
@@ -19,16 +25,30 @@ from lightning_influence.operators.curvature import local_curvature_matmat
 from lightning_influence.solvers.cg import conjugate_gradient
 from lightning_influence.solvers.dense import dense_solve
 from lightning_influence.solvers.lissa import lissa
+from lightning_influence.solvers.pcg import (
+    lowrank_self_influence,
+    lowrank_solve,
+    nystrom_preconditioner,
+    preconditioned_cg,
+)
 from lightning_influence.solvers.result import SolveResult
 from lightning_influence.solvers.sampling import BatchProduct, SampledCurvature, measure_batch_constant
+from lightning_influence.solvers.sketch import SKETCH_FILENAME, LowRankSketch, compute_sketch
 
 __all__ = [
+    "SKETCH_FILENAME",
     "BatchProduct",
+    "LowRankSketch",
     "SampledCurvature",
     "SolveResult",
+    "compute_sketch",
     "conjugate_gradient",
     "dense_solve",
     "lissa",
     "local_curvature_matmat",
+    "lowrank_self_influence",
+    "lowrank_solve",
     "measure_batch_constant",
+    "nystrom_preconditioner",
+    "preconditioned_cg",
 ]

@@ -3,6 +3,7 @@ r"""Conjugate gradient for :math:`(A + \lambda I) X = B` on a fixed sample (Fish
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,9 +25,13 @@ def _damped_matmat(op: LinearOperator, damping: float) -> Any:
 
 
 def _cg_iterations(
-    apply: Any, B: Tensor, X: Tensor, R: Tensor, rtol: float, limit: int, damping: float
+    apply: Any, B: Tensor, X: Tensor, R: Tensor, rtol: float, limit: int, damping: float,
+    precondition: Any = None,
 ) -> tuple[Tensor, int, int, list[float]]:
-    """The CG recursion, one independent recursion per column, products batched per iteration.
+    """The (preconditioned) CG recursion, one independent recursion per column, products batched per iteration.
+
+    ``precondition`` maps residuals ``(P, k)`` to :math:`M^{-1} R` (symmetric positive definite); the stopping
+    test is on the unpreconditioned residual either way.
 
     Returns:
         ``(X, iterations, products, history)``.
@@ -37,8 +42,10 @@ def _cg_iterations(
     """
     bnorm = B.norm(dim=0)
     safe_bnorm = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
-    P = R.clone()
+    Z = R if precondition is None else precondition(R)
+    P = Z.clone()
     rs = (R * R).sum(0)
+    rz = (R * Z).sum(0)
     history = [float((rs.sqrt() / safe_bnorm).max())]
     active = rs.sqrt() > rtol * bnorm
     it = products = 0
@@ -53,15 +60,18 @@ def _cg_iterations(
                 f"positive definite (damping={damping}). Use the GNH/Fisher rather than the Hessian, or increase "
                 "damping."
             )
-        alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
+        alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
         X = X + alpha * P
         R = R - alpha * AP
         rs_new = (R * R).sum(0)
         if not bool(torch.isfinite(rs_new).all()):
             raise NonFiniteError(f"conjugate gradient produced non-finite residuals at iteration {it + 1}.")
-        beta = torch.where(active, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
-        P = torch.where(active, R + beta * P, P)
+        Z = R if precondition is None else precondition(R)
+        rz_new = (R * Z).sum(0)
+        beta = torch.where(active, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        P = torch.where(active, Z + beta * P, P)
         rs = torch.where(active, rs_new, rs)
+        rz = torch.where(active, rz_new, rz)
         it += 1
         history.append(float((rs.sqrt() / safe_bnorm).max()))
         active = active & (rs.sqrt() > rtol * bnorm)
@@ -75,6 +85,7 @@ def conjugate_gradient(
     damping: float = 0.0,
     config: CGConfig | None = None,
     x0: Tensor | None = None,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
     **overrides: Any,
 ) -> SolveResult:
     r"""Conjugate gradient for :math:`(A + \lambda I) x = b` with a relative residual tolerance.
@@ -90,6 +101,8 @@ def conjugate_gradient(
         damping: :math:`\lambda \ge 0`.
         config: :class:`~lightning_influence.config.CGConfig` (``rtol``, ``max_iter``, ``warn``).
         x0: Warm start.
+        preconditioner: :math:`R \mapsto M^{-1} R` on ``(P, k)`` blocks, symmetric positive definite (e.g. the
+            sketch's Nyström inverse, :func:`~lightning_influence.solvers.pcg.preconditioned_cg`); no products.
         **overrides: Single fields of ``config`` (``rtol=1e-8``, ``max_iter=50``, ``warn=False``).
 
     Returns:
@@ -118,7 +131,7 @@ def conjugate_gradient(
     limit = cfg.max_iter if cfg.max_iter is not None else min(n, 1000)
     X = torch.zeros_like(B) if x0 is None else as_matrix(x0)[0].clone().to(B)
     R = B - apply(X) if x0 is not None else B.clone()
-    X, it, products, history = _cg_iterations(apply, B, X, R, cfg.rtol, limit, damping)
+    X, it, products, history = _cg_iterations(apply, B, X, R, cfg.rtol, limit, damping, preconditioner)
     products += k if x0 is not None else 0
     bnorm = B.norm(dim=0)
     safe_bnorm = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
@@ -133,5 +146,6 @@ def conjugate_gradient(
             stacklevel=2,
         )
     x = X[:, 0] if squeeze else X
-    return SolveResult(x=x, iterations=it, relative_residual=true_res, converged=converged, method="cg",
+    method = "cg" if preconditioner is None else "pcg"
+    return SolveResult(x=x, iterations=it, relative_residual=true_res, converged=converged, method=method,
                        num_products=products, history=history, info={"rtol": cfg.rtol, "damping": damping})

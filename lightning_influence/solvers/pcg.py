@@ -1,0 +1,214 @@
+r"""Solvers that reuse a :class:`~lightning_influence.solvers.sketch.LowRankSketch` :math:`G \approx V\Lambda V^\top`.
+
+* :func:`preconditioned_cg` (``solver="pcg"``): CG on :math:`G + \lambda I` with the Nyström preconditioner of
+  Frangella, Tropp & Udell (2023), :math:`M^{-1} = (\lambda_r + \lambda)\,V(\Lambda + \lambda)^{-1}V^\top +
+  (I - VV^\top)`. It maps the top-``r`` eigenvalues of the damped system to about :math:`\lambda_r + \lambda` and
+  leaves the rest, so the condition number drops from :math:`(\mu_1+\lambda)/\lambda` to about
+  :math:`(\mu_{r+1}+\lambda)/\lambda`. The answer is CG's, with the same true-residual certificate
+  (:func:`~lightning_influence.solvers.conjugate_gradient`); applying :math:`M^{-1}` costs no product.
+* :func:`lowrank_solve` (``solver="lowrank"``): the approximate inverse
+  :math:`L = V(\Lambda+\lambda)^{-1}V^\top + (I - VV^\top)/\lambda`, zero products per query, exact when ``r = P``.
+  Its quality hint is the captured trace fraction :math:`\sum_{i\le r}\lambda_i / \mathrm{Tr}\,G`.
+* :func:`lowrank_self_influence`: :math:`g^\top L g` for a block of gradients, with a per-example error bound.
+
+**The self-influence bound.** Let :math:`G = \sum_i \mu_i u_i u_i^\top` (:math:`\mu_1 \ge \mu_2 \ge \dots \ge 0`)
+and let the sketch hold the top ``r`` eigenpairs exactly, :math:`V = [u_1..u_r]`. Writing :math:`c_i = u_i^\top g`,
+
+.. math::
+
+   s(g) = g^\top (G+\lambda I)^{-1} g = \sum_i \frac{c_i^2}{\mu_i+\lambda}, \qquad
+   \hat s(g) = g^\top L g = \sum_{i\le r} \frac{c_i^2}{\mu_i+\lambda} + \sum_{i>r} \frac{c_i^2}{\lambda},
+
+so :math:`\hat s - s = \sum_{i>r} c_i^2 \big(\tfrac1\lambda - \tfrac1{\mu_i+\lambda}\big)
+= \sum_{i>r} c_i^2 \frac{\mu_i}{\lambda(\mu_i+\lambda)}`. Every term is non-negative and
+:math:`\mu \mapsto \mu/(\lambda(\mu+\lambda))` increases, so with :math:`\mu_i \le \mu_{r+1}` for :math:`i > r` and
+:math:`\sum_{i>r} c_i^2 = \|(I-VV^\top)g\|^2`:
+
+.. math::
+
+   0 \;\le\; \hat s(g) - s(g) \;\le\; \|(I-VV^\top)g\|^2 \Big(\frac1\lambda - \frac1{\mu_{r+1}+\lambda}\Big).
+
+The low-rank self-influence is an over-estimate, by at most the bound, which is small where the gradient lies in
+the sketched subspace or the discarded spectrum is small against :math:`\lambda`. In practice the eigenpairs are
+Ritz pairs and :math:`\mu_{r+1}` is estimated by the next Ritz value (``LowRankSketch.tail_eigenvalue``, a lower
+estimate from a Krylov space); the bound holds to the accuracy of the sketch.
+
+Example::
+
+    >>> from lightning_influence.operators import DenseOperator
+    >>> from lightning_influence.solvers.sketch import compute_sketch
+    >>> from lightning_influence.solvers.cg import conjugate_gradient
+    >>> A = torch.diag(torch.logspace(3, -2, 12, dtype=torch.float64))   # spread spectrum, P = 12
+    >>> sk = compute_sketch(DenseOperator(A), rank=6, oversample=2, iterations=3, trace_probes=0)
+    >>> b = torch.ones(12, dtype=torch.float64)
+    >>> res = preconditioned_cg(DenseOperator(A), b, sk, damping=0.1, rtol=1e-10)
+    >>> torch.allclose(res.x, b / (A.diagonal() + 0.1)), res.method, res.converged, res.iterations
+    (True, 'pcg', True, 8)
+    >>> plain = conjugate_gradient(DenseOperator(A), b, damping=0.1, rtol=1e-10, warn=False)
+    >>> plain.converged, plain.iterations   # plain CG has not converged after P iterations (round-off)
+    (False, 12)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_influence.config import CGConfig
+from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.operators.base import LinearOperator, as_matrix
+from lightning_influence.solvers.cg import conjugate_gradient
+from lightning_influence.solvers.result import SolveResult
+from lightning_influence.solvers.sketch import LowRankSketch
+
+__all__ = ["lowrank_self_influence", "lowrank_solve", "nystrom_preconditioner", "preconditioned_cg"]
+
+
+def _check(sketch: LowRankSketch, damping: float, num_params: int | None = None) -> None:
+    if not damping > 0:
+        raise ConfigurationError(f"the low-rank inverse needs damping > 0, got {damping}.")
+    if num_params is not None and sketch.num_params != num_params:
+        raise ConfigurationError(
+            f"the sketch has {sketch.num_params} parameters but the right-hand side has {num_params}; recompute "
+            "the sketch for this model."
+        )
+
+
+def _cast(sketch: LowRankSketch, B: Tensor) -> tuple[Tensor, Tensor]:
+    return sketch.eigenvalues.to(B), sketch.eigenvectors.to(B)
+
+
+def nystrom_preconditioner(sketch: LowRankSketch, damping: float) -> Callable[[Tensor], Tensor]:
+    r"""The Nyström preconditioner :math:`R \mapsto (\lambda_r+\lambda) V(\Lambda+\lambda)^{-1}V^\top R + (I-VV^\top)R`.
+
+    Returns:
+        A function of ``(P, k)`` blocks.
+
+    Raises:
+        ConfigurationError: For ``damping <= 0``.
+
+    Example::
+
+        >>> sk = LowRankSketch(torch.tensor([3.0]), torch.tensor([[1.0], [0.0]]), 0.0)
+        >>> nystrom_preconditioner(sk, 1.0)(torch.eye(2))   # (3+1)/(3+1) on u_1, 1 elsewhere
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    _check(sketch, damping)
+    lam_r = float(sketch.eigenvalues[-1]) if sketch.rank else 0.0
+
+    def apply(R: Tensor) -> Tensor:
+        evals, V = _cast(sketch, R)
+        C = V.T @ R
+        return R + V @ (((lam_r + damping) / (evals + damping) - 1.0).unsqueeze(1) * C)
+
+    return apply
+
+
+def preconditioned_cg(
+    op: LinearOperator,
+    b: Tensor,
+    sketch: LowRankSketch,
+    *,
+    damping: float,
+    config: CGConfig | None = None,
+    x0: Tensor | None = None,
+    **overrides: Any,
+) -> SolveResult:
+    r"""Solve :math:`(G + \lambda I) x = b` by CG preconditioned with the sketch (``solver="pcg"``).
+
+    Args:
+        op: The undamped operator :math:`G` (the one the sketch was computed from).
+        b: Right-hand side(s), ``(P,)`` or ``(P, k)``: one block solve for all columns.
+        sketch: The :class:`LowRankSketch` of ``op``.
+        damping: :math:`\lambda > 0`.
+        config: :class:`~lightning_influence.config.CGConfig`.
+        x0: Warm start (default: zero).
+        **overrides: Single fields of ``config``.
+
+    Returns:
+        CG's result (method ``"pcg"``), its ``relative_residual`` recomputed from an explicit product at exit.
+
+    Raises:
+        ConfigurationError: For ``damping <= 0`` or a sketch of another dimension, or as
+            :func:`~lightning_influence.solvers.conjugate_gradient`.
+
+    Example::
+
+        >>> from lightning_influence.operators import DenseOperator
+        >>> from lightning_influence.solvers.sketch import compute_sketch
+        >>> op = DenseOperator(torch.diag(torch.tensor([9.0, 9.0, 1.0], dtype=torch.float64)))
+        >>> sk = compute_sketch(op, rank=2, oversample=1, iterations=1, trace_probes=0)
+        >>> res = preconditioned_cg(op, torch.ones(3, dtype=torch.float64), sk, damping=1.0, rtol=1e-12)
+        >>> res.x, res.iterations, res.info["sketch_rank"]   # M^{-1}(G + I) has eigenvalues 10, 10, 2
+        (tensor([0.1000, 0.1000, 0.5000], dtype=torch.float64), 2, 2)
+    """
+    _check(sketch, damping, op.num_params)
+    res = conjugate_gradient(op, b, damping=damping, config=config, x0=x0,
+                             preconditioner=nystrom_preconditioner(sketch, damping), **overrides)
+    res.info.update({"sketch_rank": sketch.rank})
+    return res
+
+
+def _lowrank_apply(sketch: LowRankSketch, B: Tensor, damping: float) -> Tensor:
+    evals, V = _cast(sketch, B)
+    return B / damping + V @ ((1.0 / (evals + damping) - 1.0 / damping).unsqueeze(1) * (V.T @ B))
+
+
+def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float) -> SolveResult:
+    r"""Apply :math:`L = V(\Lambda+\lambda)^{-1}V^\top + (I - VV^\top)/\lambda` to ``b`` (``solver="lowrank"``).
+
+    Zero curvature products. The result's ``info`` carries ``trace_fraction`` (captured trace fraction, ``None``
+    when the sketch has no trace estimate), ``rank`` and ``tail_eigenvalue``; ``relative_residual`` is ``nan``
+    (no product is spent to measure it) and ``converged`` is ``True`` (the answer is what the sketch implies).
+
+    Returns:
+        The :class:`SolveResult` (method ``"lowrank"``).
+
+    Raises:
+        ConfigurationError: For ``damping <= 0`` or a sketch of another dimension.
+
+    Example::
+
+        >>> sk = LowRankSketch(torch.tensor([3.0]), torch.tensor([[1.0], [0.0]]), 0.0, trace=3.0)
+        >>> res = lowrank_solve(sk, torch.tensor([4.0, 2.0]), damping=1.0)
+        >>> res.x, res.info["trace_fraction"], res.num_products
+        (tensor([1., 2.]), 1.0, 0)
+    """
+    B, squeeze = as_matrix(b)
+    _check(sketch, damping, B.shape[0])
+    X = _lowrank_apply(sketch, B, damping)
+    info = {"damping": damping, "rank": sketch.rank, "tail_eigenvalue": sketch.tail_eigenvalue,
+            "trace_fraction": sketch.captured_trace_fraction, "sketch_products": sketch.num_products}
+    return SolveResult(x=X[:, 0] if squeeze else X, iterations=0, relative_residual=float("nan"), converged=True,
+                       method="lowrank", num_products=0, info=info)
+
+
+def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: float) -> tuple[Tensor, Tensor]:
+    r"""Low-rank self-influence :math:`g^\top L g` of each row of ``grads`` ``(m, P)`` and its error bound.
+
+    Returns:
+        ``(values, bounds)``, each ``(m,)``: ``values`` over-estimate the exact self-influence by at most
+        ``bounds`` :math:`= \|(I-VV^\top)g\|^2 (1/\lambda - 1/(\mu_{r+1}+\lambda))` (module docstring).
+
+    Raises:
+        ConfigurationError: For ``damping <= 0`` or gradients of another dimension.
+
+    Example::
+
+        >>> sk = LowRankSketch(torch.tensor([3.0]), torch.tensor([[1.0], [0.0]]), 1.0)
+        >>> lowrank_self_influence(sk, torch.tensor([[2.0, 1.0]]), damping=1.0)   # 4/4 + 1/1; bound 1 (1 - 1/2)
+        (tensor([2.]), tensor([0.5000]))
+    """
+    if grads.ndim != 2:
+        raise ConfigurationError(f"grads must be (m, P), got shape {tuple(grads.shape)}.")
+    _check(sketch, damping, grads.shape[1])
+    evals, V = _cast(sketch, grads)
+    C = grads @ V
+    outside = torch.clamp((grads * grads).sum(1) - (C * C).sum(1), min=0.0)
+    values = (C * C / (evals + damping)).sum(1) + outside / damping
+    bounds = outside * (1.0 / damping - 1.0 / (sketch.tail_eigenvalue + damping))
+    return values, bounds

@@ -1,0 +1,131 @@
+"""The low-rank sketch, PCG and the low-rank inverse against dense float64 ground truth (issue 14, part A)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.config import SketchConfig
+from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.operators import DenseOperator, GNHOperator
+from lightning_influence.solvers import (
+    LowRankSketch,
+    compute_sketch,
+    conjugate_gradient,
+    dense_solve,
+    lowrank_self_influence,
+    lowrank_solve,
+    preconditioned_cg,
+)
+from lightning_influence.tasks import Regression
+from tests.helpers.models import tiny_mlp
+
+F64 = torch.float64
+
+
+@lru_cache(maxsize=1)
+def _problem() -> tuple[nn.Module, GNHOperator, Tensor, Tensor, Tensor]:
+    """A float64 4-8-3 MLP (67 parameters), its GNH over 40 examples (full rank), dense eigendecomposition."""
+    model = tiny_mlp(4, 8, 3, seed=1, dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g, dtype=F64) * torch.tensor([3.0, 1.0, 0.3, 0.1], dtype=F64)
+    y = torch.randn(40, 3, generator=g, dtype=F64)
+    op = GNHOperator(model, Regression(), [(x, y)])
+    G = op.dense()
+    evals, evecs = torch.linalg.eigh(G)
+    return model, op, G, evals.flip(0), evecs.flip(1)
+
+
+def _spread_op() -> tuple[DenseOperator, Tensor, Tensor]:
+    """A GNH-like PSD matrix (P = 67) with a spectrum spread over six decades: the GNH's eigenvectors, new values."""
+    *_, evecs = _problem()
+    mu = torch.logspace(2, -4, evecs.shape[0], dtype=F64)
+    A = (evecs * mu) @ evecs.T
+    return DenseOperator(0.5 * (A + A.T)), mu, evecs
+
+
+@pytest.mark.parametrize(("method", "iterations"), [("lanczos", 4), ("nystrom", 12)])
+def test_sketch_eigenpairs_equal_eigvalsh_top_r(method: str, iterations: int) -> None:
+    _, op, _, evals, evecs = _problem()
+    r = 5
+    sk = compute_sketch(op, rank=r, oversample=5, iterations=iterations, method=method, trace_probes=0)
+    assert sk.num_products == iterations * 10 < 2 * op.num_params  # a strict subspace for Lanczos
+    assert torch.allclose(sk.eigenvalues, evals[:r], rtol=1e-8, atol=0)
+    overlap = (sk.eigenvectors.T @ evecs[:, :r]).abs()  # eigenvectors up to sign
+    assert torch.allclose(overlap, torch.eye(r, dtype=F64), atol=1e-6)
+    assert (sk.eigenvectors.T @ sk.eigenvectors - torch.eye(r, dtype=F64)).abs().max() < 1e-12
+    if method == "lanczos":
+        assert abs(sk.tail_eigenvalue - float(evals[r])) < 1e-3 * float(evals[r])
+
+
+def test_sketch_rank_errors_trace_and_save_load(tmp_path: object) -> None:
+    _, op, G, evals, _ = _problem()
+    with pytest.raises(ConfigurationError, match=r"rank=68 exceeds .* 67 trainable parameters"):
+        compute_sketch(op, rank=68)
+    with pytest.raises(ConfigurationError, match="rank"):
+        SketchConfig(rank=0).validate()
+    sk = compute_sketch(op, rank=4, iterations=4, trace_probes=400, identity={"curvature": "gnh"})
+    assert abs(sk.trace - float(G.trace())) < 0.1 * float(G.trace())  # Hutchinson, 400 probes
+    assert abs(sk.captured_trace_fraction - float(evals[:4].sum() / G.trace())) < 0.1
+    path = sk.save(tmp_path)  # type: ignore[arg-type]
+    back = LowRankSketch.load(tmp_path, expected_config=sk.config)  # type: ignore[arg-type]
+    assert torch.equal(back.eigenvectors, sk.eigenvectors) and back.config == sk.config and path.name == "sketch.pt"
+    with pytest.raises(ConfigurationError, match="was computed with config"):
+        LowRankSketch.load(path, expected_config={**sk.config, "rank": 8})
+    with pytest.raises(ConfigurationError, match="no saved sketch"):
+        LowRankSketch.load(tmp_path / "nowhere")  # type: ignore[operator]
+
+
+def test_pcg_equals_dense_solve_in_fewer_iterations_on_spread_spectrum() -> None:
+    op, _, _ = _spread_op()
+    lam = 1e-3
+    B = torch.randn(op.num_params, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    exact = dense_solve(op.matrix, B, damping=lam).x
+    sk = compute_sketch(op, rank=20, oversample=10, iterations=3, trace_probes=0)
+    pcg = preconditioned_cg(op, B, sk, damping=lam, rtol=1e-11, max_iter=500)
+    cg = conjugate_gradient(op, B, damping=lam, rtol=1e-11, max_iter=500, warn=False)
+    rel = float(((pcg.x - exact).norm(dim=0) / exact.norm(dim=0)).max())
+    assert pcg.method == "pcg" and pcg.converged and rel <= 1e-8, rel
+    assert pcg.relative_residual <= 1e-10  # the true-residual certificate
+    assert pcg.iterations < cg.iterations / 2, (pcg.iterations, cg.iterations)
+
+
+def test_lowrank_full_rank_equals_exact_damped_inverse_and_self_influence() -> None:
+    _, op, G, _, _ = _problem()
+    lam, P = 1e-2, op.num_params
+    sk = compute_sketch(op, rank=P, oversample=0, iterations=2, trace_probes=0)
+    B = torch.randn(P, 4, generator=torch.Generator().manual_seed(2), dtype=F64)
+    exact = dense_solve(G, B, damping=lam).x
+    res = lowrank_solve(sk, B, damping=lam)
+    assert res.num_products == 0 and res.method == "lowrank"
+    assert float(((res.x - exact).norm(dim=0) / exact.norm(dim=0)).max()) <= 1e-8
+    values, bounds = lowrank_self_influence(sk, B.T, damping=lam)
+    exact_si = (B * exact).sum(0)
+    assert torch.allclose(values, exact_si, rtol=1e-8, atol=0)
+    assert float(bounds.abs().max()) < 1e-8 * float(values.min())
+    with pytest.raises(ConfigurationError, match="damping > 0"):
+        lowrank_solve(sk, B, damping=0.0)
+    with pytest.raises(ConfigurationError, match="sketch has 67 parameters"):
+        lowrank_solve(sk, B[:10], damping=lam)
+
+
+def test_lowrank_self_influence_error_is_within_the_discarded_spectrum_bound() -> None:
+    op, mu, evecs = _spread_op()
+    lam, r = 1e-2, 12
+    sk = compute_sketch(op, rank=r, oversample=10, iterations=4, trace_probes=0)
+    assert torch.allclose(sk.eigenvalues, mu[:r], rtol=1e-8, atol=0)
+    grads = torch.randn(50, op.num_params, generator=torch.Generator().manual_seed(3), dtype=F64)
+    grads[:10] = grads[:10] @ evecs[:, :r] @ evecs[:, :r].T  # in the sketched subspace: bound ~ 0, error ~ 0
+    exact = (grads.T * dense_solve(op.matrix, grads.T, damping=lam).x).sum(0)
+    values, bounds = lowrank_self_influence(sk, grads, damping=lam)
+    err = values - exact
+    assert float(err.min()) >= -1e-9 * float(exact.abs().max())  # an over-estimate
+    assert bool((err <= bounds * (1 + 1e-6) + 1e-9 * exact.abs()).all())
+    assert float((err[10:] / bounds[10:]).max()) > 0.1  # not vacuous: within 10x of the actual error
+    assert float(bounds[:10].max()) < 1e-8 * float(values[:10].min())
+    # the exact closed form: err = sum_{i>r} c_i^2 mu_i / (lam (mu_i + lam))
+    c = grads @ evecs[:, r:]
+    assert torch.allclose(err, (c * c * mu[r:] / (lam * (mu[r:] + lam))).sum(1), rtol=1e-6, atol=1e-9)
