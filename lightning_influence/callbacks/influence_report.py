@@ -27,6 +27,7 @@ from lightning_influence.callbacks._common import (
     config_field,
     find_callback,
     isolated_rng,
+    output_dir,
     publish,
     resolve_config,
     resolve_data,
@@ -37,6 +38,7 @@ from lightning_influence.data import prepare_batch
 from lightning_influence.evaluator import curvature_mode
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence import InfluenceConfig, InfluenceResult, influence_scores
+from lightning_influence.influence.store import ChunkProgress
 from lightning_influence.metrics import (
     MEDIA_INFLUENCE_SCORES,
     MEDIA_INFLUENCE_SELF_INFLUENCE,
@@ -106,8 +108,13 @@ class InfluenceReport(Callback):
             it costs ``n_train / n_query`` query solves).
         images: Draw inputs as images in the report: ``None`` (default) detects ``HxW``/``CxHxW`` inputs,
             ``True`` also treats flat square vectors (e.g. 8x8 digits as 64 features) as images, ``False`` never.
-        progress_bar: Show a tqdm bar on rank 0 while training gradients stream (default ``True``; off when the
-            Trainer has no progress bar).
+        progress_bar: Show a tqdm bar with ETA over the chunks of training gradients on rank 0 (default ``True``;
+            off when the Trainer has no progress bar).
+        store: Where every scored chunk is written as ``.npy`` files
+            (:class:`~lightning_influence.influence.store.ScoreStore`): ``True`` (default)
+            ``<log_dir>/<subdir>/store``, a directory, or ``False`` (in memory only). A re-run on the same store
+            with the same config and weights (e.g. ``lightning-influence influence --ckpt ...`` after a killed run)
+            skips the chunks already there; another config starts fresh with a warning.
         config: Every :class:`~lightning_influence.influence.InfluenceConfig` setting (default
             ``InfluenceConfig()``). The explicit arguments above that are not ``None`` replace its fields;
             ``cb.config`` is the resolved config, written beside the result.
@@ -171,6 +178,7 @@ class InfluenceReport(Callback):
         config: InfluenceConfig | None = None,
         seed: int | None = None,
         subdir: str = "influence",
+        store: bool | str | Path = True,
     ) -> None:
         super().__init__()
         self.task = check_task(task, _WHO)
@@ -192,6 +200,9 @@ class InfluenceReport(Callback):
         self.images = images
         self.progress_bar = progress_bar
         self.subdir = subdir
+        if not isinstance(store, (bool, str, Path)):
+            raise MisconfigurationError(f"{_WHO}: store must be True, False or a directory, got {store!r}.")
+        self.store = store
         #: The last :class:`InfluenceResult` (``None`` until training ends; not returned across ``ddp_spawn``).
         self.result: InfluenceResult | None = None
         #: Where ``scores.pt`` was written (all ranks know it; the full result is beside it).
@@ -220,13 +231,14 @@ class InfluenceReport(Callback):
         train, query = ctx.resolve(self.train_data), ctx.resolve(self.query_data)
         t_idx, q_idx = self._select(len(train.dataset), len(query.dataset), query.source)
         spectrum = self._monitor_spectrum(trainer)
+        store = self._store_dir(trainer)
         bar = self._progress(trainer, len(t_idx))
         try:
             result = influence_scores(
                 ctx.module, self.task, train.dataset, query.dataset, config=self.config, train_indices=t_idx,
                 query_indices=q_idx, spectrum=spectrum, collate_fn=train.collate_fn,
                 query_collate_fn=query.collate_fn, reduce_fn=ctx.reduce_fn, rank=ctx.rank, world_size=ctx.world_size,
-                progress=bar.update if bar is not None else None,
+                progress=bar, store=store,
             )
         except ConfigurationError as err:
             if isinstance(err, MisconfigurationError):
@@ -280,26 +292,18 @@ class InfluenceReport(Callback):
             return latest
         return None
 
-    def _progress(self, trainer: pl.Trainer, total: int) -> Any:
+    def _progress(self, trainer: pl.Trainer, total: int) -> ChunkProgress | None:
         if not (self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None):
             return None
-        try:
-            from tqdm.auto import tqdm  # type: ignore[import-untyped]
-        except ImportError:  # pragma: no cover - tqdm ships with lightning
+        return ChunkProgress(total, self.config.chunk_size, desc="InfluenceReport: training-gradient chunks")
+
+    def _store_dir(self, trainer: pl.Trainer) -> Path | None:
+        """The score store directory (all ranks call it: :func:`output_dir` is a collective), ``None`` if off."""
+        if self.store is False:
             return None
-
-        class _Bar:
-            def __init__(self) -> None:
-                self.bar = tqdm(total=total, desc="InfluenceReport: training gradients", leave=False)
-
-            def update(self, stage: str, done: int, total_: int) -> None:
-                self.bar.n = done
-                self.bar.refresh()
-
-            def close(self) -> None:
-                self.bar.close()
-
-        return _Bar()
+        if self.store is True:
+            return output_dir(trainer, self.subdir) / "store"
+        return Path(self.store)
 
     @staticmethod
     def _example(dataset: Any, index: int) -> tuple[Any, Any]:

@@ -9,7 +9,9 @@ final reduction.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from lightning_influence.evaluator import curvature_mode
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence.gradients import iter_per_example_gradients, per_example_gradients
 from lightning_influence.influence.result import InfluenceResult
+from lightning_influence.influence.store import ScoreStore, fingerprint
 from lightning_influence.operators.curvature import CurvatureOperator, make_operator
 from lightning_influence.params import num_parameters, trainable_parameters
 from lightning_influence.solvers import SampledCurvature, SolveResult, conjugate_gradient, lissa
@@ -227,18 +230,32 @@ def _chunk_self_influence(
 
 
 def _stream_scores(
-    run: _Run, inverse: _Inverse, X: Tensor, train_indices: Tensor, progress: ProgressFn | None
+    run: _Run, inverse: _Inverse, X: Tensor, train_indices: Tensor, progress: ProgressFn | None,
+    store: ScoreStore | None = None, done: set[int] | None = None,
 ) -> _Scores:
-    """Stream training gradients chunk by chunk (sharded over ranks) into scores, losses and self-influence."""
+    """Stream training gradients chunk by chunk (sharded over ranks) into scores, losses and self-influence.
+
+    With a ``store``, each chunk is written as it finishes and the chunks in ``done`` on every rank are read back
+
+    Returns:
+        This rank's share of scores, losses and self-influence.
+    """
     n, k, P = train_indices.numel(), X.shape[1], X.shape[0]
     dtype, device = X.dtype, X.device
     out = _Scores(torch.zeros(k, n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device),
                   torch.zeros(n, dtype=dtype, device=device))
     chunk = run.cfg.chunk_size
     positions = torch.arange(n)
+    skip = _skippable(run, math.ceil(n / chunk), done) if store is not None else set()
     for c in range(math.ceil(n / chunk)):
         pos = positions[c * chunk : (c + 1) * chunk]
         mine = shard_indices(pos, run.rank, run.world_size, "strided")
+        if store is not None and c in skip:
+            _read_chunk(store, c, out, mine)
+            if progress is not None:
+                progress("resumed", min(n, (c + 1) * chunk), n)
+            continue
+        n_solves = len(out.self_solves)
         G_local = torch.zeros(0, P, dtype=dtype, device=device)
         if mine.numel():
             _, G_local, loss_local = next(iter(iter_per_example_gradients(
@@ -249,9 +266,42 @@ def _stream_scores(
             out.losses[mine] = loss_local
         if run.cfg.self_influence:
             _chunk_self_influence(run, inverse, out, pos, mine, G_local)
+        if store is not None:
+            _write_chunk(store, c, out, mine, out.self_solves[n_solves:], run.cfg.self_influence)
         if progress is not None:
             progress("train", min(n, (c + 1) * chunk), n)
     return out
+
+
+_SOLVE_KEYS = ("method", "iterations", "relative_residual", "converged", "diverged")
+
+
+def _skippable(run: _Run, num_chunks: int, done: set[int] | None) -> set[int]:
+    """Chunks complete on every rank's shard (one reduction, so all ranks skip the same chunks)."""
+    flags = torch.zeros(num_chunks, dtype=torch.float64)
+    flags[sorted(c for c in (done or set()) if c < num_chunks)] = 1.0
+    (flags,) = reduce_packed([flags], run.reduce_fn if run.world_size > 1 else None)
+    return {c for c in range(num_chunks) if int(flags[c]) == run.world_size}
+
+
+def _write_chunk(store: ScoreStore, c: int, out: _Scores, mine: Tensor, solves: list[dict[str, Any]],
+                 with_self: bool) -> None:
+    arrays = {"positions": mine, "scores": out.scores[:, mine], "train_losses": out.losses[mine]}
+    if with_self:
+        arrays["self_influence"] = out.self_influence[mine]
+    store.write_chunk(c, arrays, {"self_solves": [{k: s[k] for k in _SOLVE_KEYS} for s in solves]})
+
+
+def _read_chunk(store: ScoreStore, c: int, out: _Scores, mine: Tensor) -> None:
+    saved = store.read_chunk(c)
+    if not torch.equal(torch.from_numpy(saved["positions"]), mine):
+        raise ConfigurationError(f"score store {store.directory}: chunk {c} holds other rows; pass a new store_dir.")
+    like = out.scores
+    out.scores[:, mine] = torch.from_numpy(saved["scores"]).to(device=like.device, dtype=like.dtype)
+    out.losses[mine] = torch.from_numpy(saved["train_losses"]).to(device=like.device, dtype=like.dtype)
+    if "self_influence" in saved:
+        out.self_influence[mine] = torch.from_numpy(saved["self_influence"]).to(device=like.device, dtype=like.dtype)
+    out.self_solves.extend(saved["info"].get("self_solves", []))
 
 
 def _self_influence_summary(solves: list[dict[str, Any]]) -> dict[str, Any]:
@@ -297,6 +347,29 @@ def _prepare_run(
     return _Run(model, task, cfg, train, pool, reduce_fn, rank, world_size), query, t_idx
 
 
+def _open_store(
+    store: ScoreStore | str | os.PathLike[str] | None, run: _Run, query: DataSource, t_idx: Tensor,
+    spectrum: SpectrumSummary | LissaSettings | None,
+) -> tuple[ScoreStore | None, set[int]]:
+    """Open the score store (if any) with this run's fingerprint: the store and this rank's completed chunks."""
+    if store is None:
+        return None, set()
+    if not isinstance(store, ScoreStore):
+        store = ScoreStore(store, rank=run.rank, world_size=run.world_size)
+    elif (store.rank, store.world_size) != (run.rank, run.world_size):
+        raise ConfigurationError(f"store has rank={store.rank}, world_size={store.world_size} but this run has "
+                                 f"rank={run.rank}, world_size={run.world_size}: build it with the run's values.")
+    fp = fingerprint({k: v for k, v in run.cfg.to_dict().items() if k != "top_k"}, model=run.model,
+                     train_indices=t_idx, query_indices=query.indices, curvature_indices=run.pool.indices,
+                     dataset_sizes=[len(run.train.dataset), len(query.dataset)],
+                     spectrum=dataclasses.asdict(spectrum) if dataclasses.is_dataclass(spectrum) else spectrum)
+    fp["world_size"] = run.world_size
+    num_chunks = math.ceil(t_idx.numel() / run.cfg.chunk_size)
+    done = store.open(fp, num_chunks=num_chunks, layout={
+        "num_train": t_idx.numel(), "num_queries": query.global_size, "chunk_size": run.cfg.chunk_size})
+    return store, done
+
+
 def influence_scores(
     model: nn.Module,
     task: Task,
@@ -314,6 +387,7 @@ def influence_scores(
     rank: int = 0,
     world_size: int = 1,
     progress: ProgressFn | None = None,
+    store: ScoreStore | str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> InfluenceResult:
     r"""Influence :math:`\mathcal I(z, q) = -\nabla\ell(q)^\top (G+\lambda I)^{-1}\nabla\ell(z)` of training on queries.
@@ -339,7 +413,12 @@ def influence_scores(
         reduce_fn: Sums a flat tensor over ranks (data parallel), else ``None``.
         rank: This process's rank.
         world_size: Number of ranks.
-        progress: Called as ``progress(stage, done, total)`` while training gradients stream.
+        progress: Called as ``progress(stage, done, total)`` after each chunk of training gradients (``stage``
+            ``"train"``, or ``"resumed"`` for a chunk read back from ``store``), e.g. a
+            :class:`~lightning_influence.influence.store.ChunkProgress` bar.
+        store: A directory (or :class:`~lightning_influence.influence.store.ScoreStore`) to write every scored
+            chunk to as ``.npy`` files, resuming from the chunks already there when the config, weights and
+            indices match (bit-identical scores), else starting fresh with a warning. ``None``: in memory only.
         **overrides: Fields of :class:`InfluenceConfig`.
 
     Returns:
@@ -367,13 +446,17 @@ def influence_scores(
         curvature_indices=curvature_indices, collate_fn=collate_fn, query_collate_fn=query_collate_fn,
         reduce_fn=reduce_fn, rank=rank, world_size=world_size,
     )
+    opened, done = _open_store(store, run, query, t_idx, spectrum)
     Q, query_losses = _query_gradients(run, query)
     inverse = _build_inverse(run, spectrum)
     X, res = inverse(Q.T.contiguous())  # (P, k)
-    out = _stream_scores(run, inverse, X, t_idx, progress)
+    out = _stream_scores(run, inverse, X, t_idx, progress, opened, done)
     scores, self_inf, losses, grads_total, products_total = reduce_packed(
         [out.scores, out.self_influence, out.losses, run.counters["example_gradients"],
          run.counters["example_products"]], reduce_fn if world_size > 1 else None)
+    if opened is not None:
+        opened.finish({"scores": scores, "train_losses": losses, "train_indices": t_idx, "query_losses": query_losses,
+                       "query_indices": query.indices, **({"self_influence": self_inf} if cfg.self_influence else {})})
     solve_info = res.to_dict()
     if out.self_solves:
         solve_info["self_influence"] = _self_influence_summary(out.self_solves)
@@ -389,6 +472,9 @@ def influence_scores(
         "curvature_indices": None if curvature_indices is None else run.pool.indices.tolist(),
         "spectrum": res.info.get("spectrum") or inverse.state.get("spectrum"),
     }
+    if opened is not None:
+        diagnostics["store"] = {"directory": str(opened.directory), "status": opened.status,
+                                "resumed_chunks": len(done), "changes": opened.changes}
     return InfluenceResult(
         scores=scores.cpu(), train_indices=t_idx.cpu(), query_indices=query.indices.cpu(),
         self_influence=self_inf.cpu() if cfg.self_influence else None, train_losses=losses.cpu(),
