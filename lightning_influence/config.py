@@ -79,6 +79,12 @@ DtypeName = Literal["float64", "float32", "float16", "bfloat16"]
 C = TypeVar("C", bound="Config")
 
 
+def _is_number(value: Any, lower: float) -> bool:
+    """A finite real (not a bool) ``>= lower``."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= lower)
+
+
 @dataclass
 class Config:
     """Base of the settings dataclasses: validation, plain-dict dump and merging of overrides.
@@ -573,7 +579,10 @@ class CVConfig(Config):
         downdate: Use the fold-downdated curvature :math:`A_k` (default) or the paper's single full-data one.
         fold_objective: ``"mean"`` (default) or ``"weighted"``.
         solver: ``"dense"``, ``"cg"`` or ``"auto"`` (dense up to ``dense_max_params`` parameters).
-        damping: :math:`\delta \ge 0` added as :math:`\delta I` to :math:`A_k`.
+        damping: :math:`\delta \ge 0` added as :math:`\delta I` to :math:`A_k`, or ``"auto"`` (default): per fold, no
+            damping when :math:`A_k` is positive definite, else the least damping that makes it so (dense solver:
+            :math:`\max(0, -\lambda_{\min}) + 10^{-8}\lambda_{\max}`; CG: :math:`10^{-8}\lambda_{\max}` after a
+            failed undamped solve). The :math:`\delta` used is in each fold's certificate (``"damping"``).
         cg_rtol: CG relative residual tolerance.
         cg_max_iter: CG iteration cap (default ``min(P, 1000)``).
         prox_tol: Relative residual tolerance of the metric prox.
@@ -591,7 +600,7 @@ class CVConfig(Config):
     downdate: bool = True
     fold_objective: Literal["mean", "weighted"] = "mean"
     solver: Literal["auto", "dense", "cg"] = "auto"
-    damping: float = 0.0
+    damping: float | Literal["auto"] = "auto"
     cg_rtol: float = 1e-10
     cg_max_iter: int | None = None
     prox_tol: float = 1e-12
@@ -614,8 +623,11 @@ class CVConfig(Config):
             )
         if self.solver not in ("auto", "dense", "cg"):
             raise ConfigurationError(f"solver must be 'auto', 'dense' or 'cg', got {self.solver!r}.")
-        if self.damping < 0:
-            raise ConfigurationError(f"damping must be >= 0, got {self.damping}.")
+        if self.damping != "auto" and not _is_number(self.damping, 0.0):
+            raise ConfigurationError(
+                f"damping must be a number >= 0 or 'auto' (the least damping that makes each fold's curvature "
+                f"positive definite), got {self.damping!r}."
+            )
         self._positive("cg_rtol", "prox_tol")
         self._at_least(1, "cg_max_iter", allow_none=True)
         self._at_least(1, "prox_max_iter")

@@ -167,6 +167,30 @@ def check_number(
     return float(value)
 
 
+def check_damping(
+    who: str, name: str, value: Any, *, strict: bool = True, allow_none: bool = True, fix: str | None = None,
+) -> float | str | None:
+    """A damping: ``"auto"``, a finite number ``> 0`` (``strict``) or ``>= 0``, or ``None`` when ``allow_none``.
+
+    Returns:
+        ``"auto"``, ``float(value)`` or ``None``.
+
+    Raises:
+        MisconfigurationError: Naming the argument, the rule and the value.
+
+    Example::
+
+        >>> check_damping("ApproximateCV", "damping", "auto"), check_damping("ApproximateCV", "damping", 1e-3)
+        ('auto', 0.001)
+    """
+    if value == "auto" and isinstance(value, str):
+        return "auto"
+    if isinstance(value, str):
+        stated = ("> 0" if strict else ">= 0") + ", 'auto'" + (" or None" if allow_none else "")
+        raise MisconfigurationError(_must_be(who, name, f"a number {stated}", repr(value), fix))
+    return check_number(who, name, value, strict=strict, allow_none=allow_none, fix=fix)
+
+
 def check_choice(who: str, name: str, value: Any, choices: Sequence[Any], fix: str | None = None) -> Any:
     """``value`` if it is one of ``choices``.
 

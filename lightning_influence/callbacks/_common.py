@@ -3,7 +3,8 @@
 Arguments (``__init__``), all raising :class:`MisconfigurationError` as ``"<Callback>: <arg> must be ..., got ...;
 <fix>"``:
 
-* :func:`check_task`, :func:`check_int`, :func:`check_number`, :func:`check_choice`, :func:`check_dataset`;
+* :func:`check_task`, :func:`check_int`, :func:`check_number`, :func:`check_damping`, :func:`check_choice`,
+  :func:`check_dataset`;
 * :func:`resolve_config`: a callback's typed config (:mod:`lightning_influence.config`) with the explicit keyword
   arguments that are not ``None`` applied on top; :func:`config_field` exposes one of its fields as a read-only
   attribute (``monitor.trace_probes`` is ``monitor.config.trace_probes``).
@@ -51,6 +52,7 @@ from torch import Tensor, nn
 from lightning_influence.callbacks._checks import (
     MisconfigurationError,
     check_choice,
+    check_damping,
     check_dataset,
     check_int,
     check_number,
@@ -73,6 +75,7 @@ __all__ = [
     "ResolvedData",
     "RunContext",
     "check_choice",
+    "check_damping",
     "check_data_available",
     "check_dataset",
     "check_int",

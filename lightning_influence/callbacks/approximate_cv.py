@@ -47,6 +47,7 @@ from lightning_influence.callbacks._common import (
     MisconfigurationError,
     RunContext,
     check_choice,
+    check_damping,
     check_dataset,
     check_int,
     check_number,
@@ -155,8 +156,9 @@ class ApproximateCV(Callback):
         fold_objective: ``"mean"`` (refit the mean loss on the remaining data) or ``"weighted"`` (the paper's
             :math:`\frac1N\sum_i w_i\ell_i`); see :mod:`lightning_influence.cv`.
         solver: ``"auto"`` (dense up to ``dense_max_params`` parameters, else CG), ``"dense"`` or ``"cg"``.
-        damping: :math:`\delta \ge 0` added to the curvature (needed when it is singular, e.g. over-parametrised
-            networks).
+        damping: :math:`\delta \ge 0` added to the curvature, or ``"auto"`` (the config's default): per fold, none
+            when the curvature is positive definite, else the least damping that makes it so (over-parametrised
+            networks, a feature constant on the remaining data); the value used is in each fold's certificate.
         dataset: ``"train"`` (default), ``"val"`` or a map-style dataset to cross-validate on.
         batch_size: Examples per batch for the curvature and gradient passes.
         cg_rtol: CG relative residual tolerance.
@@ -169,8 +171,8 @@ class ApproximateCV(Callback):
         report: Write the report section (``<log_dir>/<subdir>``).
         subdir: Report directory under the log dir (default ``"influence"``).
         config: The estimator's settings (:class:`~lightning_influence.config.CVConfig`). Default:
-            ``CVConfig(cg_rtol=1e-8, prox_tol=1e-10)`` (fisher, downdated, mean objective, auto solver, no
-            damping, dense up to 2000 parameters, not centred). ``curvature`` ... ``center`` above default to
+            ``CVConfig(cg_rtol=1e-8, prox_tol=1e-10)`` (fisher, downdated, mean objective, auto solver,
+            ``damping="auto"``, dense up to 2000 parameters, not centred). ``curvature`` ... ``center`` above default to
             ``None``, meaning the config's value; the ones given replace it. ``cb.config`` is the resolved config,
             written to the report.
 
@@ -204,7 +206,7 @@ class ApproximateCV(Callback):
     downdate: bool = config_field()
     fold_objective: Literal["mean", "weighted"] = config_field()
     solver: Literal["auto", "dense", "cg"] = config_field()
-    damping: float = config_field()
+    damping: float | Literal["auto"] = config_field()
     cg_rtol: float = config_field()
     prox_tol: float = config_field()
     dense_max_params: int = config_field()
@@ -222,7 +224,7 @@ class ApproximateCV(Callback):
         downdate: bool | None = None,
         fold_objective: Literal["mean", "weighted"] | None = None,
         solver: Literal["auto", "dense", "cg"] | None = None,
-        damping: float | None = None,
+        damping: float | Literal["auto"] | None = None,
         dataset: Any = "train",
         batch_size: int = 256,
         cg_rtol: float | None = None,
@@ -248,7 +250,7 @@ class ApproximateCV(Callback):
             check_choice(_WHO, "solver", solver, ("auto", "dense", "cg"))
         if fold_objective is not None:
             check_choice(_WHO, "fold_objective", fold_objective, ("mean", "weighted"))
-        check_number(_WHO, "damping", damping, strict=False, allow_none=True)
+        check_damping(_WHO, "damping", damping, strict=False)
         self.dataset = check_dataset(_WHO, "dataset", dataset)
         self.batch_size = check_int(_WHO, "batch_size", batch_size)
         self.exact_tol = check_number(_WHO, "exact_tol", exact_tol)

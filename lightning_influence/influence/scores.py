@@ -81,8 +81,10 @@ def _exact_inverse(run: _Run) -> _Inverse:
     if lo <= max(hi, 1.0) * G.shape[0] * torch.finfo(G.dtype).eps:
         raise ConfigurationError(
             f"the damped curvature G + damping*I is not positive definite (smallest eigenvalue {lo:.3g}, "
-            f"largest {hi:.3g}, damping={lam}). Use damping > 0 (and the GNH rather than the Hessian, which "
-            "can be indefinite)."
+            f"largest {hi:.3g}, damping={lam}): the {run.cfg.curvature} curvature is singular"
+            + (" or indefinite" if run.cfg.curvature == "hessian" else "")
+            + f". Use damping > {max(0.0, -lo):.3g} (e.g. damping='auto': a fraction of lambda_max)"
+            + ("; or a GNH/Fisher curvature, which is never indefinite." if run.cfg.curvature == "hessian" else ".")
         )
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
