@@ -39,6 +39,7 @@ import torch
 from lightning_influence.exceptions import ConfigurationError
 
 __all__ = [
+    "DEFAULT_LINEARIZATION_BUDGET",
     "DEFAULT_LISSA_CONSTANT",
     "DEFAULT_LISSA_STEPS_FACTOR",
     "CGConfig",
@@ -62,6 +63,9 @@ DEFAULT_LISSA_CONSTANT = 4.0
 #: scores of our digits MLPs reach only Pearson 0.92-0.99 against the exact ones. With :math:`c = 6` and averaging
 #: over the second half, that bias is :math:`e^{-3}(1-e^{-3})/3 \approx 1.6\,\%`.
 DEFAULT_LISSA_STEPS_FACTOR = 6.0
+
+#: Default byte budget of cached linearisations (:mod:`lightning_influence.operators.linearized`): 1 GiB.
+DEFAULT_LINEARIZATION_BUDGET = 2**30
 
 CurvatureKind = Literal["gnh", "expected_fisher", "sampled_fisher", "finite_difference_gnh", "hessian"]
 SolverName = Literal["cg", "lissa", "exact"]
@@ -176,6 +180,9 @@ class SpectrumConfig(Config):
         seed: Seed of the probes and start vectors.
         constant: :math:`C` of the LiSSA batch rule the summary recommends.
         steps_factor: :math:`c` of the LiSSA step rule the summary recommends.
+        linearization: ``"auto"``, ``"always"`` or ``"never"``: cached linearisations of the sample's batches for
+            the monitor's operator (:mod:`lightning_influence.operators.linearized`).
+        linearization_budget: Bytes the cached linearisations may hold (default 1 GiB); batches past it stream.
 
     Example::
 
@@ -195,6 +202,8 @@ class SpectrumConfig(Config):
     seed: int = 0
     constant: float = DEFAULT_LISSA_CONSTANT
     steps_factor: float = DEFAULT_LISSA_STEPS_FACTOR
+    linearization: Literal["auto", "always", "never"] = "auto"
+    linearization_budget: int = DEFAULT_LINEARIZATION_BUDGET
 
     def validate(self) -> None:
         """Check every field.
@@ -203,6 +212,8 @@ class SpectrumConfig(Config):
             ConfigurationError: Naming the bad field.
         """
         self._positive("steps_factor")
+        self._choice("linearization", ("auto", "always", "never"))
+        self._at_least(0, "linearization_budget")
         self._at_least(2, "trace_probes", "sketch_dim")
         self._at_least(1, "trace_block_size", "lanczos_iter")
         self._at_least(2, "trace_max_probes", allow_none=True)

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
-from lightning_influence.operators import GNHOperator
+from lightning_influence.operators import GNHOperator, make_operator
 from lightning_influence.spectrum import lanczos_lambda_max
 from lightning_influence.tasks import Classification
 from tests.helpers.lightning_models import TinyClassifier, synthetic_classification
@@ -86,3 +87,74 @@ def test_resumed_run_warm_starts_from_the_checkpointed_vector(tmp_path: Path) ->
     assert resumed.last_start is not None and torch.equal(resumed.last_start, saved)
     row = resumed.history[-1]
     assert row["num_products"] >= row["trace_probes"] + 1 and row["seconds"] > 0
+
+
+# ------------------------------------------------------------------------------------ cached linearisation
+def _bn_cnn() -> tuple[torch.nn.Module, Any, list]:
+    g = torch.Generator().manual_seed(2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Tanh(),
+                                    torch.nn.Flatten(), torch.nn.Linear(32, 3)).double()
+    bn = model[1]
+    bn.running_mean.copy_(torch.tensor([0.3, -0.2]))
+    bn.running_var.copy_(torch.tensor([1.5, 0.7]))
+    model.train()  # the operators must switch BatchNorm to its running statistics themselves
+    x = torch.randn(7, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=g)
+    return model, Classification(), [(x[:4], y[:4]), (x[4:], y[4:])]
+
+
+def _lm() -> tuple[torch.nn.Module, Any, list]:
+    from lightning_influence.tasks import LanguageModeling
+    from tests.helpers.models import tiny_transformer_lm
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 7, (4, 5), generator=g)
+    labels = ids[:, 1:].clone()
+    labels[0, -2:] = -100
+    return tiny_transformer_lm(dtype=torch.float64), LanguageModeling(), [(ids[:2, :-1], labels[:2]),
+                                                                          (ids[2:, :-1], labels[2:])]
+
+
+def _mlp() -> tuple[torch.nn.Module, Any, list]:
+    x, y = synthetic_classification(11, seed=1).tensors
+    return tiny_mlp(dtype=torch.float64), Classification(), [(x[:6], y[:6]), (x[6:], y[6:])]
+
+
+@pytest.mark.parametrize("case", [_mlp, _bn_cnn, _lm], ids=["mlp", "cnn_bn_eval", "transformer"])
+@pytest.mark.parametrize("kind", ["gnh", "hessian"])
+def test_cached_products_equal_streamed_ones(case: Any, kind: str) -> None:
+    model, task, batches = case()
+    streamed = make_operator(kind, model, task, batches, linearization="never")
+    cached = make_operator(kind, model, task, batches, linearization="always")
+    p = streamed.num_params
+    g = torch.Generator().manual_seed(5)
+    vs = torch.randn(p, 3, generator=g, dtype=torch.float64)
+    for op in (streamed, cached):  # one vector (fused path), several (vmap / column loop), quadratic forms
+        op.out = (op.matvec(vs[:, 0]), op.matmat(vs), op.quadratic_forms(vs))
+    for a, b in zip(streamed.out, cached.out, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(a.abs().max()))
+    stats = cached.linearization.stats()
+    assert stats["cached_batches"] == 2 and stats["cached_products"] >= 5 and stats["streamed_products"] == 0
+    assert streamed.linearization.stats()["cached_products"] == 0
+    assert model.training  # modes restored
+
+
+def test_tiny_budget_streams_and_parameter_updates_discard_the_cache() -> None:
+    model, task, batches = _bn_cnn()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    tiny = GNHOperator(model, task, batches, linearization="always", linearization_budget=1)
+    reference = GNHOperator(model, task, batches, linearization="never")
+    assert torch.allclose(tiny.matvec(v), reference.matvec(v), rtol=1e-12, atol=1e-14)
+    stats = tiny.linearization.stats()
+    assert stats["over_budget"] == 2 and stats["cached_batches"] == 0 and stats["streamed_products"] == 2
+    cached = GNHOperator(model, task, batches, linearization="always")
+    before = cached.matvec(v)
+    with torch.no_grad():
+        model[4].weight.mul_(1.5)  # an in-place update, as an optimizer step does
+    after = cached.matvec(v)
+    assert cached.linearization.built == 4  # rebuilt for the new weights
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, reference.matvec(v), rtol=1e-12, atol=1e-14)

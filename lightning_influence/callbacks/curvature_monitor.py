@@ -421,7 +421,8 @@ class CurvatureMonitor(Callback):
         ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
         with torch.inference_mode(False), torch.enable_grad():
             op = GNHOperator(ctx.module, self.task, self._source, reduce_fn=ctx.reduce_fn,
-                             dtype=self._input_dtype(ctx.module))
+                             dtype=self._input_dtype(ctx.module), linearization=self.config.linearization,
+                             linearization_budget=self.config.linearization_budget)
             self.last_start = self.ritz_vector
             summary = estimate_spectrum(
                 op, damping=self.damping, config=self.config, start=self.ritz_vector,
