@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,30 @@ def test_tiny_budget_streams_and_parameter_updates_discard_the_cache() -> None:
     assert cached.linearization.built == 4  # rebuilt for the new weights
     assert not torch.allclose(before, after)
     assert torch.allclose(after, reference.matvec(v), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------ auto cadence
+def test_auto_cadence_holds_its_overhead_budget(tmp_path: Path) -> None:
+    budget = 0.25  # a share the short run can reach after the first measurement's one-time warm-up
+    monitor = CurvatureMonitor(Classification(), every_n_steps="auto", overhead_budget=budget, on_checkpoint=False,
+                               **SMALL)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path, max_steps=150, callbacks=[monitor], enable_checkpointing=False).fit(TinyClassifier())
+    steps = monitor.measured_steps
+    assert len(steps) >= 3 and all(r["trigger"] == "auto" for r in monitor.history)
+    # tolerance: 1.5x the budget plus 2 points of slack (the share is measured by the callback itself, so a loaded
+    # machine slows training and measurements alike; only a change of load between them moves it)
+    assert 0 < monitor.overhead <= 1.5 * budget + 0.02, (monitor.overhead, steps)
+    assert all(0 < r["overhead"] < 1 for r in monitor.history)
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    assert max(gaps) > 1  # it spaces measurements out rather than measuring every step
+
+
+def test_auto_cadence_argument_errors() -> None:
+    from lightning_influence.callbacks import MisconfigurationError
+
+    with pytest.raises(MisconfigurationError, match="overhead_budget must be < 1"):
+        CurvatureMonitor(Classification(), every_n_steps="auto", overhead_budget=1.5)
+    with pytest.raises(MisconfigurationError, match="every_n_steps"):
+        CurvatureMonitor(Classification(), every_n_steps="often")  # type: ignore[arg-type]

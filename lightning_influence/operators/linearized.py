@@ -51,7 +51,7 @@ __all__ = ["LINEARIZATION_MODES", "MIN_STREAM_SECONDS", "LinearizationCache", "L
 LINEARIZATION_MODES = ("auto", "always", "never")
 #: ``"auto"`` caches a batch only if its streamed product takes at least this long (seconds per direction): below
 #: it, tracing the model costs more than the cache can save.
-MIN_STREAM_SECONDS = 0.01
+MIN_STREAM_SECONDS = 0.05
 
 
 @dataclass
