@@ -123,8 +123,9 @@ def _mlp() -> tuple[torch.nn.Module, Any, list]:
     return tiny_mlp(dtype=torch.float64), Classification(), [(x[:6], y[:6]), (x[6:], y[6:])]
 
 
-@pytest.mark.parametrize("case", [_mlp, _bn_cnn, _lm], ids=["mlp", "cnn_bn_eval", "transformer"])
-@pytest.mark.parametrize("kind", ["gnh", "hessian"])
+@pytest.mark.parametrize(("case", "kind"), [(_mlp, "gnh"), (_bn_cnn, "gnh"), (_lm, "gnh"), (_mlp, "hessian"),
+                                            (_bn_cnn, "hessian")],
+                         ids=["mlp-gnh", "cnn_bn_eval-gnh", "transformer-gnh", "mlp-hessian", "cnn_bn_eval-hessian"])
 def test_cached_products_equal_streamed_ones(case: Any, kind: str) -> None:
     model, task, batches = case()
     streamed = make_operator(kind, model, task, batches, linearization="never")
@@ -186,3 +187,56 @@ def test_auto_cadence_argument_errors() -> None:
         CurvatureMonitor(Classification(), every_n_steps="auto", overhead_budget=1.5)
     with pytest.raises(MisconfigurationError, match="every_n_steps"):
         CurvatureMonitor(Classification(), every_n_steps="often")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ mixed precision
+class _AutocastMonitor(CurvatureMonitor):
+    """Measures from inside a bf16 autocast region, as a hook running under the precision plugin would."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            super().on_train_batch_end(trainer, *args)
+
+
+def _float32_fit(root: Path, precision: str, monitor_cls: type[CurvatureMonitor], others: bool = False) -> Any:
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence.callbacks.approximate_cv import ApproximateCV
+    from lightning_influence.callbacks.influence_report import InfluenceReport
+    from lightning_influence.callbacks.pbrf_validation import PBRFValidation
+
+    pl.seed_everything(0)
+    module = TinyClassifier(shuffle=False)
+    module.net.float()
+    module.train_set = TensorDataset(module.train_set.tensors[0].float(), module.train_set.tensors[1])
+    module.val_set = TensorDataset(module.val_set.tensors[0].float(), module.val_set.tensors[1])
+    task = Classification()
+    monitor = monitor_cls(task, every_n_steps=2, on_checkpoint=False, sample_size=16, batch_size=16,
+                          trace_probes=4, lanczos_iter=8, lanczos_tol=1e-4)
+    callbacks: list[Any] = [monitor]
+    if others:  # they do not change training, so the weights at the measured steps are the same without them
+        callbacks += [InfluenceReport(task, query_data="val", solver="cg", damping=1e-2, max_train=8, max_queries=2,
+                                      progress_bar=False, images=False),
+                      ApproximateCV(task, folds=2, damping=1e-2),
+                      PBRFValidation(task, num_train=2, num_queries=2, max_iter=10)]
+    trainer = _trainer(root, max_steps=4, precision=precision, callbacks=callbacks, enable_checkpointing=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    return monitor, trainer
+
+
+@pytest.mark.timeout(200)
+def test_bf16_mixed_with_all_four_callbacks_matches_float32_curvature(tmp_path: Path) -> None:
+    bf16, trainer = _float32_fit(tmp_path / "bf16", "bf16-mixed", _AutocastMonitor, others=True)
+    fp32, _ = _float32_fit(tmp_path / "fp32", "32-true", CurvatureMonitor)
+    assert bf16.measured_steps == fp32.measured_steps == [2, 4]
+    for a, b in zip(bf16.history, fp32.history, strict=True):
+        for key in ("trace", "lambda_max"):
+            assert abs(a[key] - b[key]) <= 0.01 * abs(b[key]), key
+    assert {"influence/num_train", "cv/approx_loss", "pbrf/converged_fraction"} <= set(trainer.callback_metrics)
+    # autocast is off inside the measurement: a measurement from within a bf16 autocast region is float32 exact
+    plain, _ = _float32_fit(tmp_path / "plain", "bf16-mixed", CurvatureMonitor)
+    for a, b in zip(bf16.history, plain.history, strict=True):
+        assert a["trace"] == pytest.approx(b["trace"], rel=1e-6)
+        assert a["lambda_max"] == pytest.approx(b["lambda_max"], rel=1e-6)

@@ -60,6 +60,20 @@ __all__ = ["CurvatureMonitor"]
 _WHO = "CurvatureMonitor"
 
 
+def _no_autocast(module: torch.nn.Module) -> torch.autocast:
+    """Autocast off on the module's device, so curvature is measured in the parameters' dtype.
+
+    That is float32 under ``precision="bf16-mixed"`` / ``"16-mixed"`` and float64 for float64 models, never the
+    autocast dtype.
+
+    Returns:
+        The disabled autocast context.
+    """
+    param = next(module.parameters(), None)
+    device = param.device.type if param is not None else "cpu"
+    return torch.autocast(device_type=device if device in ("cpu", "cuda", "xpu", "mps") else "cpu", enabled=False)
+
+
 def _default_config() -> SpectrumConfig:
     """The estimator settings when no config is given: 8 probes, 8 Lanczos products, a 3 % Ritz residual.
 
@@ -109,6 +123,9 @@ class CurvatureMonitor(Callback):
     * ``lissa/steps``: recommended LiSSA steps, :math:`\lceil 2(\lambda_{\max}+\text{damping})/\text{damping} \rceil`.
     * ``curvature/products``: curvature products the measurement spent; ``curvature/seconds``: its wall time;
       ``curvature/overhead``: the share of the fit's wall time spent measuring so far.
+
+    Mixed precision: under ``precision="bf16-mixed"`` or ``"16-mixed"`` the weights stay float32 and measurements
+    run with autocast disabled, so the curvature is computed in float32 (float64 models stay exact).
 
     Lanczos is warm-started from the previous measurement's top Ritz vector (:attr:`ritz_vector`, saved in the
     callback state so a resumed run continues from the checkpoint's vector) and stops on its Ritz residual, so
@@ -456,7 +473,7 @@ class CurvatureMonitor(Callback):
                 return old
         ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
         clock = time.perf_counter()
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _no_autocast(ctx.module):
             op = GNHOperator(ctx.module, self.task, self._source, reduce_fn=ctx.reduce_fn,
                              dtype=self._input_dtype(ctx.module), linearization=self.config.linearization,
                              linearization_budget=self.config.linearization_budget)
