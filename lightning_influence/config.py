@@ -42,6 +42,7 @@ from lightning_influence.exceptions import ConfigurationError
 
 __all__ = [
     "AUTO_EXACT_MAX_PARAMS",
+    "DEFAULT_LINEARIZATION_BUDGET",
     "DEFAULT_LISSA_CONSTANT",
     "DEFAULT_LISSA_STEPS_FACTOR",
     "CGConfig",
@@ -70,6 +71,9 @@ DEFAULT_LISSA_STEPS_FACTOR = 6.0
 #: ``solver="auto"`` uses the exact dense solve up to this many trainable parameters and ``"pcg"`` above
 #: (measured by ``benchmarks/bench_solver_thresholds.py``; the dense curvature is also capped at 5,000 parameters).
 AUTO_EXACT_MAX_PARAMS = 2000
+
+#: Default byte budget of cached linearisations (:mod:`lightning_influence.operators.linearized`): 1 GiB.
+DEFAULT_LINEARIZATION_BUDGET = 2**30
 
 CurvatureKind = Literal["gnh", "expected_fisher", "sampled_fisher", "finite_difference_gnh", "hessian"]
 SolverName = Literal["cg", "lissa", "exact", "pcg", "lowrank", "auto"]
@@ -190,6 +194,9 @@ class SpectrumConfig(Config):
         seed: Seed of the probes and start vectors.
         constant: :math:`C` of the LiSSA batch rule the summary recommends.
         steps_factor: :math:`c` of the LiSSA step rule the summary recommends.
+        linearization: ``"auto"``, ``"always"`` or ``"never"``: cached linearisations of the sample's batches for
+            the monitor's operator (:mod:`lightning_influence.operators.linearized`).
+        linearization_budget: Bytes the cached linearisations may hold (default 1 GiB); batches past it stream.
 
     Example::
 
@@ -209,6 +216,8 @@ class SpectrumConfig(Config):
     seed: int = 0
     constant: float = DEFAULT_LISSA_CONSTANT
     steps_factor: float = DEFAULT_LISSA_STEPS_FACTOR
+    linearization: Literal["auto", "always", "never"] = "auto"
+    linearization_budget: int = DEFAULT_LINEARIZATION_BUDGET
 
     def validate(self) -> None:
         """Check every field.
@@ -217,6 +226,8 @@ class SpectrumConfig(Config):
             ConfigurationError: Naming the bad field.
         """
         self._positive("steps_factor")
+        self._choice("linearization", ("auto", "always", "never"))
+        self._at_least(0, "linearization_budget")
         self._at_least(2, "trace_probes", "sketch_dim")
         self._at_least(1, "trace_block_size", "lanczos_iter")
         self._at_least(2, "trace_max_probes", allow_none=True)
