@@ -238,3 +238,16 @@ def test_projected_influence_scores_have_the_jl_error() -> None:
         scores = influence_scores(model, Classification(), data, queries, projection_dim=d, **kw).scores
         corr.append(float(torch.corrcoef(torch.stack([exact.flatten(), scores.flatten()]))[0, 1]))
     assert corr[0] < corr[1] and corr[1] > 0.8, corr  # the error falls like 1/sqrt(k)
+
+
+def test_a_thousand_queries_are_one_block_pcg_solve() -> None:
+    op, _, _ = _spread_op()
+    lam = 1e-2
+    B = torch.randn(op.num_params, 1000, generator=torch.Generator().manual_seed(5), dtype=F64)
+    sk = compute_sketch(op, rank=20, oversample=10, iterations=3, trace_probes=0)
+    before = op.num_products
+    res = preconditioned_cg(op, B, sk, damping=lam, rtol=1e-10)
+    exact = dense_solve(op.matrix, B, damping=lam).x
+    assert float(((res.x - exact).norm(dim=0) / exact.norm(dim=0)).max()) <= 1e-8
+    # one recursion per column, products batched: at most (iterations + 1) * 1000 columns, in iterations + 1 calls
+    assert op.num_products - before == res.num_products <= (res.iterations + 1) * 1000
