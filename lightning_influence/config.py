@@ -68,9 +68,11 @@ DEFAULT_LISSA_CONSTANT = 4.0
 #: over the second half, that bias is :math:`e^{-3}(1-e^{-3})/3 \approx 1.6\,\%`.
 DEFAULT_LISSA_STEPS_FACTOR = 6.0
 
-#: ``solver="auto"`` uses the exact dense solve up to this many trainable parameters and ``"pcg"`` above
-#: (measured by ``benchmarks/bench_solver_thresholds.py``; the dense curvature is also capped at 5,000 parameters).
-AUTO_EXACT_MAX_PARAMS = 2000
+#: ``solver="auto"`` uses the exact dense solve up to this many trainable parameters and ``"pcg"`` above. Measured
+#: by ``benchmarks/bench_solver_thresholds.py`` (500 training examples, 20 queries, 10 outputs, one thread):
+#: exact/pcg time 0.59 at 160 parameters, 0.95 at 385, 1.44 at 760, 3.1 at 1,510, 15.7 at 3,010. The exact
+#: solve's cost grows like ``N * outputs * P + P^3``, so the crossover moves down for larger training sets.
+AUTO_EXACT_MAX_PARAMS = 500
 
 #: Default byte budget of cached linearisations (:mod:`lightning_influence.operators.linearized`): 1 GiB.
 DEFAULT_LINEARIZATION_BUDGET = 2**30
@@ -362,7 +364,7 @@ class SketchConfig(Config):
         SketchConfig.rank must be an integer >= 1, got 0.
     """
 
-    rank: int = 64
+    rank: int = 32
     method: Literal["lanczos", "nystrom"] = "lanczos"
     oversample: int = 10
     iterations: int = 3
@@ -485,7 +487,7 @@ class InfluenceConfig(Config):
     lissa_steps: int | None = None
     lissa_eta: float | None = None
     lissa_measure_constant: bool = True
-    sketch_rank: int = 64
+    sketch_rank: int = 32
     sketch_method: Literal["lanczos", "nystrom"] = "lanczos"
     sketch_oversample: int = 10
     sketch_iterations: int = 3

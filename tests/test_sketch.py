@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.config import SketchConfig
+from lightning_influence.config import InfluenceConfig, SketchConfig
 from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.influence import influence_scores, self_influence
 from lightning_influence.operators import DenseOperator, GNHOperator
 from lightning_influence.solvers import (
     LowRankSketch,
@@ -20,7 +21,7 @@ from lightning_influence.solvers import (
     lowrank_solve,
     preconditioned_cg,
 )
-from lightning_influence.tasks import Regression
+from lightning_influence.tasks import Classification, Regression
 from tests.helpers.models import tiny_mlp
 
 F64 = torch.float64
@@ -129,3 +130,124 @@ def test_lowrank_self_influence_error_is_within_the_discarded_spectrum_bound() -
     # the exact closed form: err = sum_{i>r} c_i^2 mu_i / (lam (mu_i + lam))
     c = grads @ evecs[:, r:]
     assert torch.allclose(err, (c * c * mu[r:] / (lam * (mu[r:] + lam))).sum(1), rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ influence_scores
+def _digits_problem() -> tuple[nn.Module, Tensor, Tensor]:
+    from tests.test_solvers import digits_mlp
+
+    return digits_mlp()  # 64-6-10 float64 MLP (460 parameters) trained on 300 digits
+
+
+def test_influence_scores_pcg_and_lowrank_match_exact() -> None:
+    model, x, y = _digits_problem()
+    data, queries = (x[:120], y[:120]), (x[120:125], y[120:125])
+    kw: dict = {"damping": 1e-2, "curvature_indices": list(range(120)), "train_indices": list(range(8))}
+    exact = influence_scores(model, Classification(), data, queries, solver="exact", **kw)
+    pcg = influence_scores(model, Classification(), data, queries, solver="pcg", cg_rtol=1e-11, sketch_rank=16, **kw)
+    cg = influence_scores(model, Classification(), data, queries, solver="cg", cg_rtol=1e-11, self_influence=False,
+                          **kw)
+    assert pcg.solve["method"] == "pcg" and pcg.solve["converged"]
+    assert torch.allclose(pcg.scores, exact.scores, rtol=1e-8, atol=1e-10 * float(exact.scores.abs().max()))
+    assert torch.allclose(pcg.self_influence, exact.self_influence, rtol=1e-8)
+    assert pcg.solve["iterations"] < cg.solve["iterations"]
+    assert pcg.diagnostics["sketch"]["rank"] == 16 and pcg.diagnostics["solver"] == "pcg"
+    P = pcg.diagnostics["num_params"]
+    low = influence_scores(model, Classification(), data, queries, solver="lowrank", sketch_rank=P,
+                           sketch_oversample=0, sketch_iterations=2, **kw)
+    assert low.solve["num_products"] == 0 and low.solve["info"]["trace_fraction"] is not None
+    assert torch.allclose(low.scores, exact.scores, rtol=1e-8, atol=1e-10 * float(exact.scores.abs().max()))
+    assert torch.allclose(low.self_influence, exact.self_influence, rtol=1e-8)
+    assert low.solve["self_influence"]["max_relative_error_bound"] < 1e-8
+    auto = influence_scores(model, Classification(), data, queries, solver="auto", self_influence=False, **kw)
+    assert auto.diagnostics["solver"] == "exact" and auto.config["solver"] == "auto"  # 460 <= AUTO_EXACT_MAX_PARAMS
+    with pytest.raises(ConfigurationError, match="rank=461 exceeds"):
+        influence_scores(model, Classification(), data, queries, solver="lowrank", sketch_rank=461, **kw)
+    with pytest.raises(ConfigurationError, match="needs damping > 0"):
+        InfluenceConfig(solver="pcg", damping=0.0).validate()
+
+
+def test_lowrank_self_influence_of_all_digits_ranks_like_exact_at_default_rank() -> None:
+    model, x, y = _digits_problem()
+    kw: dict = {"damping": 1e-2}
+    exact = self_influence(model, Classification(), (x, y), solver="exact", **kw)
+    res = influence_scores(model, Classification(), (x, y), (x[:1], y[:1]), solver="lowrank", **kw)
+    assert res.diagnostics["sketch"]["rank"] == InfluenceConfig().sketch_rank == 32
+    low = res.self_influence
+    rho = float(torch.corrcoef(torch.stack([_ranks(low), _ranks(exact)]))[0, 1])
+    assert rho >= 0.95, rho
+    err = low - exact  # an over-estimate, as the bound says (its size needs converged eigenpairs: see pcg.py)
+    assert float(err.min()) > -1e-8 * float(exact.max())
+    assert res.solve["self_influence"]["max_relative_error_bound"] > 0
+
+
+def _ranks(v: Tensor) -> Tensor:
+    return v.argsort().argsort().to(F64)
+
+
+# ------------------------------------------------------------------------------------------------ projection
+def test_random_projection_is_seeded_blockwise_and_unbiased_within_jl_error() -> None:
+    from lightning_influence.influence import RandomProjection
+    from lightning_influence.influence import projection as projection_module
+
+    P, k = 300, 400
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, P, generator=gen, dtype=F64)
+    with pytest.raises(ConfigurationError, match="positive integer"):
+        RandomProjection(P, 0)
+    with pytest.raises(ConfigurationError, match="projection_dim must be a positive"):
+        InfluenceConfig(projection_dim=-3).validate()
+    for kind in ("rademacher", "gaussian"):
+        est = []
+        for seed in range(40):
+            proj = RandomProjection(P, k, kind, seed=seed)  # type: ignore[arg-type]
+            pa, pb = proj(torch.stack([a, b]))
+            est.append(float(pa @ pb))
+        est_t = torch.tensor(est, dtype=F64)
+        sd = ((a @ a) * (b @ b) + (a @ b) ** 2).sqrt() / k**0.5  # the JL standard deviation (Gaussian)
+        assert abs(float(est_t.mean() - a @ b)) < 4 * float(sd) / 40**0.5  # unbiased
+        assert 0.5 * float(sd) < float(est_t.std()) < 1.5 * float(sd)
+    old = projection_module._BLOCK
+    try:  # the blocks of Phi are generated independently: a different block size gives another (valid) Phi
+        projection_module._BLOCK = 7
+        small = RandomProjection(P, 5, seed=1)(a.unsqueeze(0))
+        assert torch.equal(small, RandomProjection(P, 5, seed=1)(a.unsqueeze(0)))
+    finally:
+        projection_module._BLOCK = old
+
+
+def test_projected_influence_scores_have_the_jl_error() -> None:
+    from lightning_influence.influence import dense_curvature, per_example_gradients
+
+    model, x, y = _digits_problem()
+    data, queries = (x[:100], y[:100]), (x[100:104], y[100:104])
+    kw: dict = {"solver": "exact", "damping": 1e-2, "self_influence": False}
+    exact = influence_scores(model, Classification(), data, queries, **kw).scores
+    G = dense_curvature(model, Classification(), [data])
+    Q, T = per_example_gradients(model, Classification(), queries), per_example_gradients(model, Classification(), data)
+    X = torch.linalg.solve(G + 1e-2 * torch.eye(G.shape[0], dtype=F64), Q.T)  # (P, queries)
+    assert torch.allclose(-(X.T @ T.T), exact, rtol=1e-6, atol=1e-9)
+    k = 2000
+    proj = influence_scores(model, Classification(), data, queries, projection_dim=k, projection_kind="gaussian",
+                            **kw).scores
+    predicted = ((X * X).sum(0)[:, None] * (T * T).sum(1)[None, :] + exact**2) / k  # JL variance per pair
+    ratio = float(((proj - exact) ** 2).mean() / predicted.mean())
+    assert 0.5 < ratio < 1.5, ratio
+    corr = []
+    for d in (200, 20000):
+        scores = influence_scores(model, Classification(), data, queries, projection_dim=d, **kw).scores
+        corr.append(float(torch.corrcoef(torch.stack([exact.flatten(), scores.flatten()]))[0, 1]))
+    assert corr[0] < corr[1] and corr[1] > 0.8, corr  # the error falls like 1/sqrt(k)
+
+
+def test_a_thousand_queries_are_one_block_pcg_solve() -> None:
+    op, _, _ = _spread_op()
+    lam = 1e-2
+    B = torch.randn(op.num_params, 1000, generator=torch.Generator().manual_seed(5), dtype=F64)
+    sk = compute_sketch(op, rank=20, oversample=10, iterations=3, trace_probes=0)
+    before = op.num_products
+    res = preconditioned_cg(op, B, sk, damping=lam, rtol=1e-10)
+    exact = dense_solve(op.matrix, B, damping=lam).x
+    assert float(((res.x - exact).norm(dim=0) / exact.norm(dim=0)).max()) <= 1e-8
+    # one recursion per column, products batched: at most (iterations + 1) * 1000 columns, in iterations + 1 calls
+    assert op.num_products - before == res.num_products <= (res.iterations + 1) * 1000

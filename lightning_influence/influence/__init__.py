@@ -33,7 +33,11 @@ stored.
 **Solvers** for :math:`(G+\lambda I)^{-1}` applied to the *query* gradients (``k`` solves rather than
 ``n_train``): ``"cg"`` (Fisher-CG on the whole training set, :func:`~lightning_influence.solvers.conjugate_gradient`),
 ``"lissa"`` (:func:`~lightning_influence.solvers.lissa` with fresh batches and settings from the spectrum) and
-``"exact"`` (dense matrix from per-example Jacobians and a Cholesky factorisation; tiny models).
+``"exact"`` (dense matrix from per-example Jacobians and a Cholesky factorisation; tiny models), ``"pcg"`` (CG
+preconditioned by a low-rank sketch of the curvature: CG's answer in fewer iterations), ``"lowrank"`` (the sketch's
+approximate inverse: no products per query or per training example) and ``"auto"`` (exact for small models, else
+pcg); see :doc:`scale`. ``projection_dim`` optionally projects the gradients of the scores to a few dimensions
+(:class:`~lightning_influence.influence.projection.RandomProjection`).
 
 Everything here is plain PyTorch. For data parallelism pass ``rank``, ``world_size`` and ``reduce_fn`` (sums a
 flat tensor over ranks): curvature products and training examples are sharded, every rank runs the same
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.influence.gradients import iter_per_example_gradients, per_example_gradients
+from lightning_influence.influence.projection import RandomProjection
 from lightning_influence.influence.result import InfluenceResult, TopK, top_k
 from lightning_influence.influence.scores import (
     cosine_scores,
@@ -56,6 +61,7 @@ from lightning_influence.influence.scores import (
 __all__ = [
     "InfluenceConfig",
     "InfluenceResult",
+    "RandomProjection",
     "TopK",
     "cosine_scores",
     "dense_curvature",

@@ -3,8 +3,8 @@
 The stages of :func:`influence_scores`, each a function of one :class:`_Run` (model, task, config, the training
 and curvature :class:`~lightning_influence.data.DataSource` objects, the reduction and the cost counters):
 check every argument (:func:`_prepare_run`), the query gradients (:func:`_query_gradients`), one configured
-inverse (:func:`_build_inverse`: exact, CG or LiSSA), the training-gradient stream (:func:`_stream_scores`) and one
-final reduction.
+inverse (:func:`_build_inverse`: exact, CG, LiSSA, or, from a low-rank sketch of the curvature computed once,
+PCG or the low-rank inverse), the training-gradient stream (:func:`_stream_scores`) and one final reduction.
 """
 
 from __future__ import annotations
@@ -20,17 +20,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.config import InfluenceConfig
+from lightning_influence.config import AUTO_EXACT_MAX_PARAMS, InfluenceConfig
 from lightning_influence.data import CollateFn, DataSource, as_dataset, as_indices
 from lightning_influence.distributed import ReduceFn, reduce_packed, shard_indices
 from lightning_influence.evaluator import curvature_mode
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence.gradients import iter_per_example_gradients, per_example_gradients
+from lightning_influence.influence.projection import RandomProjection
 from lightning_influence.influence.result import InfluenceResult
 from lightning_influence.influence.store import ScoreStore, fingerprint
 from lightning_influence.operators.curvature import CurvatureOperator, make_operator
 from lightning_influence.params import num_parameters, trainable_parameters
-from lightning_influence.solvers import SampledCurvature, SolveResult, conjugate_gradient, lissa
+from lightning_influence.solvers import (
+    LowRankSketch,
+    SampledCurvature,
+    SolveResult,
+    compute_sketch,
+    conjugate_gradient,
+    lissa,
+    lowrank_self_influence,
+    lowrank_solve,
+    preconditioned_cg,
+)
 from lightning_influence.spectrum import LissaSettings, SpectrumSummary, lissa_settings
 from lightning_influence.tasks import Task
 
@@ -141,11 +152,64 @@ def _lissa_inverse(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) 
     return inverse
 
 
-def _build_inverse(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) -> _Inverse:
+def _sketch(run: _Run, op: CurvatureOperator, given: LowRankSketch | None) -> LowRankSketch:
+    """The run's low-rank sketch: ``given`` (checked against this model) or computed once on the curvature sample."""
+    if given is not None:
+        run.cfg.sketch_config().check_rank(op.num_params)
+        if given.num_params != op.num_params:
+            raise ConfigurationError(
+                f"the given sketch has {given.num_params} parameters but the model has {op.num_params}; recompute it."
+            )
+        return given
+    before = op.example_products
+    sk = compute_sketch(op, run.cfg.sketch_config(),
+                        identity={"curvature": run.cfg.curvature, "curvature_examples": run.pool.global_size})
+    run.counters["example_products"] += op.example_products - before
+    return sk
+
+
+def _pcg_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
+    op = run.operator()
+    sk = _sketch(run, op, given)
+
+    def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
+        before = op.example_products
+        res = preconditioned_cg(op, B, sk, damping=run.cfg.damping, config=run.cfg.cg_config())
+        run.counters["example_products"] += op.example_products - before
+        return res.x, res
+
+    return _Inverse(solve, {"sketch": sk})
+
+
+def _lowrank_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
+    sk = _sketch(run, run.operator(), given)
+
+    def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
+        res = lowrank_solve(sk, B, damping=run.cfg.damping)
+        return res.x, res
+
+    return _Inverse(solve, {"sketch": sk})
+
+
+def _resolve_solver(cfg: InfluenceConfig, model: nn.Module) -> InfluenceConfig:
+    """``solver="auto"``: ``"exact"`` up to :data:`~.config.AUTO_EXACT_MAX_PARAMS` parameters, else ``"pcg"``."""
+    if cfg.solver != "auto":
+        return cfg
+    small = num_parameters(trainable_parameters(model)) <= AUTO_EXACT_MAX_PARAMS
+    return cfg.replace(solver="exact" if small else "pcg")
+
+
+def _build_inverse(
+    run: _Run, spectrum: SpectrumSummary | LissaSettings | None, sketch: LowRankSketch | None = None
+) -> _Inverse:
     if run.cfg.solver == "exact":
         return _exact_inverse(run)
     if run.cfg.solver == "cg":
         return _cg_inverse(run)
+    if run.cfg.solver == "pcg":
+        return _pcg_inverse(run, sketch)
+    if run.cfg.solver == "lowrank":
+        return _lowrank_inverse(run, sketch)
     return _lissa_inverse(run, spectrum)
 
 
@@ -210,12 +274,19 @@ class _Scores:
     self_influence: Tensor
     losses: Tensor
     self_solves: list[dict[str, Any]] = field(default_factory=list)
+    #: ``solver="lowrank"``: per-example bound on the self-influence's over-estimate (zeros otherwise).
+    self_influence_bound: Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
 def _chunk_self_influence(
     run: _Run, inverse: _Inverse, out: _Scores, pos: Tensor, mine: Tensor, G_local: Tensor
 ) -> None:
     """Self-influence of one chunk: this rank's rows solved locally, or the whole chunk jointly under DDP."""
+    if run.cfg.solver == "lowrank":  # no products: g^T L g and its error bound, row by row
+        if mine.numel():
+            values, bounds = lowrank_self_influence(inverse.state["sketch"], G_local, damping=run.cfg.damping)
+            out.self_influence[mine], out.self_influence_bound[mine] = values, bounds
+        return
     if run.cfg.solver == "exact" or run.world_size == 1:
         if mine.numel():
             Y, res = inverse(G_local.T.contiguous())
@@ -245,10 +316,14 @@ def _stream_scores(
     n, k, P = train_indices.numel(), X.shape[1], X.shape[0]
     dtype, device = X.dtype, X.device
     out = _Scores(torch.zeros(k, n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device),
-                  torch.zeros(n, dtype=dtype, device=device))
+                  torch.zeros(n, dtype=dtype, device=device),
+                  self_influence_bound=torch.zeros(n, dtype=dtype, device=device))
     chunk = run.cfg.chunk_size
     positions = torch.arange(n)
     skip = _skippable(run, math.ceil(n / chunk), done) if store is not None else set()
+    proj = None if run.cfg.projection_dim is None else RandomProjection(
+        P, run.cfg.projection_dim, run.cfg.projection_kind, seed=run.cfg.seed)
+    XT = X.T if proj is None else proj(X.T.contiguous())  # (k, P) or projected (k, projection_dim)
     for c in range(math.ceil(n / chunk)):
         pos = positions[c * chunk : (c + 1) * chunk]
         mine = shard_indices(pos, run.rank, run.world_size, "strided")
@@ -264,7 +339,7 @@ def _stream_scores(
                 run.model, run.task, run.train.dataset, train_indices[mine], chunk_size=mine.numel(),
                 collate_fn=run.train.collate_fn, normalization=run.cfg.normalization, dtype=run.cfg.torch_dtype())))
             run.counters["example_gradients"] += mine.numel()
-            out.scores[:, mine] = -(X.T @ G_local.T)
+            out.scores[:, mine] = -(XT @ (G_local if proj is None else proj(G_local)).T)
             out.losses[mine] = loss_local
         if run.cfg.self_influence:
             _chunk_self_influence(run, inverse, out, pos, mine, G_local)
@@ -314,6 +389,14 @@ def _self_influence_summary(solves: list[dict[str, Any]]) -> dict[str, Any]:
         "any_diverged": any(bool(s["diverged"]) for s in solves),
         "iterations": sum(int(s["iterations"]) for s in solves),
     }
+
+
+def _lowrank_summary(values: Tensor, bounds: Tensor) -> dict[str, Any]:
+    """The low-rank self-influence's error bound (module :mod:`~lightning_influence.solvers.pcg`), summarised."""
+    rel = bounds / values.abs().clamp_min(1e-300)
+    return {"estimator": "lowrank", "solves": 0, "max_error_bound": float(bounds.max()) if bounds.numel() else 0.0,
+            "max_relative_error_bound": float(rel.max()) if rel.numel() else 0.0,
+            "median_relative_error_bound": float(rel.median()) if rel.numel() else 0.0}
 
 
 def _prepare_run(
@@ -383,6 +466,7 @@ def influence_scores(
     query_indices: Sequence[int] | Tensor | None = None,
     curvature_indices: Sequence[int] | Tensor | None = None,
     spectrum: SpectrumSummary | LissaSettings | None = None,
+    sketch: LowRankSketch | None = None,
     collate_fn: CollateFn | None = None,
     query_collate_fn: CollateFn | None = None,
     reduce_fn: ReduceFn | None = None,
@@ -410,6 +494,9 @@ def influence_scores(
         curvature_indices: Training examples forming :math:`G` (default: the whole training set).
         spectrum: A :class:`SpectrumSummary` (e.g. ``CurvatureMonitor.latest``) or :class:`LissaSettings` for
             LiSSA; measured on the spot when ``None``.
+        sketch: A :class:`~lightning_influence.solvers.LowRankSketch` of this model's curvature for ``"pcg"`` /
+            ``"lowrank"`` (e.g. :meth:`~lightning_influence.solvers.LowRankSketch.load` of a saved one); computed
+            from the curvature sample when ``None``.
         collate_fn: Collation of the training set (and of the queries unless ``query_collate_fn`` is given).
         query_collate_fn: Collation of the query set.
         reduce_fn: Sums a flat tensor over ranks (data parallel), else ``None``.
@@ -444,17 +531,17 @@ def influence_scores(
     cfg = InfluenceConfig.resolve(config, **overrides)
     start = time.perf_counter()
     run, query, t_idx = _prepare_run(
-        model, task, train_data, query_data, cfg, train_indices=train_indices, query_indices=query_indices,
-        curvature_indices=curvature_indices, collate_fn=collate_fn, query_collate_fn=query_collate_fn,
-        reduce_fn=reduce_fn, rank=rank, world_size=world_size,
+        model, task, train_data, query_data, _resolve_solver(cfg, model), train_indices=train_indices,
+        query_indices=query_indices, curvature_indices=curvature_indices, collate_fn=collate_fn,
+        query_collate_fn=query_collate_fn, reduce_fn=reduce_fn, rank=rank, world_size=world_size,
     )
     opened, done = _open_store(store, run, query, t_idx, spectrum)
     Q, query_losses = _query_gradients(run, query)
-    inverse = _build_inverse(run, spectrum)
+    inverse = _build_inverse(run, spectrum, sketch)
     X, res = inverse(Q.T.contiguous())  # (P, k)
     out = _stream_scores(run, inverse, X, t_idx, progress, opened, done)
-    scores, self_inf, losses, grads_total, products_total = reduce_packed(
-        [out.scores, out.self_influence, out.losses, run.counters["example_gradients"],
+    scores, self_inf, self_bound, losses, grads_total, products_total = reduce_packed(
+        [out.scores, out.self_influence, out.self_influence_bound, out.losses, run.counters["example_gradients"],
          run.counters["example_products"]], reduce_fn if world_size > 1 else None)
     if opened is not None:
         opened.finish({"scores": scores, "train_losses": losses, "train_indices": t_idx, "query_losses": query_losses,
@@ -462,6 +549,8 @@ def influence_scores(
     solve_info = res.to_dict()
     if out.self_solves:
         solve_info["self_influence"] = _self_influence_summary(out.self_solves)
+    if run.cfg.solver == "lowrank" and cfg.self_influence:
+        solve_info["self_influence"] = _lowrank_summary(self_inf, self_bound)
     diagnostics = {
         "seconds": time.perf_counter() - start,
         "example_gradients": float(grads_total),
@@ -473,10 +562,16 @@ def influence_scores(
         "curvature_examples": run.pool.global_size,
         "curvature_indices": None if curvature_indices is None else run.pool.indices.tolist(),
         "spectrum": res.info.get("spectrum") or inverse.state.get("spectrum"),
+        "solver": run.cfg.solver,
     }
     if opened is not None:
         diagnostics["store"] = {"directory": str(opened.directory), "status": opened.status,
                                 "resumed_chunks": len(done), "changes": opened.changes}
+    if "sketch" in inverse.state:
+        sk = inverse.state["sketch"]
+        diagnostics["sketch"] = {"rank": sk.rank, "num_products": sk.num_products, "trace": sk.trace,
+                                 "trace_fraction": sk.captured_trace_fraction, "tail_eigenvalue": sk.tail_eigenvalue,
+                                 "config_hash": sk.config_hash, "computed": sketch is None}
     return InfluenceResult(
         scores=scores.cpu(), train_indices=t_idx.cpu(), query_indices=query.indices.cpu(),
         self_influence=self_inf.cpu() if cfg.self_influence else None, train_losses=losses.cpu(),
