@@ -38,17 +38,20 @@ LABELS_KEY = "labels"
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face ``transformers`` model (has a config with an attention implementation).
+    """Whether ``model`` is or wraps a Hugging Face ``transformers`` model (a config with an attention implementation).
+
+    A ``LightningModule`` holding the HF model as a submodule (``self.model = GPT2LMHeadModel(cfg)``, with
+    ``forward(**batch)`` calling it) counts.
 
     Returns:
-        ``True`` for a ``PreTrainedModel``-like module.
+        ``True`` for a ``PreTrainedModel``-like module or a module containing one.
 
     Example::
 
         >>> is_hf_model(torch.nn.Linear(2, 2))
         False
     """
-    return hasattr(getattr(model, "config", None), "_attn_implementation")
+    return any(hasattr(getattr(m, "config", None), "_attn_implementation") for m in model.modules())
 
 
 def expand_attention_mask(mask: Tensor, dtype: torch.dtype, causal: bool) -> Tensor:
