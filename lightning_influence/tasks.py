@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_influence.exceptions import BatchFormatError
+from lightning_influence.exceptions import BatchFormatError, ConfigurationError
 from lightning_influence.losses import BinaryLogistic, GaussianNLL, LossFamily, SoftmaxCrossEntropy, get_loss
 
 Inputs = tuple[Any, ...]
@@ -38,17 +38,20 @@ LABELS_KEY = "labels"
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face ``transformers`` model (has a config with an attention implementation).
+    """Whether ``model`` is or wraps a Hugging Face ``transformers`` model (a config with an attention implementation).
+
+    A ``LightningModule`` holding the HF model as a submodule (``self.model = GPT2LMHeadModel(cfg)``, with
+    ``forward(**batch)`` calling it) counts.
 
     Returns:
-        ``True`` for a ``PreTrainedModel``-like module.
+        ``True`` for a ``PreTrainedModel``-like module or a module containing one.
 
     Example::
 
         >>> is_hf_model(torch.nn.Linear(2, 2))
         False
     """
-    return hasattr(getattr(model, "config", None), "_attn_implementation")
+    return any(hasattr(getattr(m, "config", None), "_attn_implementation") for m in model.modules())
 
 
 def expand_attention_mask(mask: Tensor, dtype: torch.dtype, causal: bool) -> Tensor:
@@ -192,8 +195,17 @@ class Task:
 class Classification(Task):
     """Classification with softmax cross-entropy (``loss="cross_entropy"``) or binary logistic (``"binary"``).
 
+    Dict batches (``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, e.g. for
+    ``BertForSequenceClassification``) work as they are: see the module docstring.
+
     Args:
         loss: ``"cross_entropy"`` (default) or ``"binary"``, or a loss instance.
+        label_smoothing: The module's ``CrossEntropyLoss(label_smoothing=...)`` (default 0), so that losses,
+            gradients and influence are those of the loss actually trained on.
+
+    Raises:
+        BatchFormatError: For a loss that is not a classification loss.
+        ConfigurationError: For ``label_smoothing`` with a non-softmax loss or outside ``[0, 1)``.
 
     Example::
 
@@ -201,15 +213,24 @@ class Classification(Task):
         >>> out, y = task(torch.nn.Linear(3, 4), (torch.zeros(2, 3), torch.tensor([0, 3])))
         >>> tuple(out.shape)
         (2, 4)
+        >>> Classification(label_smoothing=0.1).loss
+        SoftmaxCrossEntropy(ignore_index=-100, label_smoothing=0.1)
     """
 
-    def __init__(self, loss: str | LossFamily = "cross_entropy") -> None:
+    def __init__(self, loss: str | LossFamily = "cross_entropy", label_smoothing: float = 0.0) -> None:
         super().__init__(loss)
         if not isinstance(self.loss, (SoftmaxCrossEntropy, BinaryLogistic)):
             raise BatchFormatError(
                 f"Classification needs a cross-entropy or binary logistic loss, got {self.loss.name}; "
                 "use Regression() for a Gaussian/MSE loss."
             )
+        if label_smoothing:
+            if not isinstance(self.loss, SoftmaxCrossEntropy):
+                raise ConfigurationError(
+                    f"label_smoothing applies to softmax cross-entropy, not {self.loss.name}; drop label_smoothing "
+                    "or use loss='cross_entropy'."
+                )
+            self.loss = SoftmaxCrossEntropy(self.loss.ignore_index, label_smoothing)
 
 
 class Regression(Task):
@@ -244,6 +265,7 @@ class LanguageModeling(Task):
         ignore_index: Label value excluded from the loss (default ``-100``).
         shift: For mapping batches: whether labels still need the one-step shift (Hugging Face convention,
             default ``True``); ``False`` for labels already aligned with the logits.
+        label_smoothing: The training loss's label smoothing (default 0).
 
     Example::
 
@@ -259,8 +281,8 @@ class LanguageModeling(Task):
 
     causal_attention = True
 
-    def __init__(self, ignore_index: int = -100, shift: bool = True) -> None:
-        super().__init__(SoftmaxCrossEntropy(ignore_index=ignore_index))
+    def __init__(self, ignore_index: int = -100, shift: bool = True, label_smoothing: float = 0.0) -> None:
+        super().__init__(SoftmaxCrossEntropy(ignore_index=ignore_index, label_smoothing=label_smoothing))
         self.ignore_index = int(ignore_index)
         self.shift = bool(shift)
 

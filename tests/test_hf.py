@@ -9,6 +9,7 @@ models' own 2-D mask handling, and a dense float64 GNH built from ``torch.autogr
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -166,3 +167,131 @@ def test_torch_func_vmap_and_jvp_go_through_hf_models_without_mask_warnings(whic
         torch.testing.assert_close(losses[i], loss.detach(), rtol=1e-12, atol=0)
     units = int((batch["labels"][:, 1:] != -100).sum()) if lm else 4
     torch.testing.assert_close(prod, ref / units, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------- must show: a generated continuation
+def _dense_influence(model: nn.Module, train: list[dict[str, Tensor]], query: dict[str, Tensor],
+                     damping: float) -> Tensor:
+    r"""Independent float64 influence: :math:`G = \frac1N\sum_t J_t^\top (\nabla^2_h \ell_t) J_t` from
+    ``autograd.functional.jacobian`` of the logits and ``hessian`` of each token's CE (HF's own 2-D mask path),
+    a dense solve, and autograd gradients of the summed token losses; :math:`-\nabla\ell(q)^\top(G+\lambda I)^{-1}
+    \nabla\ell(z)`."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+    def tree(theta: Tensor) -> dict[str, Tensor]:
+        parts = torch.split(theta, [s.numel() for s in shapes])
+        return {n: t.reshape(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+
+    def logits(theta: Tensor, seq: dict[str, Tensor]) -> Tensor:
+        kw = {"input_ids": seq["input_ids"][None], "attention_mask": seq["attention_mask"][None]}
+        return torch.func.functional_call(model, tree(theta), (), kw).logits[0, :-1]  # HF's shift
+
+    def seq_loss(theta: Tensor, seq: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(logits(theta, seq), seq["labels"][1:], ignore_index=-100, reduction="sum")
+
+    p = theta0.numel()
+    jacobians, curvatures = [], []
+    for seq in train:
+        keep = seq["labels"][1:] != -100
+        J = torch.autograd.functional.jacobian(lambda th, s=seq, k=keep: logits(th, s)[k], theta0, vectorize=True)
+        with torch.no_grad():
+            h = logits(theta0, seq)[keep]
+        for t, y in enumerate(seq["labels"][1:][keep]):
+            H = torch.autograd.functional.hessian(lambda z, y=y: F.cross_entropy(z, y), h[t])
+            jacobians.append(J[t])
+            curvatures.append(H @ J[t])
+    tokens = len(jacobians)
+    G = torch.cat(jacobians).T @ torch.cat(curvatures)  # sum_t J_t^T H_t J_t
+    G /= tokens
+    gq = torch.func.grad(seq_loss)(theta0, query)
+    x = torch.linalg.solve(G + damping * torch.eye(p, dtype=torch.float64), gq)
+    return torch.stack([-(x @ torch.func.grad(seq_loss)(theta0, seq)) for seq in train])
+
+
+def _greedy_query(model: nn.Module, prompt: Tensor, new_tokens: int) -> dict[str, Tensor]:
+    """A greedy continuation from ``model.generate``; the prompt's labels are -100 (only generated tokens count)."""
+    with torch.no_grad():
+        full = model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], max_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)[0]
+    labels = full.clone()
+    labels[: len(prompt)] = -100
+    return {"input_ids": full, "attention_mask": torch.ones_like(full), "labels": labels}
+
+
+@pytest.mark.timeout(120)
+def test_influence_on_a_generated_continuation_matches_a_dense_float64_computation() -> None:
+    from lightning_influence.influence import influence_scores
+
+    model = tiny_gpt2()
+    batch = lm_batch(5, seed=5)
+    train = [{k: v[i] for k, v in batch.items()} for i in range(5)]
+    query = _greedy_query(model, torch.tensor([3, 9, 4, 11]), new_tokens=3)
+    assert query["input_ids"].shape == (7,) and int((query["labels"] != -100).sum()) == 3
+    damping = 0.05
+    truth = _dense_influence(model, train, query, damping)
+    assert float(truth.abs().min()) > 0 and len(set(torch.sign(truth).tolist())) == 2  # a non-trivial pattern
+    for solver in ("exact", "cg"):
+        result = influence_scores(model, LanguageModeling(), train, [query], solver=solver, damping=damping,
+                                  self_influence=False, batch_size=5, cg_rtol=1e-12)
+        assert result.scores.shape == (1, 5)
+        torch.testing.assert_close(result.scores[0], truth, rtol=1e-6, atol=1e-9 * float(truth.abs().max()))
+
+
+# ---------------------------------------------------------------------- must show: BERT in a Lightning fit
+class BertClassifier(__import__("lightning").LightningModule):
+    """The HF model unmodified inside a LightningModule; ``forward(**batch)`` passes the dict batch through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_bert().train()  # dropout on while training; the callbacks measure in eval mode
+
+    def forward(self, **batch: Tensor) -> Any:
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _bert_data(n: int, seed: int) -> list[dict[str, Tensor]]:
+    b = lm_batch(n, seed=seed)
+    labels = (b["input_ids"][:, 0] % 3).long()  # learnable from the first token
+    return [{"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i], "labels": labels[i]}
+            for i in range(n)]
+
+
+@pytest.mark.timeout(180)
+def test_bert_classifier_runs_with_every_callback_in_a_lightning_fit(tmp_path: Any) -> None:
+    """CurvatureMonitor, InfluenceReport and ApproximateCV on the unmodified HF classifier in a real fit, with no
+    attention-mask or vmap-fallback warning. (PBRFValidation also runs on it but costs ~70 s of train end on this
+    2k-parameter model: left out here.)"""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_influence.callbacks.approximate_cv import ApproximateCV
+    from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
+    from lightning_influence.callbacks.influence_report import InfluenceReport
+
+    task = Classification()
+    train, val = _bert_data(12, seed=7), _bert_data(4, seed=8)
+    monitor = CurvatureMonitor(task, sample_size=12, batch_size=6, trace_probes=4, lanczos_iter=6, every_n_epochs=1,
+                               on_checkpoint=False, log_figure=False, write_report=False)
+    report = InfluenceReport(task, query_data=val, solver="cg", damping=1.0, top_k=2, max_queries=2,
+                             self_influence=False, images=False, progress_bar=False)
+    acv = ApproximateCV(task, folds=2, solver="cg", damping=0.1, report=False)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                        callbacks=[monitor, report, acv])
+    module = BertClassifier()
+    with captured() as messages:
+        trainer.fit(module, DataLoader(train, batch_size=6))
+    assert not [m for m in messages if "mask" in m.lower() or "vmap" in m.lower()], messages
+    assert monitor.latest is not None and monitor.latest.trace > 0
+    assert 0 < monitor.latest.lambda_max <= monitor.latest.trace * (1 + 1e-6)
+    assert report.result is not None and report.result.scores.shape == (2, 12)
+    assert torch.isfinite(report.result.scores).all() and report.result.solve["converged"]
+    assert acv.last_result is not None and math.isfinite(acv.last_result.estimate) and acv.last_result.estimate > 0

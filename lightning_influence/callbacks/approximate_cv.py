@@ -58,6 +58,7 @@ from lightning_influence.callbacks._common import (
     resolve_config,
     unwrap_module,
 )
+from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.config import CVConfig
 from lightning_influence.cv import CVResult, approximate_cv, check_curvature_for_loss, exact_cv, kfold_indices
 from lightning_influence.exceptions import ConfigurationError
@@ -317,6 +318,10 @@ class ApproximateCV(Callback):
             raise MisconfigurationError(f"{_WHO}: {err}") from err
 
     # ------------------------------------------------------------------------------------------------ hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_loss_matches(trainer, pl_module, self.task, _WHO)
+
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs is None or (trainer.current_epoch + 1) % self.every_n_epochs != 0:

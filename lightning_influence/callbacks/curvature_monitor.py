@@ -42,6 +42,7 @@ from lightning_influence.callbacks._common import (
     resolve_data,
     warn_no_logger,
 )
+from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.config import SpectrumConfig
 from lightning_influence.data import DataSource, prepare_batch
 from lightning_influence.distributed import ShardSpec, make_shard
@@ -327,6 +328,7 @@ class CurvatureMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_loss_matches(trainer, pl_module, self.task, _WHO)
         self._clock, self._start_step, self.measure_seconds = (time.perf_counter(), None), trainer.global_step, 0.0
         self._next_auto_step, self._cheapest = None, math.inf
         self._prepare(RunContext.from_trainer(trainer, pl_module, _WHO))

@@ -33,6 +33,7 @@ from lightning_influence.callbacks._common import (
     resolve_data,
     sample_indices,
 )
+from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_influence.data import prepare_batch
 from lightning_influence.evaluator import curvature_mode
@@ -220,6 +221,7 @@ class InfluenceReport(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_loss_matches(trainer, pl_module, self.task, _WHO)
         for which in self._unchecked:  # e.g. query_data="val" without a val loader: raise before the first step
             with isolated_rng():
                 resolve_data(trainer, which, _WHO)

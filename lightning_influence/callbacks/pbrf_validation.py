@@ -41,6 +41,7 @@ from lightning_influence.callbacks._common import (
     resolve_config,
     sample_indices,
 )
+from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.callbacks.influence_report import InfluenceReport
 from lightning_influence.config import PBRFConfig
 from lightning_influence.metrics import (
@@ -252,6 +253,10 @@ class PBRFValidation(Callback):
             return
         check_strategy(trainer, _WHO)
         self._influence_report(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_loss_matches(trainer, pl_module, self.task, _WHO)
 
     # -------------------------------------------------------------------------------------- validation
     @override
