@@ -28,9 +28,12 @@ from lightning_influence.callbacks._common import (
     MisconfigurationError,
     ResolvedData,
     RunContext,
+    check_before_training,
+    check_data_available,
     check_dataset,
     check_int,
     check_number,
+    check_same_parameters,
     check_strategy,
     check_task,
     config_field,
@@ -261,12 +264,14 @@ class CurvatureMonitor(Callback):
             return
         check_strategy(trainer, _WHO)
         warn_no_logger(trainer, _WHO)
+        check_data_available(trainer, self.dataset, _WHO)
         if not isinstance(self.dataset, str):  # a user dataset can be checked before anything runs
             data = resolve_data(trainer, self.dataset, _WHO)
             self._check_sample_size(len(data.dataset))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_before_training(trainer, pl_module, self, self.task, [self.dataset], _WHO)
         self._prepare(RunContext.from_trainer(trainer, pl_module, _WHO))
 
     @override
@@ -406,6 +411,7 @@ class CurvatureMonitor(Callback):
             if int(old["step"]) == step:
                 return old
         ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
+        check_same_parameters(self, ctx.module, _WHO)
         with torch.inference_mode(False), torch.enable_grad():
             op = GNHOperator(ctx.module, self.task, self._source, reduce_fn=ctx.reduce_fn,
                              dtype=self._input_dtype(ctx.module))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +236,7 @@ def approximate_cv(
     config: CVConfig | None = None,
     reduce_fn: ReduceFn | None = None,
     num_examples: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
     **overrides: Any,
 ) -> CVResult:
     r"""AFIF approximate k-fold CV: one curvature solve and one metric prox per fold, no refits.
@@ -264,6 +265,7 @@ def approximate_cv(
             nothing, for one extra solve and prox).
         reduce_fn: Sums a flat tensor over ranks (``None`` on one process).
         num_examples: Global training-set size for the pass count (default: counted, one extra reduction).
+        progress: Called as ``progress(done, total)`` after each fold's update.
         **overrides: Single fields of ``config`` (``damping=1e-3``, ``solver="cg"``, ...).
 
     Returns:
@@ -303,6 +305,8 @@ def approximate_cv(
         theta, cert = _afif_update(state, reg, j)
         thetas.append(theta + shift)
         certs.append(cert)
+        if progress is not None:
+            progress(j + 1, len(folds))
     results = _held_out(state, thetas, certs)
     config_dict = {**cfg.to_dict(), "solver": "dense" if use_dense else "cg", "regularizer": reg.to_dict(),
                    "folds": len(folds), "num_params": p, "task": task.to_dict()}

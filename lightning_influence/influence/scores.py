@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from lightning_influence.influence.result import InfluenceResult
 from lightning_influence.operators.curvature import CurvatureOperator, make_operator
 from lightning_influence.params import num_parameters, trainable_parameters
 from lightning_influence.solvers import SampledCurvature, SolveResult, conjugate_gradient, lissa
-from lightning_influence.spectrum import LissaSettings, SpectrumSummary, lissa_settings
+from lightning_influence.spectrum import LissaSettings, SpectrumSummary, lanczos_lambda_max, lissa_settings
 from lightning_influence.tasks import Task
 
 __all__ = ["cosine_scores", "dense_curvature", "gradient_dot_scores", "influence_scores", "self_influence"]
@@ -62,14 +63,84 @@ class _Run:
     world_size: int
     counters: dict[str, float] = field(default_factory=lambda: {"example_gradients": 0.0, "example_products": 0.0})
 
+    @property
+    def damping(self) -> float:
+        """The numeric damping (after :func:`_resolve_damping`)."""
+        assert self.cfg.damping != "auto", "damping='auto' not resolved yet"
+        return float(self.cfg.damping)
+
     def operator(self) -> CurvatureOperator:
         return make_operator(self.cfg.curvature, self.model, self.task, self.pool, reduce_fn=self.reduce_fn,
                              dtype=self.cfg.torch_dtype(), seed=self.cfg.seed)
 
 
+#: Lanczos products of the on-the-spot :math:`\lambda_{\max}` behind ``damping="auto"`` (no monitor spectrum).
+AUTO_DAMPING_LANCZOS_ITERATIONS = 20
+
+
+def _resolve_damping(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) -> dict[str, Any]:
+    r"""Turn ``damping="auto"`` into :math:`\lambda = \text{damping\_fraction}\cdot\lambda_{\max}` (on ``run``).
+
+    :math:`\lambda_{\max}` comes from ``spectrum`` (e.g. a ``CurvatureMonitor``'s latest measurement; a
+    :class:`LissaSettings` fixes :math:`\lambda` itself), else from a short Lanczos run on the curvature sample.
+
+    Returns:
+        What was used: ``{"damping", "rule", "lambda_max", "source"}``.
+
+    Raises:
+        ConfigurationError: If the measured :math:`\lambda_{\max}` is not positive.
+    """
+    cfg = run.cfg
+    if cfg.damping != "auto":
+        return {"damping": float(cfg.damping), "rule": "fixed", "lambda_max": None, "source": "config"}
+    if isinstance(spectrum, LissaSettings):
+        lam, lam_max, source = spectrum.damping, 1.0 / spectrum.eta - spectrum.damping, "lissa_settings"
+    else:
+        if isinstance(spectrum, SpectrumSummary) and math.isfinite(spectrum.lambda_max) and spectrum.lambda_max > 0:
+            lam_max, source = float(spectrum.lambda_max), "spectrum"
+        else:
+            op = run.operator()
+            est = lanczos_lambda_max(op, AUTO_DAMPING_LANCZOS_ITERATIONS, tol=1e-2, seed=cfg.seed)
+            run.counters["example_products"] += op.example_products
+            lam_max, source = float(est.value), "lanczos"
+        if not lam_max > 0:
+            raise ConfigurationError(
+                f"damping='auto' needs lambda_max > 0 of the curvature, measured {lam_max:.3g} (is the model at a "
+                "point where the loss has curvature?); pass damping=<a number > 0>."
+            )
+        lam = cfg.damping_fraction * lam_max
+    run.cfg = cfg.replace(damping=lam)
+    return {"damping": lam, "rule": "auto", "fraction": cfg.damping_fraction, "lambda_max": lam_max,
+            "source": source}
+
+
+#: Parameters past which ``solver="exact"`` warns (the dense eigendecomposition was slower than CG at 2,410).
+EXACT_SOLVER_WARN_PARAMS = 2000
+
+
+def _warn_costly(run: _Run, num_queries: int, num_scored: int) -> None:
+    """Warn before a costly setting starts, with its projected cost and the setting that changes it."""
+    cfg, p = run.cfg, num_parameters(trainable_parameters(run.model))
+    if cfg.solver == "exact" and p > EXACT_SOLVER_WARN_PARAMS:
+        warnings.warn(
+            f"solver='exact' forms the dense {p}x{p} curvature (one Jacobian per example: about the output dimension "
+            f"in gradient passes over the {run.pool.global_size} curvature examples) and eigendecomposes it "
+            f"(~{p ** 3 / 1e9:.1f} GFLOP); past {EXACT_SOLVER_WARN_PARAMS} parameters solver='cg' is usually "
+            "faster.", UserWarning, stacklevel=3,
+        )
+    if cfg.self_influence and cfg.solver != "exact":
+        warnings.warn(
+            f"self_influence=True with solver={cfg.solver!r} solves one system per scored training example: "
+            f"{num_scored} right-hand sides, about {num_scored / max(num_queries, 1):.0f}x the cost of the query "
+            "solve (each CG iteration or LiSSA step is one curvature pass over its sample). Set "
+            "self_influence=False, score fewer examples (train_indices / max_train), or use solver='exact' on a "
+            "small model.", UserWarning, stacklevel=3,
+        )
+
+
 def _exact_inverse(run: _Run) -> _Inverse:
     op = run.operator()
-    lam = run.cfg.damping
+    lam = run.damping
     G = op.dense()
     run.counters["example_products"] += run.pool.local_size * _output_dim(op)
     A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
@@ -98,7 +169,7 @@ def _cg_inverse(run: _Run) -> _Inverse:
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
         before = op.example_products
-        res = conjugate_gradient(op, B, damping=run.cfg.damping, config=run.cfg.cg_config())
+        res = conjugate_gradient(op, B, damping=run.damping, config=run.cfg.cg_config())
         run.counters["example_products"] += op.example_products - before
         return res.x, res
 
@@ -119,14 +190,14 @@ def _lissa_inverse(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) 
         spectrum_op = None
         if state["settings"] is None and (cfg.lissa_eta is None or cfg.lissa_steps is None):
             spectrum_op = sampler.operator(batch_size=cfg.batch_size)
-        res = lissa(sampler, B, damping=cfg.damping, settings=state["settings"], spectrum_operator=spectrum_op,
+        res = lissa(sampler, B, damping=run.damping, settings=state["settings"], spectrum_operator=spectrum_op,
                     config=cfg.lissa_config(), spectrum_kwargs={"seed": cfg.seed})
         run.counters["example_products"] += res.info.get("example_products", 0) / run.world_size  # global -> rank
         if spectrum_op is not None:
             run.counters["example_products"] += spectrum_op.example_products
             spec = res.info.get("spectrum", {})
             if "trace" in spec:  # reuse the measured spectrum for later blocks (self-influence)
-                state["settings"] = lissa_settings(spec["trace"], spec["lambda_max"], cfg.damping,
+                state["settings"] = lissa_settings(spec["trace"], spec["lambda_max"], run.damping,
                                                    constant=res.info["constant"], dataset_size=sampler.pool_size)
                 state["spectrum"] = spec
         if res.info.get("certificate"):
@@ -369,6 +440,8 @@ def influence_scores(
         curvature_indices=curvature_indices, collate_fn=collate_fn, query_collate_fn=query_collate_fn,
         reduce_fn=reduce_fn, rank=rank, world_size=world_size,
     )
+    _warn_costly(run, query.global_size, int(t_idx.numel()))
+    damping = _resolve_damping(run, spectrum)
     Q, query_losses = _query_gradients(run, query)
     inverse = _build_inverse(run, spectrum)
     X, res = inverse(Q.T.contiguous())  # (P, k)
@@ -390,11 +463,13 @@ def influence_scores(
         "curvature_examples": run.pool.global_size,
         "curvature_indices": None if curvature_indices is None else run.pool.indices.tolist(),
         "spectrum": res.info.get("spectrum") or inverse.state.get("spectrum"),
+        "damping": damping,
     }
     return InfluenceResult(
         scores=scores.cpu(), train_indices=t_idx.cpu(), query_indices=query.indices.cpu(),
         self_influence=self_inf.cpu() if cfg.self_influence else None, train_losses=losses.cpu(),
-        query_losses=query_losses.cpu(), solve=solve_info, diagnostics=diagnostics, config=cfg.to_dict(),
+        query_losses=query_losses.cpu(), solve=solve_info, diagnostics=diagnostics,
+        config={**run.cfg.to_dict(), "damping_rule": damping["rule"]},
     )
 
 
