@@ -478,8 +478,9 @@ class CVConfig(Config):
         solver: ``"dense"``, ``"cg"`` or ``"auto"`` (dense up to ``dense_max_params`` parameters).
         damping: :math:`\delta \ge 0` added as :math:`\delta I` to :math:`A_k`, or ``"auto"`` (default): per fold, no
             damping when :math:`A_k` is positive definite, else the least damping that makes it so (dense solver:
-            :math:`\max(0, -\lambda_{\min}) + 10^{-8}\lambda_{\max}`; CG: :math:`10^{-8}\lambda_{\max}` after a
-            failed undamped solve). The :math:`\delta` used is in each fold's certificate (``"damping"``).
+            :math:`\max(0, -\lambda_{\min}) + 10^{-8}\lambda_{\max}`; CG: none if undamped CG converges within 50
+            iterations, else :math:`10^{-4}\lambda_{\max}`, raised tenfold while CG fails). The :math:`\delta` used
+            is in each fold's certificate (``"damping"``).
         cg_rtol: CG relative residual tolerance.
         cg_max_iter: CG iteration cap (default ``min(P, 1000)``).
         prox_tol: Relative residual tolerance of the metric prox.

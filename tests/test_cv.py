@@ -354,6 +354,9 @@ def test_auto_damping_singular_fold_matches_exact_refits() -> None:
     for fa, fe in zip(approx.folds, exact.folds, strict=True):
         assert abs(fa.held_out_loss - fe.held_out_loss) <= 0.02 * fe.held_out_loss
     assert torch.allclose(approx.folds[0].theta, exact.folds[0].theta, atol=1e-2)
+    matrix_free = approximate_cv(model, task, folds, solver="cg")  # no factorisation: CG's own auto rule
+    for fa, fe in zip(matrix_free.folds, exact.folds, strict=True):
+        assert abs(fa.held_out_loss - fe.held_out_loss) <= 0.02 * fe.held_out_loss
 
 
 def test_auto_damping_is_zero_on_positive_definite_folds() -> None:

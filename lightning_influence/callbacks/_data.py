@@ -288,8 +288,8 @@ def check_model_on_data(module: nn.Module, task: Task, data: ResolvedData, who: 
                 "Trainer(precision='64-true') for float64)."
             ) from err
         raise MisconfigurationError(
-            f"{who}: the task failed on a batch of the {data.source} data before any measurement "
-            f"({type(err).__name__}: {err}); check that the Task matches the batches (Task.split / forward)."
+            f"{who}: task={task!r} does not fit the {data.source} batches ({type(err).__name__}: {err}). Pass a task "
+            "whose split()/outputs() match this data (subclass the task for custom batch formats)."
         ) from err
     loss = task.loss
     labels = _all_targets(data.dataset)

@@ -271,7 +271,7 @@ class CurvatureMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_before_training(trainer, pl_module, self, self.task, [self.dataset], _WHO)
+        check_before_training(trainer, pl_module, self, self.task, [], _WHO)  # _prepare probes (and casts) the data
         self._prepare(RunContext.from_trainer(trainer, pl_module, _WHO))
 
     @override

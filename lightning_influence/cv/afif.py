@@ -152,32 +152,50 @@ def _operator_metric(state: _Folds, others: list[int], c: float, damping: float)
     return metric
 
 
+#: ``damping="auto"`` with CG: undamped CG gets this many iterations before damping is added.
+AUTO_DAMPING_CG_TRIAL = 50
+#: ``damping="auto"`` with CG: the damping after a failed undamped trial, relative to :math:`\lambda_{\max}`.
+AUTO_DAMPING_CG_RELATIVE = 1e-4
+
+
 def _cg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[ScaledOperator, SolveResult, float]:
     r"""CG on :math:`A_k x = b` with the configured damping.
 
-    Under ``damping="auto"``: undamped first, then :math:`10^{-8}\lambda_{\max}` growing tenfold (at most 8
-    times) while CG fails (non-positive curvature or no convergence).
+    Under ``damping="auto"``: undamped CG for at most :data:`AUTO_DAMPING_CG_TRIAL` iterations; if it does not
+    converge (or meets non-positive curvature), :data:`AUTO_DAMPING_CG_RELATIVE` times :math:`\lambda_{\max}`
+    (20 Lanczos products), raised tenfold while CG still fails (at most twice more).
 
     Returns:
         The damped metric, the solve and the damping used.
+
+    Raises:
+        ConfigurationError: If CG meets non-positive curvature at every damping tried.
     """
     cfg = state.cfg
     if cfg.damping != "auto":
         metric = _operator_metric(state, others, c, float(cfg.damping))
         return metric, conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=cfg.cg_max_iter), float(cfg.damping)
-    damping, lam_max = 0.0, None
-    for attempt in range(9):
+    limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(state.theta_hat.numel(), 1000)
+    damping, sol = 0.0, None
+    for attempt in range(4):
         metric = _operator_metric(state, others, c, damping)
+        budget = min(limit, AUTO_DAMPING_CG_TRIAL) if attempt == 0 else limit
         try:
-            sol = conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=cfg.cg_max_iter, warn=attempt == 8)
+            sol = conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=budget, warn=attempt == 3)
         except ConfigurationError:
             sol = None
         if sol is not None and sol.converged:
-            return metric, sol, damping
-        if lam_max is None:
+            break
+        if attempt == 0:
             lam_max = abs(lanczos_lambda_max(_operator_metric(state, others, c, 0.0), 20).value)
-        damping = AUTO_DAMPING_RELATIVE * max(lam_max, 1e-300) * 10.0 ** attempt
-    assert sol is not None
+            damping = AUTO_DAMPING_CG_RELATIVE * max(lam_max, 1e-300)
+        else:
+            damping *= 10.0
+    if sol is None:
+        raise ConfigurationError(
+            f"conjugate gradient met non-positive curvature even with damping {damping:.3g}: the curvature is "
+            "indefinite (a Hessian away from a minimum?); pass a larger damping or curvature='fisher'."
+        )
     return metric, sol, damping
 
 
