@@ -55,6 +55,7 @@ __all__ = [
     "CV_EXACT_PASSES",
     "CV_EXACT_SECONDS",
     "CV_REL_ERROR",
+    "INFLUENCE_DAMPING",
     "INFLUENCE_GRADIENT_EQUIVALENTS",
     "INFLUENCE_NUM_PRODUCTS",
     "INFLUENCE_NUM_QUERIES",
@@ -118,6 +119,7 @@ LISSA_STEPS = "lissa/steps"
 
 # ------------------------------------------------------------------------------- InfluenceReport
 INFLUENCE_SOLVER_RESIDUAL = "influence/solver_residual"
+INFLUENCE_DAMPING = "influence/damping"
 INFLUENCE_SOLVER_ITERATIONS = "influence/solver_iterations"
 INFLUENCE_SOLVER_CONVERGED = "influence/solver_converged"
 INFLUENCE_SOLVER_DIVERGED = "influence/solver_diverged"

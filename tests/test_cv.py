@@ -339,7 +339,7 @@ def test_auto_damping_singular_fold_matches_exact_refits() -> None:
     x[idx[0], 2] = torch.randn(len(idx[0]), generator=g, dtype=torch.float64)  # varies only in fold 0
     w = torch.tensor([[1.5, -1.0, 0.5], [-0.5, 1.0, -0.5]], dtype=torch.float64)
     y = torch.multinomial(torch.softmax(x @ w.T, 1), 1, generator=g).squeeze(1)
-    folds = make_fold_batches(list(zip(x, y)), idx, batch_size=64)
+    folds = make_fold_batches(list(zip(x, y, strict=True)), idx, batch_size=64)
     model, task = _linear(3, 2), Classification()
     theta, _ = fit_regularized(model, task, [b for f in folds for b in f], tol=1e-12)
     _load(model, theta)
@@ -351,9 +351,12 @@ def test_auto_damping_singular_fold_matches_exact_refits() -> None:
     used = [f.certificate["damping"] for f in approx.folds]
     assert all(0 < d < 1e-6 for d in used), used
     exact = exact_cv(model, task, folds, tol=1e-10)
-    for fa, fe in zip(approx.folds, exact.folds):
+    for fa, fe in zip(approx.folds, exact.folds, strict=True):
         assert abs(fa.held_out_loss - fe.held_out_loss) <= 0.02 * fe.held_out_loss
     assert torch.allclose(approx.folds[0].theta, exact.folds[0].theta, atol=1e-2)
+    matrix_free = approximate_cv(model, task, folds, solver="cg")  # no factorisation: CG's own auto rule
+    for fa, fe in zip(matrix_free.folds, exact.folds, strict=True):
+        assert abs(fa.held_out_loss - fe.held_out_loss) <= 0.02 * fe.held_out_loss
 
 
 def test_auto_damping_is_zero_on_positive_definite_folds() -> None:
@@ -361,7 +364,7 @@ def test_auto_damping_is_zero_on_positive_definite_folds() -> None:
     x = torch.randn(40, 3, generator=g, dtype=torch.float64)
     y = x @ torch.tensor([[1.0], [0.5], [-1.0]], dtype=torch.float64) + 0.1 * torch.randn(40, 1, generator=g,
                                                                                          dtype=torch.float64)
-    folds = make_fold_batches(list(zip(x, y)), kfold_indices(40, 4))
+    folds = make_fold_batches(list(zip(x, y, strict=True)), kfold_indices(40, 4))
     res = approximate_cv(_linear(3), Regression(), folds)
     assert [f.certificate["damping"] for f in res.folds] == [0.0] * 4
     res_cg = approximate_cv(_linear(3), Regression(), folds, solver="cg")

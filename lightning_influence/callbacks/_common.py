@@ -55,12 +55,20 @@ from lightning_influence.callbacks._checks import (
     check_damping,
     check_dataset,
     check_int,
+    check_listed_once,
     check_number,
+    check_same_parameters,
     check_task,
     config_field,
     resolve_config,
 )
-from lightning_influence.callbacks._data import ResolvedData, check_data_available, resolve_data, resolve_dataset
+from lightning_influence.callbacks._data import (
+    ResolvedData,
+    check_data_available,
+    check_model_on_data,
+    resolve_data,
+    resolve_dataset,
+)
 from lightning_influence.data import CollateFn, DataSource
 from lightning_influence.distributed import ReduceFn, global_sample_indices, sum_reducer
 from lightning_influence.params import derive_seed, isolated_rng
@@ -74,12 +82,16 @@ __all__ = [
     "MisconfigurationError",
     "ResolvedData",
     "RunContext",
+    "check_before_training",
     "check_choice",
     "check_damping",
     "check_data_available",
     "check_dataset",
     "check_int",
+    "check_listed_once",
+    "check_model_on_data",
     "check_number",
+    "check_same_parameters",
     "check_strategy",
     "check_task",
     "config_field",
@@ -108,14 +120,15 @@ _REJECTED_STRATEGY_NAMES = ("DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLA
 
 # ------------------------------------------------------------------------------------------- strategies
 def check_strategy(trainer: pl.Trainer, who: str) -> None:
-    """Raise unless the Trainer runs on a single device or with a DDP-family strategy.
+    """Raise unless the Trainer runs on a single device or with a DDP-family strategy (and ``who`` is listed once).
 
     Args:
         trainer: The Trainer.
         who: The callback's name, for the message.
 
     Raises:
-        MisconfigurationError: For FSDP, DeepSpeed, ModelParallel, XLA or any other strategy.
+        MisconfigurationError: For FSDP, DeepSpeed, ModelParallel, XLA or any other strategy, or a callback listed
+            twice (:func:`check_listed_once`).
 
     Example::
 
@@ -133,6 +146,7 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
     """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+    check_listed_once(getattr(trainer, "callbacks", ()), who)
     strategy = trainer.strategy
     mro_names = {cls.__name__ for cls in type(strategy).__mro__}
     rejected = mro_names.intersection(_REJECTED_STRATEGY_NAMES)
@@ -144,6 +158,33 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
         f"{', '.join(SUPPORTED_STRATEGIES)} (`strategy='auto'` on one device). Remove {who} from the callbacks or "
         "train with one of these strategies."
     )
+
+
+def check_before_training(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, owner: Any, task: Any, datasets: Sequence[Any], who: str,
+) -> None:
+    """``on_train_start`` checks of a callback: the model on each of its ``datasets`` (:func:`check_model_on_data`).
+
+    Runs after the strategy has moved and cast the model, before the first step; also forgets the trainable
+    parameter signature of a previous fit (:func:`check_same_parameters` stores it at the first measurement).
+
+    Raises:
+        MisconfigurationError: From :func:`resolve_data` or :func:`check_model_on_data`.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence.tasks import Regression
+        >>> data = TensorDataset(torch.randn(3, 2), torch.randn(3, 1))
+        >>> check_before_training(SimpleNamespace(), torch.nn.Linear(2, 1), object(), Regression(), [data], "X")
+    """
+    if hasattr(owner, "__dict__"):
+        owner._param_signature = None
+    module = unwrap_module(pl_module)
+    with isolated_rng():
+        for which in datasets:
+            check_model_on_data(module, task, resolve_data(trainer, which, who), who)
 
 
 def rank_world(trainer: pl.Trainer) -> tuple[int, int]:

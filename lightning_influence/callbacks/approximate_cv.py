@@ -46,11 +46,14 @@ from typing_extensions import override
 from lightning_influence.callbacks._common import (
     MisconfigurationError,
     RunContext,
+    check_before_training,
     check_choice,
     check_damping,
+    check_data_available,
     check_dataset,
     check_int,
     check_number,
+    check_same_parameters,
     check_strategy,
     check_task,
     config_field,
@@ -64,6 +67,7 @@ from lightning_influence.cv import CVResult, approximate_cv, check_curvature_for
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.metrics import CV_REL_ERROR
 from lightning_influence.params import num_parameters, trainable_parameters
+from lightning_influence.progress import stage_progress
 from lightning_influence.regularizers import NoRegularizer, Regularizer
 from lightning_influence.tasks import Task
 
@@ -290,6 +294,7 @@ class ApproximateCV(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, _WHO)
+        check_data_available(trainer, self.dataset, _WHO)
         module = unwrap_module(pl_module)
         declared = find_module_regularizer(module)
         if self.regularizer is None:
@@ -321,6 +326,7 @@ class ApproximateCV(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_loss_matches(trainer, pl_module, self.task, _WHO)
+        check_before_training(trainer, pl_module, self, self.task, [self.dataset], _WHO)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -358,9 +364,14 @@ class ApproximateCV(Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
+        check_same_parameters(self, ctx.module, _WHO)
         fold_batches, n = self._fold_batches(ctx)
-        result = approximate_cv(ctx.module, self.task, fold_batches, self._reg, config=self.config,
-                                reduce_fn=ctx.reduce_fn, num_examples=n)
+        bar = stage_progress(trainer, len(fold_batches), "ApproximateCV: folds")
+        try:
+            result = approximate_cv(ctx.module, self.task, fold_batches, self._reg, config=self.config,
+                                    reduce_fn=ctx.reduce_fn, num_examples=n, progress=lambda done, _: bar.set(done))
+        finally:
+            bar.close()
         exact = None
         if self.exact_check:
             exact = exact_cv(

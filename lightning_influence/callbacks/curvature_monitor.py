@@ -29,9 +29,12 @@ from lightning_influence.callbacks._common import (
     MisconfigurationError,
     ResolvedData,
     RunContext,
+    check_before_training,
+    check_data_available,
     check_dataset,
     check_int,
     check_number,
+    check_same_parameters,
     check_strategy,
     check_task,
     config_field,
@@ -313,6 +316,7 @@ class CurvatureMonitor(Callback):
             return
         check_strategy(trainer, _WHO)
         warn_no_logger(trainer, _WHO)
+        check_data_available(trainer, self.dataset, _WHO)
         if not isinstance(self.dataset, str):  # a user dataset can be checked before anything runs
             data = resolve_data(trainer, self.dataset, _WHO)
             self._check_sample_size(len(data.dataset))
@@ -331,6 +335,7 @@ class CurvatureMonitor(Callback):
         check_loss_matches(trainer, pl_module, self.task, _WHO)
         self._clock, self._start_step, self.measure_seconds = (time.perf_counter(), None), trainer.global_step, 0.0
         self._next_auto_step, self._cheapest = None, math.inf
+        check_before_training(trainer, pl_module, self, self.task, [], _WHO)  # _prepare probes (and casts) the data
         self._prepare(RunContext.from_trainer(trainer, pl_module, _WHO))
 
     @override
@@ -474,6 +479,7 @@ class CurvatureMonitor(Callback):
             if int(old["step"]) == step:
                 return old
         ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
+        check_same_parameters(self, ctx.module, _WHO)
         clock = time.perf_counter()
         with torch.inference_mode(False), torch.enable_grad(), _no_autocast(ctx.module):
             op = GNHOperator(ctx.module, self.task, self._source, reduce_fn=ctx.reduce_fn,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -17,20 +17,19 @@ from lightning_influence.callbacks._common import (
     MisconfigurationError,
     ResolvedData,
     RunContext,
+    check_before_training,
     check_choice,
+    check_damping,
     check_data_available,
     check_dataset,
     check_int,
-    check_number,
     check_strategy,
     check_task,
     config_field,
     find_callback,
-    isolated_rng,
     output_dir,
     publish,
     resolve_config,
-    resolve_data,
     sample_indices,
 )
 from lightning_influence.callbacks._loss import check_loss_matches
@@ -39,7 +38,6 @@ from lightning_influence.data import prepare_batch
 from lightning_influence.evaluator import curvature_mode
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence import InfluenceConfig, InfluenceResult, influence_scores
-from lightning_influence.influence.store import ChunkProgress
 from lightning_influence.metrics import (
     MEDIA_INFLUENCE_SCORES,
     MEDIA_INFLUENCE_SELF_INFLUENCE,
@@ -48,6 +46,7 @@ from lightning_influence.metrics import (
     MEDIA_INFLUENCE_SUMMARY,
     MEDIA_INFLUENCE_TOP_K,
 )
+from lightning_influence.progress import StageProgress, stage_progress
 from lightning_influence.spectrum import SpectrumSummary
 from lightning_influence.tasks import Task
 
@@ -100,12 +99,15 @@ class InfluenceReport(Callback):
         query_indices: Which queries of ``query_data`` (default: all, capped by ``max_queries``).
         train_data: ``"train"`` (default) or a map-style dataset; its GNH is the curvature.
         solver: ``"cg"``, ``"lissa"`` or ``"exact"`` (``None``: the config's, ``"cg"`` by default).
-        damping: :math:`\lambda > 0` (``None``: the config's, ``1e-3`` by default).
+        damping: :math:`\lambda > 0` or ``"auto"`` (``None``: the config's, ``"auto"`` by default:
+            ``damping_fraction = 1e-3`` times :math:`\lambda_{\max}`, taken from the ``CurvatureMonitor``'s last
+            spectrum when there is one, else measured by a short Lanczos run). The value used is logged as
+            ``influence/damping``.
         top_k: Proponents/opponents per query in the report (``None``: the config's, 10 by default).
         max_train: Score a seeded random subset of this many training examples (default: all). The curvature
             always uses the whole training set.
         max_queries: Cap on the number of queries (seeded random subset, default 100).
-        self_influence: Compute self-influence (``None``: the config's, ``True`` by default; for iterative solvers
+        self_influence: Compute self-influence (``None``: the config's, ``False`` by default; for iterative solvers
             it costs ``n_train / n_query`` query solves).
         images: Draw inputs as images in the report: ``None`` (default) detects ``HxW``/``CxHxW`` inputs,
             ``True`` also treats flat square vectors (e.g. 8x8 digits as 64 features) as images, ``False`` never.
@@ -156,7 +158,7 @@ class InfluenceReport(Callback):
     """
 
     solver: str = config_field()
-    damping: float = config_field()
+    damping: float | Literal["auto"] = config_field()
     top_k: int = config_field()
     self_influence: bool = config_field()
     seed: int = config_field()
@@ -169,7 +171,7 @@ class InfluenceReport(Callback):
         query_indices: Sequence[int] | None = None,
         train_data: str | Any = "train",
         solver: str | None = None,
-        damping: float | None = None,
+        damping: float | Literal["auto"] | None = None,
         top_k: int | None = None,
         max_train: int | None = None,
         max_queries: int | None = 100,
@@ -192,12 +194,12 @@ class InfluenceReport(Callback):
         self.max_queries = check_int(_WHO, "max_queries", max_queries, allow_none=True)
         if solver is not None:
             check_choice(_WHO, "solver", solver, InfluenceConfig.SOLVERS)
-        check_number(_WHO, "damping", damping, allow_none=True, fix=_DAMPING_FIX)
+        check_damping(_WHO, "damping", damping, fix=_DAMPING_FIX)
         check_int(_WHO, "top_k", top_k, 0, allow_none=True)
         #: The resolved settings (:class:`~lightning_influence.influence.InfluenceConfig`).
         self.config = resolve_config(_WHO, InfluenceConfig, config, InfluenceConfig(), solver=solver,
                                      damping=damping, top_k=top_k, self_influence=self_influence, seed=seed)
-        check_number(_WHO, "damping", self.config.damping, fix=_DAMPING_FIX)  # the config's may be 0
+        check_damping(_WHO, "damping", self.config.damping, allow_none=False, fix=_DAMPING_FIX)  # config's may be 0
         self.images = images
         self.progress_bar = progress_bar
         self.subdir = subdir
@@ -222,9 +224,8 @@ class InfluenceReport(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_loss_matches(trainer, pl_module, self.task, _WHO)
-        for which in self._unchecked:  # e.g. query_data="val" without a val loader: raise before the first step
-            with isolated_rng():
-                resolve_data(trainer, which, _WHO)
+        # data passed to fit() directly (unresolvable in setup) and the model on the data: before the first step
+        check_before_training(trainer, pl_module, self, self.task, [self.train_data, self.query_data], _WHO)
         self._unchecked = []
 
     @override
@@ -240,15 +241,14 @@ class InfluenceReport(Callback):
                 ctx.module, self.task, train.dataset, query.dataset, config=self.config, train_indices=t_idx,
                 query_indices=q_idx, spectrum=spectrum, collate_fn=train.collate_fn,
                 query_collate_fn=query.collate_fn, reduce_fn=ctx.reduce_fn, rank=ctx.rank, world_size=ctx.world_size,
-                progress=bar, store=store,
+                progress=lambda _stage, done, _total: bar.set(done), store=store,
             )
         except ConfigurationError as err:
             if isinstance(err, MisconfigurationError):
                 raise
             raise MisconfigurationError(f"{_WHO}: {err}") from err
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         result.diagnostics.update(train_source=train.source, query_source=query.source,
                                   spectrum_source="CurvatureMonitor" if spectrum is not None else None)
         self.result = result
@@ -294,10 +294,8 @@ class InfluenceReport(Callback):
             return latest
         return None
 
-    def _progress(self, trainer: pl.Trainer, total: int) -> ChunkProgress | None:
-        if not (self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None):
-            return None
-        return ChunkProgress(total, self.config.chunk_size, desc="InfluenceReport: training-gradient chunks")
+    def _progress(self, trainer: pl.Trainer, total: int) -> StageProgress:
+        return stage_progress(trainer, total, "InfluenceReport: training gradients", enabled=self.progress_bar)
 
     def _store_dir(self, trainer: pl.Trainer) -> Path | None:
         """The score store directory (all ranks call it: :func:`output_dir` is a collective), ``None`` if off."""

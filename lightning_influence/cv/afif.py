@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,32 +152,50 @@ def _operator_metric(state: _Folds, others: list[int], c: float, damping: float)
     return metric
 
 
+#: ``damping="auto"`` with CG: undamped CG gets this many iterations before damping is added.
+AUTO_DAMPING_CG_TRIAL = 50
+#: ``damping="auto"`` with CG: the damping after a failed undamped trial, relative to :math:`\lambda_{\max}`.
+AUTO_DAMPING_CG_RELATIVE = 1e-4
+
+
 def _cg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[ScaledOperator, SolveResult, float]:
     r"""CG on :math:`A_k x = b` with the configured damping.
 
-    Under ``damping="auto"``: undamped first, then :math:`10^{-8}\lambda_{\max}` growing tenfold (at most 8
-    times) while CG fails (non-positive curvature or no convergence).
+    Under ``damping="auto"``: undamped CG for at most :data:`AUTO_DAMPING_CG_TRIAL` iterations; if it does not
+    converge (or meets non-positive curvature), :data:`AUTO_DAMPING_CG_RELATIVE` times :math:`\lambda_{\max}`
+    (20 Lanczos products), raised tenfold while CG still fails (at most twice more).
 
     Returns:
         The damped metric, the solve and the damping used.
+
+    Raises:
+        ConfigurationError: If CG meets non-positive curvature at every damping tried.
     """
     cfg = state.cfg
     if cfg.damping != "auto":
         metric = _operator_metric(state, others, c, float(cfg.damping))
         return metric, conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=cfg.cg_max_iter), float(cfg.damping)
-    damping, lam_max = 0.0, None
-    for attempt in range(9):
+    limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(state.theta_hat.numel(), 1000)
+    damping, sol = 0.0, None
+    for attempt in range(4):
         metric = _operator_metric(state, others, c, damping)
+        budget = min(limit, AUTO_DAMPING_CG_TRIAL) if attempt == 0 else limit
         try:
-            sol = conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=cfg.cg_max_iter, warn=attempt == 8)
+            sol = conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=budget, warn=attempt == 3)
         except ConfigurationError:
             sol = None
         if sol is not None and sol.converged:
-            return metric, sol, damping
-        if lam_max is None:
+            break
+        if attempt == 0:
             lam_max = abs(lanczos_lambda_max(_operator_metric(state, others, c, 0.0), 20).value)
-        damping = AUTO_DAMPING_RELATIVE * max(lam_max, 1e-300) * 10.0 ** attempt
-    assert sol is not None
+            damping = AUTO_DAMPING_CG_RELATIVE * max(lam_max, 1e-300)
+        else:
+            damping *= 10.0
+    if sol is None:
+        raise ConfigurationError(
+            f"conjugate gradient met non-positive curvature even with damping {damping:.3g}: the curvature is "
+            "indefinite (a Hessian away from a minimum?); pass a larger damping or curvature='fisher'."
+        )
     return metric, sol, damping
 
 
@@ -236,6 +254,7 @@ def approximate_cv(
     config: CVConfig | None = None,
     reduce_fn: ReduceFn | None = None,
     num_examples: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
     **overrides: Any,
 ) -> CVResult:
     r"""AFIF approximate k-fold CV: one curvature solve and one metric prox per fold, no refits.
@@ -264,6 +283,7 @@ def approximate_cv(
             nothing, for one extra solve and prox).
         reduce_fn: Sums a flat tensor over ranks (``None`` on one process).
         num_examples: Global training-set size for the pass count (default: counted, one extra reduction).
+        progress: Called as ``progress(done, total)`` after each fold's update.
         **overrides: Single fields of ``config`` (``damping=1e-3``, ``solver="cg"``, ...).
 
     Returns:
@@ -303,6 +323,8 @@ def approximate_cv(
         theta, cert = _afif_update(state, reg, j)
         thetas.append(theta + shift)
         certs.append(cert)
+        if progress is not None:
+            progress(j + 1, len(folds))
     results = _held_out(state, thetas, certs)
     config_dict = {**cfg.to_dict(), "solver": "dense" if use_dense else "cg", "regularizer": reg.to_dict(),
                    "folds": len(folds), "num_params": p, "task": task.to_dict()}

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,7 @@ from lightning_influence.solvers import (
     lowrank_solve,
     preconditioned_cg,
 )
-from lightning_influence.spectrum import LissaSettings, SpectrumSummary, lissa_settings
+from lightning_influence.spectrum import LissaSettings, SpectrumSummary, lanczos_lambda_max, lissa_settings
 from lightning_influence.tasks import Task
 
 __all__ = ["cosine_scores", "dense_curvature", "gradient_dot_scores", "influence_scores", "self_influence"]
@@ -76,14 +77,84 @@ class _Run:
     world_size: int
     counters: dict[str, float] = field(default_factory=lambda: {"example_gradients": 0.0, "example_products": 0.0})
 
+    @property
+    def damping(self) -> float:
+        """The numeric damping (after :func:`_resolve_damping`)."""
+        assert self.cfg.damping != "auto", "damping='auto' not resolved yet"
+        return float(self.cfg.damping)
+
     def operator(self) -> CurvatureOperator:
         return make_operator(self.cfg.curvature, self.model, self.task, self.pool, reduce_fn=self.reduce_fn,
                              dtype=self.cfg.torch_dtype(), seed=self.cfg.seed)
 
 
+#: Lanczos products of the on-the-spot :math:`\lambda_{\max}` behind ``damping="auto"`` (no monitor spectrum).
+AUTO_DAMPING_LANCZOS_ITERATIONS = 20
+
+
+def _resolve_damping(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) -> dict[str, Any]:
+    r"""Turn ``damping="auto"`` into :math:`\lambda = \text{damping\_fraction}\cdot\lambda_{\max}` (on ``run``).
+
+    :math:`\lambda_{\max}` comes from ``spectrum`` (e.g. a ``CurvatureMonitor``'s latest measurement; a
+    :class:`LissaSettings` fixes :math:`\lambda` itself), else from a short Lanczos run on the curvature sample.
+
+    Returns:
+        What was used: ``{"damping", "rule", "lambda_max", "source"}``.
+
+    Raises:
+        ConfigurationError: If the measured :math:`\lambda_{\max}` is not positive.
+    """
+    cfg = run.cfg
+    if cfg.damping != "auto":
+        return {"damping": float(cfg.damping), "rule": "fixed", "lambda_max": None, "source": "config"}
+    if isinstance(spectrum, LissaSettings):
+        lam, lam_max, source = spectrum.damping, 1.0 / spectrum.eta - spectrum.damping, "lissa_settings"
+    else:
+        if isinstance(spectrum, SpectrumSummary) and math.isfinite(spectrum.lambda_max) and spectrum.lambda_max > 0:
+            lam_max, source = float(spectrum.lambda_max), "spectrum"
+        else:
+            op = run.operator()
+            est = lanczos_lambda_max(op, AUTO_DAMPING_LANCZOS_ITERATIONS, tol=1e-2, seed=cfg.seed)
+            run.counters["example_products"] += op.example_products
+            lam_max, source = float(est.value), "lanczos"
+        if not lam_max > 0:
+            raise ConfigurationError(
+                f"damping='auto' needs lambda_max > 0 of the curvature, measured {lam_max:.3g} (is the model at a "
+                "point where the loss has curvature?); pass damping=<a number > 0>."
+            )
+        lam = cfg.damping_fraction * lam_max
+    run.cfg = cfg.replace(damping=lam)
+    return {"damping": lam, "rule": "auto", "fraction": cfg.damping_fraction, "lambda_max": lam_max,
+            "source": source}
+
+
+#: Parameters past which ``solver="exact"`` warns (the dense eigendecomposition was slower than CG at 2,410).
+EXACT_SOLVER_WARN_PARAMS = 2000
+
+
+def _warn_costly(run: _Run, num_queries: int, num_scored: int) -> None:
+    """Warn before a costly setting starts, with its projected cost and the setting that changes it."""
+    cfg, p = run.cfg, num_parameters(trainable_parameters(run.model))
+    if cfg.solver == "exact" and p > EXACT_SOLVER_WARN_PARAMS:
+        warnings.warn(
+            f"solver='exact' forms the dense {p}x{p} curvature (one Jacobian per example: about the output dimension "
+            f"in gradient passes over the {run.pool.global_size} curvature examples) and eigendecomposes it "
+            f"(~{p ** 3 / 1e9:.1f} GFLOP); past {EXACT_SOLVER_WARN_PARAMS} parameters solver='cg' is usually "
+            "faster.", UserWarning, stacklevel=3,
+        )
+    if cfg.self_influence and cfg.solver != "exact":
+        warnings.warn(
+            f"self_influence=True with solver={cfg.solver!r} solves one system per scored training example: "
+            f"{num_scored} right-hand sides, about {num_scored / max(num_queries, 1):.0f}x the cost of the query "
+            "solve (each CG iteration or LiSSA step is one curvature pass over its sample). Set "
+            "self_influence=False, score fewer examples (train_indices / max_train), or use solver='exact' on a "
+            "small model.", UserWarning, stacklevel=3,
+        )
+
+
 def _exact_inverse(run: _Run) -> _Inverse:
     op = run.operator()
-    lam = run.cfg.damping
+    lam = run.damping
     G = op.dense()
     run.counters["example_products"] += run.pool.local_size * _output_dim(op)
     A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
@@ -112,7 +183,7 @@ def _cg_inverse(run: _Run) -> _Inverse:
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
         before = op.example_products
-        res = conjugate_gradient(op, B, damping=run.cfg.damping, config=run.cfg.cg_config())
+        res = conjugate_gradient(op, B, damping=run.damping, config=run.cfg.cg_config())
         run.counters["example_products"] += op.example_products - before
         return res.x, res
 
@@ -133,14 +204,14 @@ def _lissa_inverse(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) 
         spectrum_op = None
         if state["settings"] is None and (cfg.lissa_eta is None or cfg.lissa_steps is None):
             spectrum_op = sampler.operator(batch_size=cfg.batch_size)
-        res = lissa(sampler, B, damping=cfg.damping, settings=state["settings"], spectrum_operator=spectrum_op,
+        res = lissa(sampler, B, damping=run.damping, settings=state["settings"], spectrum_operator=spectrum_op,
                     config=cfg.lissa_config(), spectrum_kwargs={"seed": cfg.seed})
         run.counters["example_products"] += res.info.get("example_products", 0) / run.world_size  # global -> rank
         if spectrum_op is not None:
             run.counters["example_products"] += spectrum_op.example_products
             spec = res.info.get("spectrum", {})
             if "trace" in spec:  # reuse the measured spectrum for later blocks (self-influence)
-                state["settings"] = lissa_settings(spec["trace"], spec["lambda_max"], cfg.damping,
+                state["settings"] = lissa_settings(spec["trace"], spec["lambda_max"], run.damping,
                                                    constant=res.info["constant"], dataset_size=sampler.pool_size)
                 state["spectrum"] = spec
         if res.info.get("certificate"):
@@ -174,7 +245,7 @@ def _pcg_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
         before = op.example_products
-        res = preconditioned_cg(op, B, sk, damping=run.cfg.damping, config=run.cfg.cg_config())
+        res = preconditioned_cg(op, B, sk, damping=run.damping, config=run.cfg.cg_config())
         run.counters["example_products"] += op.example_products - before
         return res.x, res
 
@@ -185,7 +256,7 @@ def _lowrank_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
     sk = _sketch(run, run.operator(), given)
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
-        res = lowrank_solve(sk, B, damping=run.cfg.damping)
+        res = lowrank_solve(sk, B, damping=run.damping)
         return res.x, res
 
     return _Inverse(solve, {"sketch": sk})
@@ -284,7 +355,7 @@ def _chunk_self_influence(
     """Self-influence of one chunk: this rank's rows solved locally, or the whole chunk jointly under DDP."""
     if run.cfg.solver == "lowrank":  # no products: g^T L g and its error bound, row by row
         if mine.numel():
-            values, bounds = lowrank_self_influence(inverse.state["sketch"], G_local, damping=run.cfg.damping)
+            values, bounds = lowrank_self_influence(inverse.state["sketch"], G_local, damping=run.damping)
             out.self_influence[mine], out.self_influence_bound[mine] = values, bounds
         return
     if run.cfg.solver == "exact" or run.world_size == 1:
@@ -535,6 +606,8 @@ def influence_scores(
         query_indices=query_indices, curvature_indices=curvature_indices, collate_fn=collate_fn,
         query_collate_fn=query_collate_fn, reduce_fn=reduce_fn, rank=rank, world_size=world_size,
     )
+    _warn_costly(run, query.global_size, int(t_idx.numel()))
+    damping = _resolve_damping(run, spectrum)
     opened, done = _open_store(store, run, query, t_idx, spectrum)
     Q, query_losses = _query_gradients(run, query)
     inverse = _build_inverse(run, spectrum, sketch)
@@ -563,6 +636,7 @@ def influence_scores(
         "curvature_indices": None if curvature_indices is None else run.pool.indices.tolist(),
         "spectrum": res.info.get("spectrum") or inverse.state.get("spectrum"),
         "solver": run.cfg.solver,
+        "damping": damping,
     }
     if opened is not None:
         diagnostics["store"] = {"directory": str(opened.directory), "status": opened.status,
@@ -575,7 +649,8 @@ def influence_scores(
     return InfluenceResult(
         scores=scores.cpu(), train_indices=t_idx.cpu(), query_indices=query.indices.cpu(),
         self_influence=self_inf.cpu() if cfg.self_influence else None, train_losses=losses.cpu(),
-        query_losses=query_losses.cpu(), solve=solve_info, diagnostics=diagnostics, config=cfg.to_dict(),
+        query_losses=query_losses.cpu(), solve=solve_info, diagnostics=diagnostics,
+        config={**run.cfg.to_dict(), "damping_rule": damping["rule"]},
     )
 
 
