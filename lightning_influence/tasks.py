@@ -21,6 +21,7 @@ Tasks hold only plain values, so they pickle (``ddp_spawn``) and can be configur
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,18 @@ Inputs = tuple[Any, ...]
 
 #: Key of the targets in a mapping batch (the Hugging Face convention).
 LABELS_KEY = "labels"
+
+
+def _accepts_keywords(model: nn.Module, kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``model.forward`` takes every key of ``kwargs`` as a keyword (or has ``**kwargs``)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return True
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return True
+    return set(kwargs) <= {name for name, p in sig.parameters.items() if p.kind in kinds}
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -144,6 +157,9 @@ class Task:
             if isinstance(mask, Tensor) and mask.ndim == 2 and is_hf_model(model):
                 dtype = next(iter(params.values())).dtype if params else next(model.parameters()).dtype
                 kwargs["attention_mask"] = expand_attention_mask(mask, dtype, self.causal_attention)
+            if "input_ids" in kwargs and not _accepts_keywords(model, kwargs):
+                # A plain module with forward(ids): the token ids positionally, as for tensor batches.
+                return functional_call(model, dict(params), (kwargs["input_ids"],), strict=False)
             return functional_call(model, dict(params), (), kwargs, strict=False)
         return functional_call(model, dict(params), inputs, strict=False)
 

@@ -29,6 +29,7 @@ discards it.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,6 +65,19 @@ class _Batch:
     cached_seconds: list[float] = field(default_factory=list)
     streaming: bool = False
     entry: dict[str, Any] | None = None
+
+
+@contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Silence torch.fx's harmless warning while ``linearize`` traces the model with ``make_fx``.
+
+    Modules that read attributes that are neither parameters nor buffers (Hugging Face's cached masks and rotary
+    tables) make torch.fx warn once per trace.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+        yield
+
 
 
 def activation_bytes(model: torch.nn.Module, run: Callable[[], Any]) -> int:
@@ -277,12 +291,14 @@ class LinearizedProducts:
             def loss_sum(p: ParamTree) -> Tensor:
                 return self.task.loss.unit_losses(f(p), targets).sum()
 
-            _, hvp = linearize(grad(loss_sum), self.params)
+            with _quiet_tracing():
+                _, hvp = linearize(grad(loss_sum), self.params)
             with torch.no_grad():
                 out = f(self.params)
             units = self.task.loss.unit_mask(out, targets).sum().to(out.dtype)
             return {"hvp": hvp, "units": units}
-        outputs, jvp_fn = linearize(f, self.params)
+        with _quiet_tracing():
+            outputs, jvp_fn = linearize(f, self.params)
         _, pullback = vjp(f, self.params)  # type: ignore[misc]
         outputs = outputs.detach()
         self.task.loss.validate(outputs, targets)
