@@ -35,7 +35,7 @@ def _problem(seed: int = 0) -> tuple[nn.Module, Any, Any]:
 
 
 def _run(model: nn.Module, train: Any, query: Any, **kw: Any) -> Any:
-    kw = {"solver": "cg", "damping": 0.1, "chunk_size": CHUNK, "cg_rtol": 1e-12, **kw}
+    kw = {"solver": "cg", "damping": 0.1, "chunk_size": CHUNK, "cg_rtol": 1e-12, "self_influence": True, **kw}
     return influence_scores(model, Regression(), train, query, **kw)
 
 
@@ -179,7 +179,7 @@ def test_a_complete_chunk_with_a_missing_or_truncated_file_is_recomputed(tmp_pat
 # --------------------------------------------------------------------------------------------- callback
 def _fit(root: Path, devices: int, **cb_kwargs: Any) -> L.Trainer:
     cb = InfluenceReport(Classification(), solver="cg", damping=1e-2, max_queries=4, progress_bar=False,
-                         config=InfluenceConfig(chunk_size=4, cg_rtol=1e-12), **cb_kwargs)
+                         config=InfluenceConfig(chunk_size=4, cg_rtol=1e-12, self_influence=True), **cb_kwargs)
     kwargs: dict[str, Any] = {"strategy": "ddp_spawn"} if devices == 2 else {}
     trainer = L.Trainer(default_root_dir=root, max_steps=1, accelerator="cpu", devices=devices, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -342,14 +342,24 @@ def check_listed_once(callbacks: Sequence[Any], who: str) -> None:
         count = sum(c is cb for c in mine)
         if count > 1:
             raise MisconfigurationError(f"{who} is listed {count} times in Trainer(callbacks=...); list it once.")
-    keys = [getattr(c, "state_key", None) for c in mine]
-    twins = sorted({str(k) for k in keys if keys.count(k) > 1})
-    if twins:
-        raise MisconfigurationError(
-            f"{who}: Trainer(callbacks=...) holds two {who} callbacks with the same settings (state key "
-            f"{twins[0]!r}); their checkpoint states and report files would collide. Remove one, or give them "
-            "different settings (e.g. another dataset, seed or subdir)."
-        )
+    for i, a in enumerate(mine):
+        for b in mine[i + 1:]:
+            same_dir = getattr(a, "subdir", None) is not None and getattr(a, "subdir", None) == getattr(b, "subdir", 0)
+            same_state = _is_stateful(a) and getattr(a, "state_key", None) == getattr(b, "state_key", 0)
+            if same_dir or same_state:
+                what = f"subdir {getattr(a, 'subdir', None)!r}" if same_dir else f"state key {a.state_key!r}"
+                raise MisconfigurationError(
+                    f"{who}: Trainer(callbacks=...) holds two {who} callbacks with the same {what}; their "
+                    f"{'report files' if same_dir else 'checkpoint states'} would collide. Remove one, or give them "
+                    "different settings (e.g. another subdir, dataset or seed)."
+                )
+
+
+def _is_stateful(callback: Any) -> bool:
+    """Whether the callback keeps checkpoint state (overrides ``state_dict``)."""
+    from lightning.pytorch.callbacks import Callback
+
+    return type(callback).state_dict is not Callback.state_dict
 
 
 def parameter_signature(module: Any) -> tuple[tuple[str, tuple[int, ...], str], ...]:

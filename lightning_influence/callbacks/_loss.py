@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_influence.data import prepare_batch
 from lightning_influence.evaluator import curvature_mode
-from lightning_influence.exceptions import LossMismatchWarning
+from lightning_influence.exceptions import BatchFormatError, LossMismatchWarning
 from lightning_influence.losses import SoftmaxCrossEntropy
 from lightning_influence.params import isolated_rng
 from lightning_influence.tasks import Task
@@ -124,8 +124,11 @@ def loss_mismatches(
         trained = _step_loss(module, prepared)
         if trained is None:
             return found
-        out, y = task(module, prepared)
-        assumed = task.loss.mean(out, y)
+        try:
+            out, y = task(module, prepared)
+            assumed = task.loss.mean(out, y)
+        except (BatchFormatError, ValueError, TypeError, RuntimeError):
+            return found  # the task does not fit the batches: each callback's own data check says so, naming it
         if regularizer is not None:
             from lightning_influence.cv.folds import regularization_penalty
 
