@@ -23,7 +23,7 @@ batch is dropped if it is not faster (tiny models, where the traced graph's Pyth
 ``"always"`` caches every batch that fits from the first pass on without the timing check, ``"never"`` streams.
 Cached values equal streamed ones to rounding (the same operations in another order). A cache is tied to the
 parameters: an in-place update (an optimizer step) is detected through the tensors' version counters and
-discards it.
+discards it (and, in ``"auto"`` mode, switches that operator to streaming: its parameters move between products).
 """
 
 from __future__ import annotations
@@ -170,6 +170,8 @@ class LinearizationCache:
         versions = tuple(p._version for p in params.values())
         if self._versions is not None and versions != self._versions:
             self.clear()
+            if self.mode == "auto":  # parameters that move between products: rebuilding would cost more than it saves
+                self.mode = "never"
         self._versions = versions
 
     def lookup(self, index: int, build: Callable[[], dict[str, Any]], estimate: Callable[[], int]
