@@ -1,20 +1,22 @@
-"""Cost of one curvature product relative to one gradient, measured in one run (issue 3 benchmark).
+"""Cost of one curvature product relative to one gradient, ours and the peers', side by side in one run.
 
-For three small models (digits MLP, a CNN on 8x8 digit images, a character transformer LM) this times, on the
-same batch:
+For three models (digits MLP, a CNN on 8x8 digit images, a character transformer LM) this times, on the same
+batch and interleaved (every repeat runs every entry once, so background load affects all alike):
 
-* ``grad``: one gradient of the mean loss with plain autograd (``loss.backward``), what a training step pays;
-* ``gnh``: one GNH product (:class:`GNHOperator.matvec`: forward-mode tangent on the primal pass + one backward);
-* ``gnh_ref``: the textbook torch.func ``jvp`` then ``vjp`` product (two forward passes);
-* ``fd``: one finite-difference GNH product (paper 1, App. D);
-* ``hessian``: one true Hessian product (forward-over-reverse);
-* ``trace_probe``: one Hutchinson quadratic form vᵀGv (forward mode only);
-* ``trace_probe_batched``: per-probe cost when 16 probes share one vectorised pass.
+* ``grad``: one gradient of the mean loss with plain autograd (what a training step pays);
+* ours: ``gnh`` (streamed :class:`GNHOperator` product: tangents on the primal pass + one backward),
+  ``gnh_cached`` (the same with the batch's cached linearisation, :mod:`lightning_influence.operators.linearized`),
+  ``hessian`` / ``hessian_cached``, ``trace_probe`` / ``trace_probe_cached`` (one forward-mode quadratic form);
+* peers, when installed (``pip install lightning-influence[bench]``; a missing peer is skipped with a note):
+  curvlinops ``GGNLinearOperator``, BackPACK ``ggn_vector_product_from_plist``, hessian-eigenthings
+  ``GGNOperator`` (GNH products) and PyHessian's retained-graph Hessian product. Each peer's product is first
+  checked against ours (relative error <= 1e-3 in float32); one that disagrees is reported and not timed.
 
-Timings are medians over interleaved repeats, so background load affects every entry alike. Prints a table and,
-last, one JSON line with the ratios to ``grad``. Goal: gnh <= 1.5x (stretch 1.35x), trace probe <= 1.0x.
+Prints a table and, last, one JSON line: per model ``gnh_ratio``, ``gnh_cached_ratio``, ``hessian_ratio``,
+``hessian_cached_ratio``, ``trace_probe_ratio``, ``trace_probe_cached_ratio`` and ``<peer>_ratio`` (all
+relative to ``grad``). Goals: gnh_cached <= 1.35x, trace probe <= 0.7x, Hessian <= 2x, ahead of every peer.
 
-Run: ``python benchmarks/bench_curvature.py [--repeats 30] [--threads 2]``.
+Run: ``python benchmarks/bench_curvature.py [--quick] [--repeats 20] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -23,22 +25,23 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_influence.operators import (
-    FiniteDifferenceGNHOperator,
-    GNHOperator,
-    HessianOperator,
-    gnh_product_reference,
-)
-from lightning_influence.tasks import Classification, LanguageModeling, Task
+from lightning_influence.operators import GNHOperator, HessianOperator
+from lightning_influence.tasks import Classification
+
+Case = tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor]]
 
 
 class CharTransformer(nn.Module):
+    """One pre-norm transformer block over characters; outputs ``(N * T, vocab)`` logits (flattened tokens)."""
+
     def __init__(self, vocab: int = 64, d: int = 64, heads: int = 4, length: int = 64) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
@@ -49,15 +52,17 @@ class CharTransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
-        return self.head(self.block(self.emb(ids) + self.pos[:t], src_mask=self.mask[:t, :t], is_causal=True))
+        out = self.head(self.block(self.emb(ids) + self.pos[:t], src_mask=self.mask[:t, :t], is_causal=True))
+        return out.reshape(-1, out.shape[-1])
 
 
-def cases() -> list[tuple[str, nn.Module, Task, object, Callable[[nn.Module, object], torch.Tensor]]]:
+def cases(quick: bool) -> list[Case]:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
-    x = torch.tensor((x - x.mean(0)) / (x.std(0) + 1e-8), dtype=torch.float32)[:512]
-    y = torch.tensor(y)[:512]
+    n = 256 if quick else 512
+    x = torch.tensor((x - x.mean(0)) / (x.std(0) + 1e-8), dtype=torch.float32)[:n]
+    y = torch.tensor(y)[:n]
     gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -65,74 +70,157 @@ def cases() -> list[tuple[str, nn.Module, Task, object, Callable[[nn.Module, obj
         cnn = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
         lm = CharTransformer()
-    ids = torch.randint(0, 64, (32, 65), generator=gen)
+    ids = torch.randint(0, 64, (16 if quick else 32, 65), generator=gen)
+    return [("digits_mlp", mlp.eval(), (x, y)), ("digits_cnn", cnn.eval(), (x.reshape(-1, 1, 8, 8), y)),
+            ("char_transformer", lm.train(), (ids[:, :-1], ids[:, 1:].reshape(-1)))]  # dropout 0: no fast path
 
-    def ce(model: nn.Module, batch: object) -> torch.Tensor:
-        bx, by = batch  # type: ignore[misc]
-        return F.cross_entropy(model(bx), by)
 
-    def lm_loss(model: nn.Module, batch: object) -> torch.Tensor:
-        b = batch  # type: ignore[assignment]
-        logits = model(b[:, :-1])  # type: ignore[index]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1))  # type: ignore[index]
+# ------------------------------------------------------------------------------------------------- peers
+def _split(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [c.view_as(p) for c, p in zip(v.split([p.numel() for p in params]), params, strict=True)]
 
-    return [
-        ("digits_mlp", mlp, Classification(), (x, y), ce),
-        ("digits_cnn", cnn, Classification(), (x.reshape(-1, 1, 8, 8), y), ce),
-        ("char_transformer", lm, LanguageModeling(), ids, lm_loss),
-    ]
+
+def _curvlinops(model: nn.Module, batch: Any, params: list[torch.Tensor]) -> Callable[[torch.Tensor], Any]:
+    from curvlinops import GGNLinearOperator
+
+    op = GGNLinearOperator(model, nn.CrossEntropyLoss(), params, [batch], check_deterministic=False)
+    return lambda v: op @ v
+
+
+def _backpack(model: nn.Module, batch: Any, params: list[torch.Tensor]) -> Callable[[torch.Tensor], Any]:
+    from backpack.hessianfree.ggnvp import ggn_vector_product_from_plist
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        out = model(batch[0])
+        loss = F.cross_entropy(out, batch[1])
+        return torch.cat([t.reshape(-1) for t in ggn_vector_product_from_plist(loss, out, params, _split(v, params))])
+
+    return product
+
+
+def _eigenthings(model: nn.Module, batch: Any, params: list[torch.Tensor]) -> Callable[[torch.Tensor], Any]:
+    from hessian_eigenthings import GGNOperator, supervised_forward, supervised_loss_of_output
+
+    op = GGNOperator(model, [batch], supervised_forward, supervised_loss_of_output(F.cross_entropy))
+    return op.matvec
+
+
+def _pyhessian(model: nn.Module, batch: Any, params: list[torch.Tensor]) -> Callable[[torch.Tensor], Any]:
+    from pyhessian.utils import hessian_vector_product
+
+    loss = F.cross_entropy(model(batch[0]), batch[1])
+    grads = torch.autograd.grad(loss, params, create_graph=True)  # the retained graph: primal pass paid once
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        hv = hessian_vector_product(list(grads), params, _split(v, params))
+        return torch.cat([t.reshape(-1) for t in hv])
+
+    return product
+
+
+#: name -> (builder, what it computes: "gnh" or "hessian")
+PEERS: dict[str, tuple[Callable[..., Callable[[torch.Tensor], Any]], str]] = {
+    "curvlinops": (_curvlinops, "gnh"),
+    "backpack": (_backpack, "gnh"),
+    "hessian_eigenthings": (_eigenthings, "gnh"),
+    "pyhessian": (_pyhessian, "hessian"),
+}
+
+
+def _peer_products(model: nn.Module, batch: Any, reference: dict[str, torch.Tensor], v: torch.Tensor,
+                   notes: list[str], name: str) -> dict[str, Callable[[], object]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    fns: dict[str, Callable[[], object]] = {}
+    for peer, (build, kind) in PEERS.items():
+        try:
+            product = build(model, batch, params)
+            got = torch.as_tensor(product(v)).reshape(-1).to(v.dtype)
+        except ImportError as err:
+            notes.append(f"{peer}: not installed ({err.name}); skipped")
+            continue
+        except Exception as err:
+            notes.append(f"{name}/{peer}: failed ({type(err).__name__}: {str(err)[:80]}); skipped")
+            continue
+        ref = reference[kind]
+        error = float((got - ref).norm() / ref.norm())
+        if not error <= 1e-3:
+            notes.append(f"{name}/{peer}: {kind} product disagrees with ours (relative error {error:.1e}); not timed")
+            continue
+        fns[peer] = lambda product=product: product(v)
+    return fns
+
+
+# -------------------------------------------------------------------------------------------------- main
+def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    for fn in fns.values():  # warm-up (and cache builds)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+def measure(name: str, model: nn.Module, batch: Any, repeats: int, notes: list[str]) -> dict[str, float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    v = torch.randn(n_params, generator=torch.Generator().manual_seed(1))
+    col = v[:, None]
+    task = Classification()
+    ops = {mode: (GNHOperator(model, task, [batch], check_finite=False, linearization=mode),
+                  HessianOperator(model, task, [batch], check_finite=False, linearization=mode))
+           for mode in ("never", "always")}
+    reference = {"gnh": ops["never"][0].matvec(v), "hessian": ops["never"][1].matvec(v)}
+    for kind, op in zip(("gnh", "hessian"), ops["always"], strict=True):
+        error = float((op.matvec(v) - reference[kind]).norm() / reference[kind].norm())
+        assert error < 1e-4, f"{name}: cached {kind} product disagrees with the streamed one ({error:.1e})"
+
+    def grad_step() -> None:
+        torch.autograd.grad(F.cross_entropy(model(batch[0]), batch[1]), params)
+
+    fns: dict[str, Callable[[], object]] = {
+        "grad": grad_step,
+        "gnh": lambda: ops["never"][0].matvec(v),
+        "gnh_cached": lambda: ops["always"][0].matvec(v),
+        "hessian": lambda: ops["never"][1].matvec(v),
+        "hessian_cached": lambda: ops["always"][1].matvec(v),
+        "trace_probe": lambda: ops["never"][0].quadratic_forms(col),
+        "trace_probe_cached": lambda: ops["always"][0].quadratic_forms(col),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.fx constant-folding chatter from linearize
+        fns.update(_peer_products(model, batch, reference, v, notes, name))
+        med = _time(fns, repeats)
+    out = {"params": float(n_params), "grad_ms": med["grad"] * 1e3}
+    out.update({f"{k}_ratio": med[k] / med["grad"] for k in fns if k != "grad"})
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="smaller batches and 7 repeats")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results: dict[str, dict[str, float]] = {}
-    for name, model, task, batch, loss_fn in cases():
-        params = [p for p in model.parameters() if p.requires_grad]
-        n_params = sum(p.numel() for p in params)
-        v = torch.randn(n_params, generator=torch.Generator().manual_seed(1))
-        block = torch.randn(n_params, 16, generator=torch.Generator().manual_seed(2))
-        gnh = GNHOperator(model, task, [batch], check_finite=False)
-        fd = FiniteDifferenceGNHOperator(model, task, [batch], check_finite=False)
-        hess = HessianOperator(model, task, [batch], check_finite=False)
-        model.eval()
+    repeats = 7 if args.quick else args.repeats
+    notes: list[str] = []
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def grad_step(model: nn.Module = model, batch: object = batch, loss_fn=loss_fn, params=params) -> None:
-            torch.autograd.grad(loss_fn(model, batch), params)
-
-        fns: dict[str, Callable[[], object]] = {
-            "grad": grad_step,
-            "gnh": lambda gnh=gnh, v=v: gnh.matvec(v),
-            "gnh_ref": lambda model=model, task=task, batch=batch, v=v: gnh_product_reference(model, task, batch, v),
-            "fd": lambda fd=fd, v=v: fd.matvec(v),
-            "hessian": lambda hess=hess, v=v: hess.matvec(v),
-            "trace_probe": lambda gnh=gnh, v=v: gnh.quadratic_form(v),
-            "trace_probe_batched": lambda gnh=gnh, block=block: gnh.quadratic_forms(block),
-        }
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for fn in fns.values():  # warm-up
-            fn()
-        for _ in range(args.repeats):
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-        med = {k: statistics.median(t) for k, t in times.items()}
-        med["trace_probe_batched"] /= block.shape[1]
-        results[name] = {"params": float(n_params), "grad_ms": med["grad"] * 1e3}
-        results[name].update({k: med[k] / med["grad"] for k in fns if k != "grad"})
-    header = f"{'model':18s} {'params':>8s} {'grad ms':>8s} " + " ".join(
-        f"{k:>12s}" for k in ["gnh", "gnh_ref", "fd", "hessian", "trace_probe", "trace_probe_batched"]
-    )
-    print(header)
+    with sdpa_kernel(SDPBackend.MATH):  # attention with double-backward support, for every entry alike
+        results = {name: measure(name, model, batch, repeats, notes) for name, model, batch in cases(args.quick)}
+    for note in dict.fromkeys(notes):
+        print("note:", note)
+    keys = sorted({k for r in results.values() for k in r if k.endswith("_ratio")},
+                  key=lambda k: (k.split("_")[0] not in ("gnh", "hessian", "trace"), k))
+    print(f"{'model':18s} {'params':>8s} {'grad ms':>8s} " + " ".join(f"{k[:-6]:>19s}" for k in keys))
     for name, r in results.items():
-        cols = " ".join(f"{r[k]:>11.2f}x" for k in ["gnh", "gnh_ref", "fd", "hessian", "trace_probe",
-                                                     "trace_probe_batched"])
+        cols = " ".join(f"{r[k]:>18.2f}x" if k in r else f"{'-':>19s}" for k in keys)
         print(f"{name:18s} {int(r['params']):>8d} {r['grad_ms']:>8.2f} {cols}")
-    print(json.dumps({"benchmark": "curvature_products", "ratios_to_grad": results}))
+    print(json.dumps({"benchmark": "curvature_products", "threads": args.threads, "repeats": repeats,
+                      "notes": list(dict.fromkeys(notes)), "ratios_to_grad": results}))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,15 @@ epoch (71 optimizer steps of 64 images here). Reported:
 * ``steps_between_measurements_for_5pct``: how sparse measurements must be for 5 % overhead;
 * ``identical_weights``: whether every run ended with bit-identical weights (they must).
 
+Settings (``--settings``, default ``checkpoint,200,auto``): the monitor's ``every_n_steps`` (``checkpoint``:
+``None``, measurements at checkpoints only; ``200``; ``auto`` with the default 5 % budget), each on top of the
+per-epoch checkpoints. Per setting: ``overhead`` (CPU time in measurements / CPU time of the rest of the run, a
+fraction) and ``steps_per_measurement`` (CPU time of one measurement / one unmonitored training step) appear in the
+final JSON line under those keys.
+
 The last line of output is a JSON object with all numbers. Usage::
 
-    python benchmarks/bench_monitor_overhead.py --max-epochs 3 --repeats 2 --out /tmp/bench_monitor
+    python benchmarks/bench_monitor_overhead.py --max-epochs 3 --repeats 2 --out /tmp/bench_monitor  # or --quick
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ class TimedMonitor(CurvatureMonitor):
         return row
 
 
+def _setting(name: str) -> int | str | None:
+    return None if name == "checkpoint" else ("auto" if name == "auto" else int(name))
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-epochs", type=int, default=3)
@@ -65,78 +75,78 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every-n-epochs", type=int, default=1, help="1: Lightning's default")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise when shared)")
+    parser.add_argument("--settings", default="checkpoint,200,auto",
+                        help="comma-separated every_n_steps settings: checkpoint (None), an integer, auto")
+    parser.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.max_epochs, args.repeats = 1, 1
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     mnist_cnn_monitor.CurvatureMonitor = TimedMonitor  # type: ignore[misc]  # the example's monitor, timed
-
-    off: list[float] = []
-    on: list[float] = []
+    settings = args.settings.split(",")
     off_cpu: list[float] = []
-    on_cpu: list[float] = []
-    measured_cpu: list[float] = []
+    runs: dict[str, list[dict[str, object]]] = {k: [] for k in settings}
     checksums: set[float] = set()
-    last = None
-    for r in range(args.repeats):
-        for monitor in (False, True):
+    for r in range(args.repeats):  # interleaved: off, then every setting, per repeat
+        for setting in [None, *settings]:
             start_cpu = time.process_time()
-            res = mnist_cnn_monitor.run(args.out, args.max_epochs, monitor, None, 64, args.seed,
-                                        name=f"{'on' if monitor else 'off'}{r}",
+            res = mnist_cnn_monitor.run(args.out, args.max_epochs, setting is not None,
+                                        None if setting is None else _setting(setting), 64, args.seed,
+                                        name=f"{setting or 'off'}{r}",
                                         checkpoint_every_n_epochs=args.checkpoint_every_n_epochs)
             cpu = time.process_time() - start_cpu
-            (on if monitor else off).append(res["seconds"])
-            (on_cpu if monitor else off_cpu).append(cpu)
             checksums.add(res["checksum"])
-            print(f"repeat {r} monitor={monitor}: wall {res['seconds']:.1f} s, cpu {cpu:.1f} s", flush=True)
-            if monitor:
-                measured_cpu.append(sum(res["monitor"].cpu_seconds))
-                last = res
-    assert last is not None
-    mon, model, trainer = last["monitor"], last["model"], last["trainer"]
-    rows = mon.history
-    per_measurement = statistics.mean(mon.cpu_seconds)
-
-    # one mean-loss gradient over the monitor's own sample, with the same batching
-    idx = global_sample_indices(len(last["train"]), mon.sample_size, mon.seed)
-    batches = make_batches(last["train"], idx, mon.batch_size)
+            print(f"repeat {r} setting={setting or 'off'}: wall {res['seconds']:.1f} s, cpu {cpu:.1f} s", flush=True)
+            if setting is None:
+                off_cpu.append(cpu)
+            else:
+                runs[setting].append({**res, "cpu": cpu})
+    last = runs[settings[0]][-1]
+    steps = last["trainer"].global_step  # type: ignore[attr-defined]
+    step_cpu = statistics.median(off_cpu) / steps
+    mon0 = last["monitor"]
+    idx = global_sample_indices(len(last["train"]), mon0.sample_size, mon0.seed)  # type: ignore[arg-type, attr-defined]
+    batches = make_batches(last["train"], idx, mon0.batch_size)  # type: ignore[attr-defined]
     grad_times = []
     for _ in range(5):
         start = time.process_time()
-        loss_gradient(model, mon.task, batches)
+        loss_gradient(last["model"], mon0.task, batches)  # type: ignore[arg-type, attr-defined]
         grad_times.append(time.process_time() - start)
     grad_seconds = statistics.median(grad_times)
-
-    steps = trainer.global_step
-    step_cpu = statistics.median(off_cpu) / steps
-    steps_per_measurement = per_measurement / step_cpu
+    per_setting: dict[str, dict[str, object]] = {}
+    print(f"{'setting':>10s} {'overhead':>9s} {'ratio_cpu':>9s} {'meas.':>6s} {'steps/meas.':>11s} {'grads/meas.':>11s}"
+          f" {'products':>8s}")
+    for setting, results in runs.items():
+        measured = [sum(x["monitor"].cpu_seconds) for x in results]  # type: ignore[attr-defined]
+        totals = [float(x["cpu"]) for x in results]  # type: ignore[arg-type]
+        mon = results[-1]["monitor"]
+        per = statistics.mean(mon.cpu_seconds)  # type: ignore[attr-defined]
+        row = {
+            "overhead": statistics.median(m / (t - m) for m, t in zip(measured, totals, strict=True)),
+            "ratio_cpu": statistics.median(totals) / statistics.median(off_cpu),
+            "measurements_per_run": len(mon.history),  # type: ignore[attr-defined]
+            "steps_per_measurement": per / step_cpu,
+            "grad_equivalents_per_measurement": per / grad_seconds,
+            "cpu_seconds_per_measurement": per,
+            "products_per_measurement": statistics.mean(r["num_products"] for r in mon.history),  # type: ignore[attr-defined]
+            "logged_overhead_last": mon.history[-1].get("overhead"),  # type: ignore[attr-defined]
+        }
+        per_setting[setting] = row
+        print(f"{setting:>10s} {row['overhead']:>9.3f} {row['ratio_cpu']:>9.3f} {row['measurements_per_run']:>6d} "
+              f"{row['steps_per_measurement']:>11.2f} {row['grad_equivalents_per_measurement']:>11.2f} "
+              f"{row['products_per_measurement']:>8.1f}")
     result: dict[str, object] = {
         "benchmark": "monitor_overhead",
         "max_epochs": args.max_epochs,
-        "checkpoint_every_n_epochs": args.checkpoint_every_n_epochs,
         "repeats": args.repeats,
         "train_steps": steps,
-        "measurements_per_run": len(rows),
-        "triggers": sorted({row["trigger"] for row in rows}),
-        "wall_seconds_off": off,
-        "wall_seconds_on": on,
         "cpu_seconds_off": off_cpu,
-        "cpu_seconds_on": on_cpu,
-        "ratio_wall": statistics.median(on) / statistics.median(off),
-        "ratio_cpu": statistics.median(on_cpu) / statistics.median(off_cpu),
-        "overhead_in_run_cpu": statistics.median(m / (t - m) for m, t in zip(measured_cpu, on_cpu, strict=True)),
-        "cpu_seconds_per_measurement": per_measurement,
-        "products_per_measurement": statistics.mean(row["num_products"] for row in rows),
-        "grad_cpu_seconds_on_sample": grad_seconds,
-        "grad_equivalents_per_measurement": per_measurement / grad_seconds,
-        "train_steps_per_measurement": steps_per_measurement,
-        "steps_between_measurements_for_5pct": steps_per_measurement / 0.05,
-        "sample_size": mon.sample_size,
-        "trace_probes": mon.trace_probes,
-        "lanczos_iter": mon.lanczos_iter,
+        "overhead": {k: v["overhead"] for k, v in per_setting.items()},
+        "steps_per_measurement": {k: v["steps_per_measurement"] for k, v in per_setting.items()},
+        "settings": per_setting,
         "identical_weights": len(checksums) == 1,
         "threads": torch.get_num_threads(),
-        "final_trace": rows[-1]["trace"],
-        "final_lambda_max": rows[-1]["lambda_max"],
     }
     print(json.dumps(result))
     return result

@@ -42,6 +42,7 @@ from lightning_influence.exceptions import ConfigurationError
 
 __all__ = [
     "AUTO_EXACT_MAX_PARAMS",
+    "DEFAULT_LINEARIZATION_BUDGET",
     "DEFAULT_LISSA_CONSTANT",
     "DEFAULT_LISSA_STEPS_FACTOR",
     "CGConfig",
@@ -73,12 +74,21 @@ DEFAULT_LISSA_STEPS_FACTOR = 6.0
 #: solve's cost grows like ``N * outputs * P + P^3``, so the crossover moves down for larger training sets.
 AUTO_EXACT_MAX_PARAMS = 500
 
+#: Default byte budget of cached linearisations (:mod:`lightning_influence.operators.linearized`): 1 GiB.
+DEFAULT_LINEARIZATION_BUDGET = 2**30
+
 CurvatureKind = Literal["gnh", "expected_fisher", "sampled_fisher", "finite_difference_gnh", "hessian"]
 SolverName = Literal["cg", "lissa", "exact", "pcg", "lowrank", "auto"]
 Normalization = Literal["sum", "mean"]
 DtypeName = Literal["float64", "float32", "float16", "bfloat16"]
 
 C = TypeVar("C", bound="Config")
+
+
+def _is_number(value: Any, lower: float) -> bool:
+    """A finite real (not a bool) ``>= lower``."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= lower)
 
 
 @dataclass
@@ -186,6 +196,9 @@ class SpectrumConfig(Config):
         seed: Seed of the probes and start vectors.
         constant: :math:`C` of the LiSSA batch rule the summary recommends.
         steps_factor: :math:`c` of the LiSSA step rule the summary recommends.
+        linearization: ``"auto"``, ``"always"`` or ``"never"``: cached linearisations of the sample's batches for
+            the monitor's operator (:mod:`lightning_influence.operators.linearized`).
+        linearization_budget: Bytes the cached linearisations may hold (default 1 GiB); batches past it stream.
 
     Example::
 
@@ -205,6 +218,8 @@ class SpectrumConfig(Config):
     seed: int = 0
     constant: float = DEFAULT_LISSA_CONSTANT
     steps_factor: float = DEFAULT_LISSA_STEPS_FACTOR
+    linearization: Literal["auto", "always", "never"] = "auto"
+    linearization_budget: int = DEFAULT_LINEARIZATION_BUDGET
 
     def validate(self) -> None:
         """Check every field.
@@ -213,6 +228,8 @@ class SpectrumConfig(Config):
             ConfigurationError: Naming the bad field.
         """
         self._positive("steps_factor")
+        self._choice("linearization", ("auto", "always", "never"))
+        self._at_least(0, "linearization_budget")
         self._at_least(2, "trace_probes", "sketch_dim")
         self._at_least(1, "trace_block_size", "lanczos_iter")
         self._at_least(2, "trace_max_probes", allow_none=True)
@@ -393,7 +410,13 @@ class InfluenceConfig(Config):
     r"""Every setting of an influence computation (:func:`~lightning_influence.influence.influence_scores`).
 
     Attributes:
-        damping: :math:`\lambda > 0` added to the GNH (for L2-regularised training, the L2 coefficient).
+        damping: :math:`\lambda > 0` added to the GNH (for L2-regularised training, the L2 coefficient), or
+            ``"auto"`` (default): ``damping_fraction`` times :math:`\lambda_{\max}` of the curvature (from a
+            ``CurvatureMonitor``'s last spectrum when there is one, else a short Lanczos run). An absolute default
+            does not fit real models (a BatchNorm CNN had :math:`\lambda_{\max} \approx 830`, where 1e-3 made CG
+            run for many minutes). The :math:`\lambda` used is in ``result.diagnostics["damping"]`` and logged.
+        damping_fraction: :math:`\lambda / \lambda_{\max}` under ``damping="auto"`` (default 1e-3: CG then
+            needs at most about :math:`\sqrt{1000} \approx 32` times :math:`\log(1/\text{rtol})` iterations).
         solver: ``"cg"``, ``"lissa"``, ``"exact"``, ``"pcg"`` (CG preconditioned by the low-rank sketch: the exact
             answer, certified), ``"lowrank"`` (the sketch's approximate inverse: no products per query) or
             ``"auto"`` (``"exact"`` up to :data:`AUTO_EXACT_MAX_PARAMS` parameters, else ``"pcg"``).
@@ -402,8 +425,8 @@ class InfluenceConfig(Config):
         batch_size: Examples per batch of the fixed-sample curvature operator (CG, certificate, spectrum).
         chunk_size: Examples per vectorised per-example gradient chunk (bounds memory at ``chunk_size * P``).
         normalization: ``"sum"`` (default: per-example gradient of the summed unit losses) or ``"mean"``.
-        self_influence: Also compute the self-influence of every scored training example (costs
-            ``n_train / n_query`` times the query solve for the iterative solvers; cheap for ``"exact"``; for
+        self_influence: Also compute the self-influence of every scored training example (default ``False``: it
+            costs ``n_train / n_query`` times the query solve for the iterative solvers; cheap for ``"exact"``; for
             ``"lowrank"`` one gradient per example and no product, with an error bound).
         top_k: Proponents/opponents kept per query in :meth:`InfluenceResult.to_dict`.
         cg_rtol: CG relative residual tolerance.
@@ -448,13 +471,14 @@ class InfluenceConfig(Config):
         (0.5, 2, 1e-06)
     """
 
-    damping: float = 1e-3
+    damping: float | Literal["auto"] = "auto"
+    damping_fraction: float = 1e-3
     solver: SolverName = "cg"
     curvature: CurvatureKind = "gnh"
     batch_size: int = 256
     chunk_size: int = 64
     normalization: Normalization = "sum"
-    self_influence: bool = True
+    self_influence: bool = False
     top_k: int = 10
     cg_rtol: float = 1e-6
     cg_max_iter: int | None = None
@@ -504,13 +528,17 @@ class InfluenceConfig(Config):
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.top_k < 0:
             raise ConfigurationError(f"top_k must be >= 0, got {self.top_k}.")
-        if self.damping < 0:
-            raise ConfigurationError(f"damping must be >= 0, got {self.damping}.")
-        if self.solver == "lissa" and not self.damping > 0:
+        if self.damping != "auto" and not _is_number(self.damping, 0.0):
+            raise ConfigurationError(
+                f"damping must be a number >= 0 or 'auto' (damping_fraction * lambda_max), got {self.damping!r}."
+            )
+        if not (_is_number(self.damping_fraction, 0.0) and self.damping_fraction > 0):
+            raise ConfigurationError(f"damping_fraction must be a number > 0, got {self.damping_fraction!r}.")
+        if self.solver == "lissa" and self.damping != "auto" and not self.damping > 0:
             raise ConfigurationError(f"solver='lissa' needs damping > 0, got {self.damping}.")
         if self.dtype not in (None, "float64", "float32", "float16", "bfloat16"):
             raise ConfigurationError(f"dtype must be None or a floating dtype name, got {self.dtype!r}.")
-        if self.solver in ("pcg", "lowrank", "auto") and not self.damping > 0:
+        if self.solver in ("pcg", "lowrank", "auto") and self.damping != "auto" and not self.damping > 0:
             raise ConfigurationError(f"solver={self.solver!r} needs damping > 0, got {self.damping}.")
         if self.projection_dim is not None and (isinstance(self.projection_dim, bool) or self.projection_dim < 1):
             raise ConfigurationError(
@@ -576,7 +604,11 @@ class CVConfig(Config):
         downdate: Use the fold-downdated curvature :math:`A_k` (default) or the paper's single full-data one.
         fold_objective: ``"mean"`` (default) or ``"weighted"``.
         solver: ``"dense"``, ``"cg"`` or ``"auto"`` (dense up to ``dense_max_params`` parameters).
-        damping: :math:`\delta \ge 0` added as :math:`\delta I` to :math:`A_k`.
+        damping: :math:`\delta \ge 0` added as :math:`\delta I` to :math:`A_k`, or ``"auto"`` (default): per fold, no
+            damping when :math:`A_k` is positive definite, else the least damping that makes it so (dense solver:
+            :math:`\max(0, -\lambda_{\min}) + 10^{-8}\lambda_{\max}`; CG: none if undamped CG converges within 50
+            iterations, else :math:`10^{-4}\lambda_{\max}`, raised tenfold while CG fails). The :math:`\delta` used
+            is in each fold's certificate (``"damping"``).
         cg_rtol: CG relative residual tolerance.
         cg_max_iter: CG iteration cap (default ``min(P, 1000)``).
         prox_tol: Relative residual tolerance of the metric prox.
@@ -594,7 +626,7 @@ class CVConfig(Config):
     downdate: bool = True
     fold_objective: Literal["mean", "weighted"] = "mean"
     solver: Literal["auto", "dense", "cg"] = "auto"
-    damping: float = 0.0
+    damping: float | Literal["auto"] = "auto"
     cg_rtol: float = 1e-10
     cg_max_iter: int | None = None
     prox_tol: float = 1e-12
@@ -617,8 +649,11 @@ class CVConfig(Config):
             )
         if self.solver not in ("auto", "dense", "cg"):
             raise ConfigurationError(f"solver must be 'auto', 'dense' or 'cg', got {self.solver!r}.")
-        if self.damping < 0:
-            raise ConfigurationError(f"damping must be >= 0, got {self.damping}.")
+        if self.damping != "auto" and not _is_number(self.damping, 0.0):
+            raise ConfigurationError(
+                f"damping must be a number >= 0 or 'auto' (the least damping that makes each fold's curvature "
+                f"positive definite), got {self.damping!r}."
+            )
         self._positive("cg_rtol", "prox_tol")
         self._at_least(1, "cg_max_iter", allow_none=True)
         self._at_least(1, "prox_max_iter")

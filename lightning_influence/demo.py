@@ -211,7 +211,8 @@ class _StageBar(L.Callback):
 
 
 def demo_callbacks(
-    monitor_every: int = 2, num_queries: int = 20, max_train: int = 400, pbrf_train: int = 3, progress: bool = True
+    monitor_every: int = 2, num_queries: int = 20, max_train: int = 400, pbrf_train: int = 3, progress: bool = True,
+    quick: bool = False,
 ) -> list[L.Callback]:
     """The four lightning_influence callbacks the demo trains with, interleaved with post-training stage bars.
 
@@ -221,6 +222,8 @@ def demo_callbacks(
         max_train: Training examples InfluenceReport scores (the curvature uses all of them).
         pbrf_train: Training examples PBRFValidation checks (two PBO solves each).
         progress: Show a progress bar per post-training stage on rank 0.
+        quick: Cheaper train-end stages for tests (2 folds, PBO solves to 1e-3 in at most 20 Newton steps); the
+            same callbacks and report sections.
 
     Returns:
         ``[bar, CurvatureMonitor, bar, InfluenceReport, bar, ApproximateCV, bar, PBRFValidation, bar]``.
@@ -240,7 +243,7 @@ def demo_callbacks(
     stages = [
         "CurvatureMonitor: curvature figure",
         f"InfluenceReport: {num_queries} queries x {max_train} training examples",
-        "ApproximateCV: 5-fold approximate CV",
+        f"ApproximateCV: {2 if quick else 5}-fold approximate CV",
         f"PBRFValidation: {pbrf_train} training examples x 2 PBO solves",
     ]
     main = [
@@ -248,8 +251,9 @@ def demo_callbacks(
                          damping=CURVATURE_DAMPING, trace_probes=8, lanczos_iter=12),
         InfluenceReport(task, query_data="val", solver="exact", damping=CURVATURE_DAMPING, max_queries=num_queries,
                         max_train=max_train, top_k=5, images=True, progress_bar=progress),
-        ApproximateCV(task, folds=5, damping=CURVATURE_DAMPING, cg_rtol=1e-6, prox_tol=1e-6),
-        PBRFValidation(task, num_train=pbrf_train, num_queries=5, exact_max_params=2000),
+        ApproximateCV(task, folds=2 if quick else 5, damping=CURVATURE_DAMPING, cg_rtol=1e-6, prox_tol=1e-6),
+        PBRFValidation(task, num_train=pbrf_train, num_queries=5, exact_max_params=2000,
+                       tol=1e-3 if quick else None, max_iter=20 if quick else None),
     ]
     out: list[L.Callback] = [_StageBar(stages, 0, progress)]
     for i, cb in enumerate(main):
@@ -259,7 +263,7 @@ def demo_callbacks(
 
 def run_demo(
     out_dir: str | Path, max_epochs: int = 20, seed: int = 0, *, max_train: int = 400, num_queries: int = 20,
-    pbrf_train: int = 3,
+    pbrf_train: int = 3, quick: bool = False,
 ) -> dict[str, Any]:
     """Train the digits MLP with all four callbacks, then print where the logs and the report are.
 
@@ -270,6 +274,7 @@ def run_demo(
         max_train: Training examples InfluenceReport scores.
         num_queries: Validation queries InfluenceReport explains.
         pbrf_train: Training examples PBRFValidation checks.
+        quick: Cheaper train-end stages (see :func:`demo_callbacks`), for tests.
 
     Returns:
         The last :meth:`SpectrumSummary.to_dict` of the CurvatureMonitor (``trace``, ``trace_stderr``,
@@ -302,7 +307,7 @@ def run_demo(
     model = DigitsClassifier()
     show = sys.stdout.isatty() or sys.stderr.isatty()  # progress bars only on a terminal, not in logs/CI
     callbacks = demo_callbacks(monitor_every=max(1, min(2, max_epochs)), num_queries=num_queries,
-                               max_train=max_train, pbrf_train=pbrf_train, progress=show)
+                               max_train=max_train, pbrf_train=pbrf_train, progress=show, quick=quick)
     logger = TensorBoardLogger(save_dir=str(out_dir))
     trainer = L.Trainer(
         accelerator="cpu",

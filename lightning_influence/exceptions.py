@@ -71,3 +71,20 @@ class DivergenceError(LightningInfluenceError, RuntimeError):
         ...     print(type(e).__name__, isinstance(e, LightningInfluenceError))
         DivergenceError True
     """
+
+
+class LossMismatchWarning(UserWarning):
+    """The module trains on a loss other than the task's (label smoothing, class weights, a custom loss...).
+
+    Curvature, influence and CV all assume the task's loss; the message names the loss assumed and how to declare
+    the real one (e.g. ``Classification(label_smoothing=0.1)``).
+
+    Example::
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     warnings.warn("trained with label smoothing", LossMismatchWarning)
+        >>> issubclass(w[0].category, UserWarning)
+        True
+    """

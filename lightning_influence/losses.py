@@ -130,10 +130,21 @@ class SoftmaxCrossEntropy(LossFamily):
     target equals ``ignore_index`` are excluded from sums and counts, so the mean is over non-ignored tokens,
     matching ``torch.nn.functional.cross_entropy(..., ignore_index=...)``.
 
-    .. math:: \ell(h, y) = -\log \mathrm{softmax}(h)_y, \qquad S_h = \mathrm{diag}(p) - p p^\top.
+    .. math:: \ell(h, y) = -q^\top \log \mathrm{softmax}(h), \quad q = (1-\varepsilon) e_y + \varepsilon/K,
+        \qquad \nabla_h \ell = p - q, \qquad S_h = \mathrm{diag}(p) - p p^\top.
+
+    With label smoothing :math:`\varepsilon` (``torch.nn.CrossEntropyLoss(label_smoothing=...)``) the target is the
+    smoothed distribution :math:`q`; because :math:`\sum_k q_k = 1`, the output Hessian :math:`S_h` (hence the GNH
+    and the expected Fisher) and the Bregman divergence are those of plain cross-entropy; the loss and its gradient
+    :math:`p - q` change.
 
     Args:
         ignore_index: Target value that marks a unit to ignore (default ``-100``, as in PyTorch).
+        label_smoothing: :math:`\varepsilon \in [0, 1)`, as in ``torch.nn.functional.cross_entropy``
+            (default 0).
+
+    Raises:
+        ConfigurationError: For ``label_smoothing`` outside ``[0, 1)``.
 
     Example::
 
@@ -145,8 +156,14 @@ class SoftmaxCrossEntropy(LossFamily):
 
     name = "softmax_cross_entropy"
 
-    def __init__(self, ignore_index: int = -100) -> None:
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
         self.ignore_index = int(ignore_index)
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ConfigurationError(
+                f"label_smoothing must lie in [0, 1), got {label_smoothing!r}; pass the value the module's "
+                "CrossEntropyLoss uses (0 for none)."
+            )
+        self.label_smoothing = float(label_smoothing)
 
     def validate(self, outputs: Tensor, targets: Tensor) -> None:
         """Check logits ``(..., K)`` against integer targets ``(...)``."""
@@ -183,7 +200,8 @@ class SoftmaxCrossEntropy(LossFamily):
         """Per-unit cross-entropy."""
         k = outputs.shape[-1]
         flat = F.cross_entropy(
-            outputs.reshape(-1, k), targets.reshape(-1), ignore_index=self.ignore_index, reduction="none"
+            outputs.reshape(-1, k), targets.reshape(-1), ignore_index=self.ignore_index, reduction="none",
+            label_smoothing=self.label_smoothing,
         )
         return flat.reshape(targets.shape)
 
@@ -195,11 +213,14 @@ class SoftmaxCrossEntropy(LossFamily):
         return out * self.unit_mask(outputs, targets).unsqueeze(-1).to(out.dtype)
 
     def output_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """:math:`p - e_y`."""
+        """:math:`p - q` (:math:`q = e_y` without label smoothing)."""
         mask = targets != self.ignore_index  # may carry a leading sample dimension
         p = torch.softmax(outputs, dim=-1)
-        onehot = F.one_hot(torch.where(mask, targets, 0), outputs.shape[-1]).to(p.dtype)
-        return (p - onehot) * mask.unsqueeze(-1).to(p.dtype)
+        k = outputs.shape[-1]
+        q = F.one_hot(torch.where(mask, targets, 0), k).to(p.dtype)
+        if self.label_smoothing:
+            q = (1.0 - self.label_smoothing) * q + self.label_smoothing / k
+        return (p - q) * mask.unsqueeze(-1).to(p.dtype)
 
     def expected_fisher_output_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         r""":math:`\sum_k p_k (p - e_k)(p - e_k)^\top v`, enumerating all ``K`` labels."""

@@ -41,6 +41,9 @@ __all__ = [
     "ATTRIBUTION_SECONDS",
     "CURVATURE_CRITICAL_BATCH_SIZE",
     "CURVATURE_LAMBDA_MAX",
+    "CURVATURE_OVERHEAD",
+    "CURVATURE_PRODUCTS",
+    "CURVATURE_SECONDS",
     "CURVATURE_TRACE",
     "CURVATURE_TRACE_STDERR",
     "CV_APPROX_FOLD_PATTERN",
@@ -52,6 +55,7 @@ __all__ = [
     "CV_EXACT_PASSES",
     "CV_EXACT_SECONDS",
     "CV_REL_ERROR",
+    "INFLUENCE_DAMPING",
     "INFLUENCE_GRADIENT_EQUIVALENTS",
     "INFLUENCE_NUM_PRODUCTS",
     "INFLUENCE_NUM_QUERIES",
@@ -106,12 +110,16 @@ CURVATURE_TRACE = "curvature/trace"
 CURVATURE_TRACE_STDERR = "curvature/trace_stderr"
 CURVATURE_LAMBDA_MAX = "curvature/lambda_max"
 CURVATURE_CRITICAL_BATCH_SIZE = "curvature/critical_batch_size"
+CURVATURE_PRODUCTS = "curvature/products"
+CURVATURE_SECONDS = "curvature/seconds"
+CURVATURE_OVERHEAD = "curvature/overhead"
 LISSA_ETA = "lissa/eta"
 LISSA_BATCH_SIZE = "lissa/batch_size"
 LISSA_STEPS = "lissa/steps"
 
 # ------------------------------------------------------------------------------- InfluenceReport
 INFLUENCE_SOLVER_RESIDUAL = "influence/solver_residual"
+INFLUENCE_DAMPING = "influence/damping"
 INFLUENCE_SOLVER_ITERATIONS = "influence/solver_iterations"
 INFLUENCE_SOLVER_CONVERGED = "influence/solver_converged"
 INFLUENCE_SOLVER_DIVERGED = "influence/solver_diverged"
@@ -187,6 +195,7 @@ _SPEARMAN = {"lissa": PBRF_SPEARMAN_LISSA, "cg": PBRF_SPEARMAN_CG, "exact": PBRF
 #: Every fixed scalar name (the value-dependent ones come from the functions below).
 SCALAR_NAMES: tuple[str, ...] = (
     CURVATURE_TRACE, CURVATURE_TRACE_STDERR, CURVATURE_LAMBDA_MAX, CURVATURE_CRITICAL_BATCH_SIZE,
+    CURVATURE_PRODUCTS, CURVATURE_SECONDS, CURVATURE_OVERHEAD,
     LISSA_ETA, LISSA_BATCH_SIZE, LISSA_STEPS,
     INFLUENCE_SOLVER_RESIDUAL, INFLUENCE_SOLVER_ITERATIONS, INFLUENCE_SOLVER_CONVERGED, INFLUENCE_SOLVER_DIVERGED,
     INFLUENCE_NUM_PRODUCTS, INFLUENCE_GRADIENT_EQUIVALENTS, INFLUENCE_SECONDS, INFLUENCE_NUM_TRAIN,

@@ -56,8 +56,10 @@ def test_lightning_cli_fits_with_the_config(path: Path, tmp_path: Path) -> None:
             args.update(sample_size=64, every_n_epochs=None, every_n_steps=3)
         elif name == "InfluenceReport":
             args.update(max_train=32, max_queries=4)
-        elif name == "PBRFValidation":
-            args.update(num_train=1, num_queries=2)
+        elif name == "ApproximateCV":
+            args.update(folds=2)
+        elif name == "PBRFValidation":  # one pair, a short Newton-CG, no exact baseline: the wiring, not the numbers
+            args.update(num_train=1, num_queries=2, max_iter=3, tol=1e-3, exact_max_params=0)
     small = tmp_path / "config.yaml"
     small.write_text(yaml.safe_dump(cfg))
     assert main(["fit", "--config", str(small)]) == 0

@@ -323,3 +323,50 @@ def test_kfold_indices_is_a_seeded_partition() -> None:
     state = torch.random.get_rng_state()
     kfold_indices(23, 4, seed=9)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+# ------------------------------------------------------------------------------------ damping="auto"
+
+
+def test_auto_damping_singular_fold_matches_exact_refits() -> None:
+    """A fold whose remaining data has a constant feature (collinear with the bias): undamped AFIF used to raise
+    "not positive definite"; ``damping="auto"`` adds the least damping and matches exact refits within 2 %."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 300, 5
+    idx = kfold_indices(n, k, seed=0)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    x[:, 2] = 1.0
+    x[idx[0], 2] = torch.randn(len(idx[0]), generator=g, dtype=torch.float64)  # varies only in fold 0
+    w = torch.tensor([[1.5, -1.0, 0.5], [-0.5, 1.0, -0.5]], dtype=torch.float64)
+    y = torch.multinomial(torch.softmax(x @ w.T, 1), 1, generator=g).squeeze(1)
+    folds = make_fold_batches(list(zip(x, y, strict=True)), idx, batch_size=64)
+    model, task = _linear(3, 2), Classification()
+    theta, _ = fit_regularized(model, task, [b for f in folds for b in f], tol=1e-12)
+    _load(model, theta)
+    with pytest.raises(ConfigurationError, match="singular or indefinite") as err:
+        approximate_cv(model, task, folds, damping=0.0)
+    assert "GNH" not in str(err.value)
+    approx = approximate_cv(model, task, folds)
+    assert approx.config["damping"] == "auto"
+    used = [f.certificate["damping"] for f in approx.folds]
+    assert all(0 < d < 1e-6 for d in used), used
+    exact = exact_cv(model, task, folds, tol=1e-10)
+    for fa, fe in zip(approx.folds, exact.folds, strict=True):
+        assert abs(fa.held_out_loss - fe.held_out_loss) <= 0.02 * fe.held_out_loss
+    assert torch.allclose(approx.folds[0].theta, exact.folds[0].theta, atol=1e-2)
+    matrix_free = approximate_cv(model, task, folds, solver="cg")  # no factorisation: CG's own auto rule
+    for fa, fe in zip(matrix_free.folds, exact.folds, strict=True):
+        assert abs(fa.held_out_loss - fe.held_out_loss) <= 0.02 * fe.held_out_loss
+
+
+def test_auto_damping_is_zero_on_positive_definite_folds() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([[1.0], [0.5], [-1.0]], dtype=torch.float64) + 0.1 * torch.randn(40, 1, generator=g,
+                                                                                         dtype=torch.float64)
+    folds = make_fold_batches(list(zip(x, y, strict=True)), kfold_indices(40, 4))
+    res = approximate_cv(_linear(3), Regression(), folds)
+    assert [f.certificate["damping"] for f in res.folds] == [0.0] * 4
+    res_cg = approximate_cv(_linear(3), Regression(), folds, solver="cg")
+    assert [f.certificate["damping"] for f in res_cg.folds] == [0.0] * 4
+    assert abs(res.estimate - res_cg.estimate) <= 1e-6 * res.estimate

@@ -155,7 +155,8 @@ def test_self_influence_finds_flipped_digits_far_above_chance() -> None:
     assert int((noisy != yt).sum()) == 50
     lam = 1e-2
     model = _lbfgs_logistic(xt, noisy, lam, max_iter=300, tol=1e-10)
-    res = influence_scores(model, Classification(), (xt, noisy), (xt[:1], noisy[:1]), solver="exact", damping=lam)
+    res = influence_scores(model, Classification(), (xt, noisy), (xt[:1], noisy[:1]), solver="exact", damping=lam,
+                           self_influence=True)
     assert res.self_influence is not None
     result = mislabel_detection(res.self_influence, flipped, losses=res.train_losses, seed=0)
     si, rnd = result.rankings["self_influence"], result.rankings["random"]

@@ -58,6 +58,22 @@ def test_char_transformer_lm_influence_on_a_generation(tmp_path: Path) -> None:
     assert out["report"] is not None and Path(out["report"]).is_file()
 
 
+@pytest.mark.timeout(300)
+def test_hf_gpt2_influence_example_runs_with_every_callback(tmp_path: Path) -> None:
+    """The unmodified Hugging Face GPT-2 example at smoke size: monitor, influence on the generation, approximate CV."""
+    pytest.importorskip("transformers")
+    hf = _load("hf_gpt2_influence")
+    data = hf.padded_dataset(hf.CharTokenizer(hf.zen_lines()), ["Beautiful is"], 16)
+    assert data[0]["attention_mask"].sum() == 12 and data[0]["labels"][12:].eq(hf.IGNORE).all()
+    out = hf.run(max_epochs=1, length=16, steps=3, out=str(tmp_path), top_k=2, n_embd=8, folds=2, max_lines=6)
+    assert len(out["continuation"]) == 3 and out["scores"].shape == (6,)
+    assert torch.isfinite(out["scores"]).all() and out["scores"].abs().sum() > 0
+    assert out["solve"]["converged"]
+    assert out["monitor"].latest is not None and out["monitor"].latest.trace > 0
+    assert out["cv"] is not None and math.isfinite(out["cv"].estimate)
+    assert out["report"] is not None and Path(out["report"]).is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tabular_l1_logistic_cv_selects_a_strength(tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def test_exact_and_cg_scores_match_brute_force_and_sign() -> None:
     brute_self = torch.einsum("np,pn->n", g, torch.linalg.solve(A, g.T))
     for solver in ("exact", "cg"):
         r = influence_scores(model, task, (x, y), (x, y), query_indices=range(5), solver=solver, damping=damping,
-                             cg_rtol=1e-12, chunk_size=4)
+                             cg_rtol=1e-12, chunk_size=4, self_influence=True)
         assert torch.allclose(r.scores, brute, rtol=1e-8, atol=1e-10), solver
         assert r.self_influence is not None
         assert torch.allclose(r.self_influence, brute_self, rtol=1e-8, atol=1e-10), solver
@@ -330,3 +330,29 @@ def test_dense_curvature_matches_operator() -> None:
     batches = make_batches(torch.utils.data.TensorDataset(x, y), batch_size=7)
     assert torch.allclose(dense_curvature(model, task, batches), GNHOperator(model, task, batches).dense(),
                           atol=1e-13)
+
+
+# ------------------------------------------------------------------------------------ damping="auto"
+def test_auto_damping_is_a_fraction_of_lambda_max_measured_on_the_spot() -> None:
+    model, task, (x, y) = _tiny_problem()
+    G = GNHOperator(model, task, make_batches(torch.utils.data.TensorDataset(x, y), batch_size=8)).dense()
+    lam_max = float(torch.linalg.eigvalsh(G)[-1])
+    r = influence_scores(model, task, (x, y), (x, y), query_indices=range(3))  # all defaults: CG, damping="auto"
+    used = r.diagnostics["damping"]
+    assert used["rule"] == "auto" and used["source"] == "lanczos"
+    assert used["lambda_max"] == pytest.approx(lam_max, rel=1e-3)
+    assert used["damping"] == pytest.approx(1e-3 * used["lambda_max"])
+    assert r.config["damping"] == used["damping"] and r.config["damping_rule"] == "auto"
+    assert r.metrics()["influence/damping"] == used["damping"]
+    assert r.self_influence is None  # self-influence only when asked
+    fixed = influence_scores(model, task, (x, y), (x, y), query_indices=range(3), solver="exact",
+                             damping=used["damping"])
+    assert float((r.scores - fixed.scores).abs().max()) <= 1e-4 * float(fixed.scores.abs().max())
+    assert fixed.diagnostics["damping"]["rule"] == "fixed"
+    half = influence_scores(model, task, (x, y), (x, y), query_indices=range(3), solver="exact",
+                            damping_fraction=0.5)
+    assert half.diagnostics["damping"]["damping"] == pytest.approx(0.5 * lam_max, rel=1e-3)
+    with pytest.raises(ConfigurationError, match="damping_fraction"):
+        InfluenceConfig(damping_fraction=0.0).validate()
+    with pytest.raises(ConfigurationError, match="'auto'"):
+        InfluenceConfig(damping="big").validate()  # type: ignore[arg-type]

@@ -73,7 +73,7 @@ def _trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> L.Trainer:
 
 def test_report_files_logs_and_scores_match_numerics(tmp_path: Path) -> None:
     task = Classification()
-    cb = InfluenceReport(task, solver="cg", damping=1e-2, top_k=3, images=True, max_train=40,
+    cb = InfluenceReport(task, solver="cg", damping=1e-2, top_k=3, images=True, max_train=40, self_influence=True,
                          config=InfluenceConfig(cg_rtol=1e-11))
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = _trainer(tmp_path, [cb], logger=logger)
@@ -84,7 +84,7 @@ def test_report_files_logs_and_scores_match_numerics(tmp_path: Path) -> None:
     assert out == Path(trainer.log_dir) / "influence"
     # the callback's scores are exactly the numerics' scores on the trained model
     ref = influence_scores(model, task, dm.train_set, dm.val_set, solver="exact", damping=1e-2,
-                           train_indices=cb.result.train_indices)
+                           train_indices=cb.result.train_indices, self_influence=True)
     assert torch.allclose(cb.result.scores, ref.scores, rtol=1e-5, atol=1e-9)
     assert cb.result.self_influence is not None
     assert torch.allclose(cb.result.self_influence, ref.self_influence, rtol=1e-5)
@@ -253,3 +253,20 @@ def test_missing_query_data_raises_before_training(tmp_path: Path) -> None:
         ok = InfluenceReport(Classification(), max_train=8, max_queries=2, self_influence=False, progress_bar=False)
         _trainer(tmp_path / "ok", [ok], max_steps=1).fit(DigitsModule(), **fit_kwargs)
         assert ok.result is not None and ok.result.scores.shape == (2, 8)
+
+
+def test_auto_damping_follows_the_curvature_monitor(tmp_path: Path) -> None:
+    from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
+
+    task = Classification()
+    monitor = CurvatureMonitor(task, sample_size=None, every_n_epochs=1, on_checkpoint=False, write_report=False,
+                               log_figure=False, damping=1e-2)
+    cb = InfluenceReport(task, solver="cg", max_train=20, max_queries=3)  # damping="auto" by default
+    trainer = _trainer(tmp_path, [monitor, cb], max_steps=4, max_epochs=1)
+    trainer.fit(DigitsModule(), datamodule=DigitsData())
+    assert monitor.latest is not None and cb.result is not None
+    used = cb.result.diagnostics["damping"]
+    assert used["source"] == "spectrum" and used["lambda_max"] == monitor.latest.lambda_max
+    assert used["damping"] == pytest.approx(1e-3 * monitor.latest.lambda_max)
+    assert float(trainer.callback_metrics["influence/damping"]) == pytest.approx(used["damping"])
+    assert cb.result.self_influence is None

@@ -93,8 +93,8 @@ def test_a_fit_with_all_five_callbacks_logs_exactly_the_documented_names(tmp_pat
     callbacks = [
         CurvatureMonitor(task, every_n_steps=4, on_checkpoint=False, sample_size=16, batch_size=16, trace_probes=4,
                          lanczos_iter=4),
-        InfluenceReport(task, query_data="val", solver="cg", damping=1e-2, max_train=12, max_queries=3,
-                        progress_bar=False, images=False),
+        InfluenceReport(task, query_data="val", solver="cg", damping=1e-2, self_influence=True, max_train=12,
+                        max_queries=3, progress_bar=False, images=False),
         ApproximateCV(task, folds=FOLDS, damping=1e-2, exact_check=True, exact_tol=1e-4, exact_max_iter=30),
         PBRFValidation(task, num_train=2, num_queries=3, max_iter=10),
         AttributionBenchmark(task, num_subsets=3, epochs=1),

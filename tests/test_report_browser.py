@@ -49,7 +49,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     out = tmp_path_factory.mktemp("demo")
     if os.environ.get("LI_UPDATE_DOCS_IMAGES") == "1":  # the README's pictures come from the full `make demo` run
         return run_demo(out)
-    return run_demo(out, max_epochs=4, max_train=96, num_queries=6, pbrf_train=2)
+    return run_demo(out, max_epochs=4, max_train=48, num_queries=4, pbrf_train=1, quick=True)
 
 
 @pytest.mark.slow

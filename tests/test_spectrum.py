@@ -110,7 +110,7 @@ def test_estimate_spectrum_summary(mlp_gnh: tuple[GNHOperator, torch.Tensor]) ->
     assert s.critical_batch_size == pytest.approx(s.trace / s.lambda_max)
     assert set(s.metrics()) == {
         "curvature/trace", "curvature/trace_stderr", "curvature/lambda_max", "curvature/critical_batch_size",
-        "lissa/eta", "lissa/batch_size", "lissa/steps",
+        "lissa/eta", "lissa/batch_size", "lissa/steps", "curvature/products", "curvature/seconds",
     }
     with pytest.raises(ConfigurationError, match="undamped"):
         estimate_spectrum(op.with_damping(0.1))

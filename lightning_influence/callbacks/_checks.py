@@ -167,6 +167,30 @@ def check_number(
     return float(value)
 
 
+def check_damping(
+    who: str, name: str, value: Any, *, strict: bool = True, allow_none: bool = True, fix: str | None = None,
+) -> float | str | None:
+    """A damping: ``"auto"``, a finite number ``> 0`` (``strict``) or ``>= 0``, or ``None`` when ``allow_none``.
+
+    Returns:
+        ``"auto"``, ``float(value)`` or ``None``.
+
+    Raises:
+        MisconfigurationError: Naming the argument, the rule and the value.
+
+    Example::
+
+        >>> check_damping("ApproximateCV", "damping", "auto"), check_damping("ApproximateCV", "damping", 1e-3)
+        ('auto', 0.001)
+    """
+    if value == "auto" and isinstance(value, str):
+        return "auto"
+    if isinstance(value, str):
+        stated = ("> 0" if strict else ">= 0") + ", 'auto'" + (" or None" if allow_none else "")
+        raise MisconfigurationError(_must_be(who, name, f"a number {stated}", repr(value), fix))
+    return check_number(who, name, value, strict=strict, allow_none=allow_none, fix=fix)
+
+
 def check_choice(who: str, name: str, value: Any, choices: Sequence[Any], fix: str | None = None) -> Any:
     """``value`` if it is one of ``choices``.
 
@@ -290,3 +314,88 @@ def _is_map_style(dataset: Any) -> bool:
     return (not isinstance(dataset, IterableDataset)) and hasattr(dataset, "__getitem__") and hasattr(
         dataset, "__len__"
     )
+
+
+# ----------------------------------------------------------------------------------------- trainer state
+def check_listed_once(callbacks: Sequence[Any], who: str) -> None:
+    """Raise if a ``who`` callback is in ``trainer.callbacks`` twice, or beside another with the same ``state_key``.
+
+    Two entries with one state key would overwrite each other's checkpoint state and write the same report files.
+    Called by :func:`~lightning_influence.callbacks._common.check_strategy` in every callback's ``setup``.
+
+    Raises:
+        MisconfigurationError: Saying how to fix the list.
+
+    Example::
+
+        >>> from lightning.pytorch.callbacks import Callback
+        >>> class InfluenceReport(Callback): ...
+        >>> cb = InfluenceReport()
+        >>> try:
+        ...     check_listed_once([cb, cb], "InfluenceReport")
+        ... except MisconfigurationError as e:
+        ...     print(str(e)[:60])
+        InfluenceReport is listed 2 times in Trainer(callbacks=...);
+    """
+    mine = [c for c in callbacks if type(c).__name__ == who]
+    for cb in mine:
+        count = sum(c is cb for c in mine)
+        if count > 1:
+            raise MisconfigurationError(f"{who} is listed {count} times in Trainer(callbacks=...); list it once.")
+    keys = [getattr(c, "state_key", None) for c in mine]
+    twins = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if twins:
+        raise MisconfigurationError(
+            f"{who}: Trainer(callbacks=...) holds two {who} callbacks with the same settings (state key "
+            f"{twins[0]!r}); their checkpoint states and report files would collide. Remove one, or give them "
+            "different settings (e.g. another dataset, seed or subdir)."
+        )
+
+
+def parameter_signature(module: Any) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    """``(name, shape, dtype)`` of every trainable parameter: what must not change between measurements.
+
+    Returns:
+        The signature.
+
+    Example::
+
+        >>> import torch
+        >>> parameter_signature(torch.nn.Linear(2, 1))
+        (('weight', (1, 2), 'torch.float32'), ('bias', (1,), 'torch.float32'))
+    """
+    return tuple((n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters() if p.requires_grad)
+
+
+def check_same_parameters(owner: Any, module: Any, who: str) -> None:
+    """Store the trainable-parameter signature at the first measurement; raise if a later one differs.
+
+    Raises:
+        MisconfigurationError: Naming what changed and the fix.
+
+    Example::
+
+        >>> import torch
+        >>> class Owner: ...
+        >>> owner, model = Owner(), torch.nn.Linear(2, 1)
+        >>> check_same_parameters(owner, model, "CurvatureMonitor")
+        >>> _ = model.bias.requires_grad_(False)
+        >>> try:
+        ...     check_same_parameters(owner, model, "CurvatureMonitor")
+        ... except MisconfigurationError as e:
+        ...     print(str(e)[:71])
+        CurvatureMonitor: the trainable parameters changed between measurements
+    """
+    signature = parameter_signature(module)
+    first = getattr(owner, "_param_signature", None)
+    if first is None:
+        owner._param_signature = signature
+        return
+    if signature != first:
+        old, new = {s[0]: s for s in first}, {s[0]: s for s in signature}
+        changed = sorted(set(old) ^ set(new)) + sorted(n for n in set(old) & set(new) if old[n] != new[n])
+        raise MisconfigurationError(
+            f"{who}: the trainable parameters changed between measurements ({len(first)} -> {len(signature)} "
+            f"tensors; changed: {changed[:5]}), so the measurements would not be comparable. Freeze or unfreeze "
+            "parameters before trainer.fit(), or use one callback per phase."
+        )

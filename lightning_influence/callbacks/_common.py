@@ -3,7 +3,8 @@
 Arguments (``__init__``), all raising :class:`MisconfigurationError` as ``"<Callback>: <arg> must be ..., got ...;
 <fix>"``:
 
-* :func:`check_task`, :func:`check_int`, :func:`check_number`, :func:`check_choice`, :func:`check_dataset`;
+* :func:`check_task`, :func:`check_int`, :func:`check_number`, :func:`check_damping`, :func:`check_choice`,
+  :func:`check_dataset`;
 * :func:`resolve_config`: a callback's typed config (:mod:`lightning_influence.config`) with the explicit keyword
   arguments that are not ``None`` applied on top; :func:`config_field` exposes one of its fields as a read-only
   attribute (``monitor.trace_probes`` is ``monitor.config.trace_probes``).
@@ -51,14 +52,23 @@ from torch import Tensor, nn
 from lightning_influence.callbacks._checks import (
     MisconfigurationError,
     check_choice,
+    check_damping,
     check_dataset,
     check_int,
+    check_listed_once,
     check_number,
+    check_same_parameters,
     check_task,
     config_field,
     resolve_config,
 )
-from lightning_influence.callbacks._data import ResolvedData, check_data_available, resolve_data, resolve_dataset
+from lightning_influence.callbacks._data import (
+    ResolvedData,
+    check_data_available,
+    check_model_on_data,
+    resolve_data,
+    resolve_dataset,
+)
 from lightning_influence.data import CollateFn, DataSource
 from lightning_influence.distributed import ReduceFn, global_sample_indices, sum_reducer
 from lightning_influence.params import derive_seed, isolated_rng
@@ -72,11 +82,16 @@ __all__ = [
     "MisconfigurationError",
     "ResolvedData",
     "RunContext",
+    "check_before_training",
     "check_choice",
+    "check_damping",
     "check_data_available",
     "check_dataset",
     "check_int",
+    "check_listed_once",
+    "check_model_on_data",
     "check_number",
+    "check_same_parameters",
     "check_strategy",
     "check_task",
     "config_field",
@@ -105,14 +120,15 @@ _REJECTED_STRATEGY_NAMES = ("DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLA
 
 # ------------------------------------------------------------------------------------------- strategies
 def check_strategy(trainer: pl.Trainer, who: str) -> None:
-    """Raise unless the Trainer runs on a single device or with a DDP-family strategy.
+    """Raise unless the Trainer runs on a single device or with a DDP-family strategy (and ``who`` is listed once).
 
     Args:
         trainer: The Trainer.
         who: The callback's name, for the message.
 
     Raises:
-        MisconfigurationError: For FSDP, DeepSpeed, ModelParallel, XLA or any other strategy.
+        MisconfigurationError: For FSDP, DeepSpeed, ModelParallel, XLA or any other strategy, or a callback listed
+            twice (:func:`check_listed_once`).
 
     Example::
 
@@ -130,6 +146,7 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
     """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+    check_listed_once(getattr(trainer, "callbacks", ()), who)
     strategy = trainer.strategy
     mro_names = {cls.__name__ for cls in type(strategy).__mro__}
     rejected = mro_names.intersection(_REJECTED_STRATEGY_NAMES)
@@ -141,6 +158,33 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
         f"{', '.join(SUPPORTED_STRATEGIES)} (`strategy='auto'` on one device). Remove {who} from the callbacks or "
         "train with one of these strategies."
     )
+
+
+def check_before_training(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, owner: Any, task: Any, datasets: Sequence[Any], who: str,
+) -> None:
+    """``on_train_start`` checks of a callback: the model on each of its ``datasets`` (:func:`check_model_on_data`).
+
+    Runs after the strategy has moved and cast the model, before the first step; also forgets the trainable
+    parameter signature of a previous fit (:func:`check_same_parameters` stores it at the first measurement).
+
+    Raises:
+        MisconfigurationError: From :func:`resolve_data` or :func:`check_model_on_data`.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence.tasks import Regression
+        >>> data = TensorDataset(torch.randn(3, 2), torch.randn(3, 1))
+        >>> check_before_training(SimpleNamespace(), torch.nn.Linear(2, 1), object(), Regression(), [data], "X")
+    """
+    if hasattr(owner, "__dict__"):
+        owner._param_signature = None
+    module = unwrap_module(pl_module)
+    with isolated_rng():
+        for which in datasets:
+            check_model_on_data(module, task, resolve_data(trainer, which, who), who)
 
 
 def rank_world(trainer: pl.Trainer) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """The map-style dataset behind a Trainer's dataloader, resolved the same way in ``setup`` and at measurement time.
 
 Part of the shared callback plumbing (:mod:`lightning_influence.callbacks._common` re-exports every name here):
-:class:`ResolvedData`, :func:`resolve_data`, :func:`resolve_dataset` and :func:`check_data_available`.
+:class:`ResolvedData`, :func:`resolve_data`, :func:`resolve_dataset`, :func:`check_data_available` and
+:func:`check_model_on_data` (one tiny forward pass in ``on_train_start``: dtype mismatch, labels out of range).
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch  # noqa: F401  (the doctests use it)
+import torch
+from torch import Tensor, nn
 
 from lightning_influence.callbacks._checks import MisconfigurationError, _is_map_style
 from lightning_influence.params import isolated_rng
+
+if TYPE_CHECKING:
+    from lightning_influence.tasks import Task
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -189,6 +194,12 @@ def check_data_available(trainer: pl.Trainer, which: Literal["train", "val"] | A
     try:
         with isolated_rng():
             if _request_loader(trainer, which) is None:
+                if _fit_source_defined(trainer, which) is False:
+                    raise MisconfigurationError(
+                        f"{who} needs the {which} data but the Trainer has no {which} dataloader (none passed to "
+                        f"fit(), no {which}_dataloader hook); pass dataset=... (a map-style dataset) to the callback "
+                        f"or add a {which} dataloader."
+                    )
                 return False
             resolve_data(trainer, which, who)
     except MisconfigurationError:
@@ -196,3 +207,98 @@ def check_data_available(trainer: pl.Trainer, which: Literal["train", "val"] | A
     except Exception:  # a dataloader hook that cannot run yet: resolve_data runs again when the data are needed
         return False
     return True
+
+
+def _fit_source_defined(trainer: Any, which: str) -> bool | None:
+    """Whether ``trainer.fit(...)`` was given a ``which`` loader source (``None``: cannot tell, e.g. not fitting)."""
+    try:
+        loop = trainer.fit_loop if which == "train" else trainer.fit_loop.epoch_loop.val_loop
+        source = loop._data_source
+    except AttributeError:
+        return None
+    if source.instance is None:
+        return False
+    return bool(source.is_defined())
+
+
+def _floating_dtypes(obj: Any) -> set[torch.dtype]:
+    if isinstance(obj, Tensor):
+        return {obj.dtype} if obj.is_floating_point() else set()
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(_floating_dtypes(o) for o in obj)) if obj else set()
+    return set()
+
+
+def _all_targets(dataset: Any) -> Tensor | None:
+    """Every target of a dataset when they are at hand without loading examples (TensorDataset, ``.targets``)."""
+    tensors = getattr(dataset, "tensors", None)
+    if isinstance(tensors, tuple) and tensors and isinstance(tensors[-1], Tensor):
+        return tensors[-1]
+    targets = getattr(dataset, "targets", None)
+    return torch.as_tensor(targets) if isinstance(targets, (Tensor, list)) else None
+
+
+def check_model_on_data(module: nn.Module, task: Task, data: ResolvedData, who: str) -> None:
+    """One forward pass of the task on two examples, before any measurement: raise on what would fail later.
+
+    Catches a dtype mismatch between the model's parameters and the data (the callbacks feed batches to the model
+    as they come, even if ``training_step`` casts them) and class labels outside the model's outputs (all labels
+    of a ``TensorDataset`` / a dataset with ``.targets``, else those of the probe batch). Call it in
+    ``on_train_start`` (after the strategy has moved and cast the model), so it costs nothing measurable.
+
+    Raises:
+        MisconfigurationError: Naming the data, the mismatch and the fix.
+
+    Example::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence.tasks import Classification
+        >>> data = ResolvedData(TensorDataset(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3])),
+        ...                     None, "train")
+        >>> try:
+        ...     check_model_on_data(torch.nn.Linear(3, 3), Classification(), data, "InfluenceReport")
+        ... except MisconfigurationError as e:
+        ...     print(str(e)[:74])
+        InfluenceReport: the train data are torch.float64 but the model's paramete
+    """
+    from lightning_influence.evaluator import Evaluator, curvature_mode
+    from lightning_influence.losses import SoftmaxCrossEntropy
+
+    n = len(data.dataset)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if n == 0 or not params:
+        return
+    collate = data.collate_fn or torch.utils.data.default_collate
+    with isolated_rng():
+        batch = collate([data.dataset[i] for i in range(min(n, 2))])
+    dtype = params[0].dtype
+    mismatch = sorted(str(d) for d in _floating_dtypes(batch) if d != dtype)
+    try:
+        ev = Evaluator(module, task)
+        with torch.no_grad(), curvature_mode(module):
+            out, _ = ev.outputs(ev.prepare(batch))
+    except Exception as err:
+        if mismatch:
+            raise MisconfigurationError(
+                f"{who}: the {data.source} data are {', '.join(mismatch)} but the model's parameters are {dtype}, "
+                f"and the model fails on them ({type(err).__name__}); cast the data to the model's dtype (e.g. "
+                f"TensorDataset(x.to({dtype}), y)) or the model to the data's (model.to(...), or "
+                "Trainer(precision='64-true') for float64)."
+            ) from err
+        raise MisconfigurationError(
+            f"{who}: task={task!r} does not fit the {data.source} batches ({type(err).__name__}: {err}). Pass a task "
+            "whose split()/outputs() match this data (subclass the task for custom batch formats)."
+        ) from err
+    loss = task.loss
+    labels = _all_targets(data.dataset)
+    if isinstance(loss, SoftmaxCrossEntropy) and labels is not None and not labels.is_floating_point():
+        k = out.shape[-1]
+        valid = labels[labels != loss.ignore_index]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= k):
+            raise MisconfigurationError(
+                f"{who}: the {data.source} labels span [{int(valid.min())}, {int(valid.max())}] but the model has "
+                f"{k} outputs, so labels must lie in [0, {k}) (or equal ignore_index={loss.ignore_index}); fix the "
+                "labels or the model's output layer."
+            )

@@ -46,10 +46,14 @@ from typing_extensions import override
 from lightning_influence.callbacks._common import (
     MisconfigurationError,
     RunContext,
+    check_before_training,
     check_choice,
+    check_damping,
+    check_data_available,
     check_dataset,
     check_int,
     check_number,
+    check_same_parameters,
     check_strategy,
     check_task,
     config_field,
@@ -57,11 +61,13 @@ from lightning_influence.callbacks._common import (
     resolve_config,
     unwrap_module,
 )
+from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.config import CVConfig
 from lightning_influence.cv import CVResult, approximate_cv, check_curvature_for_loss, exact_cv, kfold_indices
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.metrics import CV_REL_ERROR
 from lightning_influence.params import num_parameters, trainable_parameters
+from lightning_influence.progress import stage_progress
 from lightning_influence.regularizers import NoRegularizer, Regularizer
 from lightning_influence.tasks import Task
 
@@ -155,8 +161,9 @@ class ApproximateCV(Callback):
         fold_objective: ``"mean"`` (refit the mean loss on the remaining data) or ``"weighted"`` (the paper's
             :math:`\frac1N\sum_i w_i\ell_i`); see :mod:`lightning_influence.cv`.
         solver: ``"auto"`` (dense up to ``dense_max_params`` parameters, else CG), ``"dense"`` or ``"cg"``.
-        damping: :math:`\delta \ge 0` added to the curvature (needed when it is singular, e.g. over-parametrised
-            networks).
+        damping: :math:`\delta \ge 0` added to the curvature, or ``"auto"`` (the config's default): per fold, none
+            when the curvature is positive definite, else the least damping that makes it so (over-parametrised
+            networks, a feature constant on the remaining data); the value used is in each fold's certificate.
         dataset: ``"train"`` (default), ``"val"`` or a map-style dataset to cross-validate on.
         batch_size: Examples per batch for the curvature and gradient passes.
         cg_rtol: CG relative residual tolerance.
@@ -169,8 +176,8 @@ class ApproximateCV(Callback):
         report: Write the report section (``<log_dir>/<subdir>``).
         subdir: Report directory under the log dir (default ``"influence"``).
         config: The estimator's settings (:class:`~lightning_influence.config.CVConfig`). Default:
-            ``CVConfig(cg_rtol=1e-8, prox_tol=1e-10)`` (fisher, downdated, mean objective, auto solver, no
-            damping, dense up to 2000 parameters, not centred). ``curvature`` ... ``center`` above default to
+            ``CVConfig(cg_rtol=1e-8, prox_tol=1e-10)`` (fisher, downdated, mean objective, auto solver,
+            ``damping="auto"``, dense up to 2000 parameters, not centred). ``curvature`` ... ``center`` above default to
             ``None``, meaning the config's value; the ones given replace it. ``cb.config`` is the resolved config,
             written to the report.
 
@@ -204,7 +211,7 @@ class ApproximateCV(Callback):
     downdate: bool = config_field()
     fold_objective: Literal["mean", "weighted"] = config_field()
     solver: Literal["auto", "dense", "cg"] = config_field()
-    damping: float = config_field()
+    damping: float | Literal["auto"] = config_field()
     cg_rtol: float = config_field()
     prox_tol: float = config_field()
     dense_max_params: int = config_field()
@@ -222,7 +229,7 @@ class ApproximateCV(Callback):
         downdate: bool | None = None,
         fold_objective: Literal["mean", "weighted"] | None = None,
         solver: Literal["auto", "dense", "cg"] | None = None,
-        damping: float | None = None,
+        damping: float | Literal["auto"] | None = None,
         dataset: Any = "train",
         batch_size: int = 256,
         cg_rtol: float | None = None,
@@ -248,7 +255,7 @@ class ApproximateCV(Callback):
             check_choice(_WHO, "solver", solver, ("auto", "dense", "cg"))
         if fold_objective is not None:
             check_choice(_WHO, "fold_objective", fold_objective, ("mean", "weighted"))
-        check_number(_WHO, "damping", damping, strict=False, allow_none=True)
+        check_damping(_WHO, "damping", damping, strict=False)
         self.dataset = check_dataset(_WHO, "dataset", dataset)
         self.batch_size = check_int(_WHO, "batch_size", batch_size)
         self.exact_tol = check_number(_WHO, "exact_tol", exact_tol)
@@ -287,6 +294,7 @@ class ApproximateCV(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, _WHO)
+        check_data_available(trainer, self.dataset, _WHO)
         module = unwrap_module(pl_module)
         declared = find_module_regularizer(module)
         if self.regularizer is None:
@@ -315,6 +323,11 @@ class ApproximateCV(Callback):
             raise MisconfigurationError(f"{_WHO}: {err}") from err
 
     # ------------------------------------------------------------------------------------------------ hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_loss_matches(trainer, pl_module, self.task, _WHO)
+        check_before_training(trainer, pl_module, self, self.task, [self.dataset], _WHO)
+
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs is None or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
@@ -351,9 +364,14 @@ class ApproximateCV(Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
+        check_same_parameters(self, ctx.module, _WHO)
         fold_batches, n = self._fold_batches(ctx)
-        result = approximate_cv(ctx.module, self.task, fold_batches, self._reg, config=self.config,
-                                reduce_fn=ctx.reduce_fn, num_examples=n)
+        bar = stage_progress(trainer, len(fold_batches), "ApproximateCV: folds")
+        try:
+            result = approximate_cv(ctx.module, self.task, fold_batches, self._reg, config=self.config,
+                                    reduce_fn=ctx.reduce_fn, num_examples=n, progress=lambda done, _: bar.set(done))
+        finally:
+            bar.close()
         exact = None
         if self.exact_check:
             exact = exact_cv(

@@ -31,6 +31,7 @@ from lightning_influence.callbacks._common import (
     output_dir,
     publish,
 )
+from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.evaluation.lds import MEASUREMENTS, LDSResult, lds
 from lightning_influence.evaluation.retrain import RetrainResult, SubsetRetrainer, tensor_fingerprint
 from lightning_influence.exceptions import ConfigurationError
@@ -238,6 +239,10 @@ class AttributionBenchmark(Callback):
             return
         check_strategy(trainer, _WHO)
         self._influence_report(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_loss_matches(trainer, pl_module, self.task, _WHO)
 
     # ----------------------------------------------------------------------------------------- retrain
     def retrain(self, module: nn.Module, params: ParamTree, dataset: Any, collate_fn: Any, indices: Tensor,

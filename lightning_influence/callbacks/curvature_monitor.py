@@ -18,6 +18,7 @@ through the unwrapped LightningModule and one sum-reduction completes each produ
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -28,9 +29,12 @@ from lightning_influence.callbacks._common import (
     MisconfigurationError,
     ResolvedData,
     RunContext,
+    check_before_training,
+    check_data_available,
     check_dataset,
     check_int,
     check_number,
+    check_same_parameters,
     check_strategy,
     check_task,
     config_field,
@@ -41,12 +45,13 @@ from lightning_influence.callbacks._common import (
     resolve_data,
     warn_no_logger,
 )
+from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.config import SpectrumConfig
 from lightning_influence.data import DataSource, prepare_batch
 from lightning_influence.distributed import ShardSpec, make_shard
 from lightning_influence.evaluator import curvature_mode
 from lightning_influence.exceptions import BatchFormatError, ConfigurationError
-from lightning_influence.metrics import MEDIA_CURVATURE_HISTORY
+from lightning_influence.metrics import CURVATURE_OVERHEAD, MEDIA_CURVATURE_HISTORY
 from lightning_influence.operators import GNHOperator
 from lightning_influence.spectrum import LissaSettings, SpectrumSummary, estimate_spectrum
 from lightning_influence.tasks import LanguageModeling, Task
@@ -57,6 +62,20 @@ if TYPE_CHECKING:
 __all__ = ["CurvatureMonitor"]
 
 _WHO = "CurvatureMonitor"
+
+
+def _no_autocast(module: torch.nn.Module) -> torch.autocast:
+    """Autocast off on the module's device, so curvature is measured in the parameters' dtype.
+
+    That is float32 under ``precision="bf16-mixed"`` / ``"16-mixed"`` and float64 for float64 models, never the
+    autocast dtype.
+
+    Returns:
+        The disabled autocast context.
+    """
+    param = next(module.parameters(), None)
+    device = param.device.type if param is not None else "cpu"
+    return torch.autocast(device_type=device if device in ("cpu", "cuda", "xpu", "mps") else "cpu", enabled=False)
 
 
 def _default_config() -> SpectrumConfig:
@@ -106,6 +125,15 @@ class CurvatureMonitor(Callback):
       ``C = DEFAULT_LISSA_CONSTANT`` (4, the value :class:`InfluenceReport` uses; paper 1 suggests 2)
       (capped at the dataset size for per-example tasks).
     * ``lissa/steps``: recommended LiSSA steps, :math:`\lceil 2(\lambda_{\max}+\text{damping})/\text{damping} \rceil`.
+    * ``curvature/products``: curvature products the measurement spent; ``curvature/seconds``: its wall time;
+      ``curvature/overhead``: the share of the fit's wall time spent measuring so far.
+
+    Mixed precision: under ``precision="bf16-mixed"`` or ``"16-mixed"`` the weights stay float32 and measurements
+    run with autocast disabled, so the curvature is computed in float32 (float64 models stay exact).
+
+    Lanczos is warm-started from the previous measurement's top Ritz vector (:attr:`ritz_vector`, saved in the
+    callback state so a resumed run continues from the checkpoint's vector) and stops on its Ritz residual, so
+    between slowly moving checkpoints it needs a few products instead of ``lanczos_iter``.
 
     Cost: with the defaults one measurement costs about 15 gradient evaluations over the 128-example sample
     (8 trace probes, at most 8 Lanczos products), i.e. about 2,000 example-gradients or about 11 training steps of
@@ -134,7 +162,12 @@ class CurvatureMonitor(Callback):
             config's, 3e-2 by default).
         damping: The damping :math:`\lambda` the LiSSA settings are computed for (default 1e-3; must be > 0).
         seed: Seed of the sample draw and of the probes (``None``: the config's, 0 by default).
-        every_n_steps: Also measure when ``trainer.global_step`` is a positive multiple of this (default ``None``).
+        every_n_steps: Also measure when ``trainer.global_step`` is a positive multiple of this (default ``None``);
+            ``"auto"`` schedules measurements so that they take about ``overhead_budget`` of the fit's wall time:
+            after each measurement the next one is placed enough training steps later (at the measured step time)
+            that the measured share, :attr:`overhead`, returns to the budget (the first one is at the first step).
+            Every measurement logs the share so far (``curvature/overhead``).
+        overhead_budget: The share of wall time ``every_n_steps="auto"`` aims at (default 0.05; in (0, 1)).
         every_n_epochs: Also measure at the end of every ``every_n_epochs``-th training epoch (default ``None``).
         on_checkpoint: Measure whenever a checkpoint is saved (default ``True``).
         log_figure: Log the figure of all curves at the end of training (default ``True``).
@@ -181,7 +214,8 @@ class CurvatureMonitor(Callback):
         lanczos_tol: float | None = None,
         damping: float = 1e-3,
         seed: int | None = None,
-        every_n_steps: int | None = None,
+        every_n_steps: int | Literal["auto"] | None = None,
+        overhead_budget: float = 0.05,
         every_n_epochs: int | None = None,
         on_checkpoint: bool = True,
         log_figure: bool = True,
@@ -198,7 +232,14 @@ class CurvatureMonitor(Callback):
         check_int(_WHO, "lanczos_iter", lanczos_iter, allow_none=True)
         check_number(_WHO, "lanczos_tol", lanczos_tol, allow_none=True)
         self.damping = check_number(_WHO, "damping", damping, fix="the LiSSA step count grows like 1/damping")
-        self.every_n_steps = check_int(_WHO, "every_n_steps", every_n_steps, allow_none=True)
+        #: ``every_n_steps="auto"``: the cadence adapts so measurements take about ``overhead_budget`` of wall time.
+        self.auto_cadence = every_n_steps == "auto"
+        self.every_n_steps = None if self.auto_cadence else check_int(_WHO, "every_n_steps", every_n_steps,
+                                                                      allow_none=True, fix='or pass "auto"')
+        self.overhead_budget = check_number(_WHO, "overhead_budget", overhead_budget, fix="e.g. 0.05 for 5 %")
+        if self.overhead_budget >= 1:
+            raise MisconfigurationError(f"{_WHO}: overhead_budget must be < 1 (a fraction of wall time), got "
+                                        f"{overhead_budget}; pass e.g. 0.05 for 5 %.")
         self.every_n_epochs = check_int(_WHO, "every_n_epochs", every_n_epochs, allow_none=True)
         if not on_checkpoint and every_n_steps is None and every_n_epochs is None:
             raise MisconfigurationError(
@@ -222,6 +263,17 @@ class CurvatureMonitor(Callback):
         self._source: DataSource | None = None
         self._data: ResolvedData | None = None
         self._dataset_len: int | None = None
+        #: The last measurement's unit top Ritz vector (CPU): the warm start of the next Lanczos run, kept in the
+        #: callback state so a resumed run warm-starts from the checkpoint's vector.
+        self.ritz_vector: torch.Tensor | None = None
+        #: The start vector the last measurement's Lanczos run used (``None``: a random start).
+        self.last_start: torch.Tensor | None = None
+        #: Wall seconds spent measuring since the start of this fit (cadence probes included).
+        self.measure_seconds = 0.0
+        self._clock: tuple[float, float | None] | None = None  # (train start, train end) perf_counter times
+        self._start_step = 0
+        self._next_auto_step: int | None = None
+        self._cheapest = math.inf
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -248,11 +300,14 @@ class CurvatureMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(r) for r in self.history], "seed": self.seed, "sample_size": self.sample_size}
+        return {"history": [dict(r) for r in self.history], "seed": self.seed, "sample_size": self.sample_size,
+                "ritz_vector": self.ritz_vector}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(r) for r in state_dict.get("history", [])]
+        vector = state_dict.get("ritz_vector")
+        self.ritz_vector = vector.detach().cpu().clone() if isinstance(vector, torch.Tensor) else None
 
     # ------------------------------------------------------------------------------------------ hooks
     @override
@@ -261,12 +316,26 @@ class CurvatureMonitor(Callback):
             return
         check_strategy(trainer, _WHO)
         warn_no_logger(trainer, _WHO)
+        check_data_available(trainer, self.dataset, _WHO)
         if not isinstance(self.dataset, str):  # a user dataset can be checked before anything runs
             data = resolve_data(trainer, self.dataset, _WHO)
             self._check_sample_size(len(data.dataset))
 
+    @property
+    def overhead(self) -> float:
+        """Measured share of this fit's wall time spent in measurements (``nan`` before training starts)."""
+        if self._clock is None:
+            return math.nan
+        start, end = self._clock
+        elapsed = (end if end is not None else time.perf_counter()) - start
+        return self.measure_seconds / elapsed if elapsed > 0 else math.nan
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_loss_matches(trainer, pl_module, self.task, _WHO)
+        self._clock, self._start_step, self.measure_seconds = (time.perf_counter(), None), trainer.global_step, 0.0
+        self._next_auto_step, self._cheapest = None, math.inf
+        check_before_training(trainer, pl_module, self, self.task, [], _WHO)  # _prepare probes (and casts) the data
         self._prepare(RunContext.from_trainer(trainer, pl_module, _WHO))
 
     @override
@@ -276,6 +345,8 @@ class CurvatureMonitor(Callback):
         step = trainer.global_step
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
             self._measure(trainer, pl_module, "step")
+        if self.auto_cadence and step > self._start_step and step >= (self._next_auto_step or 0):
+            self._measure(trainer, pl_module, "auto")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,6 +369,8 @@ class CurvatureMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._clock is not None:
+            self._clock = (self._clock[0], time.perf_counter())
         if not (self.log_figure or self.write_report):  # the same decision on every rank
             return
         publish(trainer, who=_WHO, step=int(trainer.global_step), subdir=self.subdir,
@@ -406,16 +479,48 @@ class CurvatureMonitor(Callback):
             if int(old["step"]) == step:
                 return old
         ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
-        with torch.inference_mode(False), torch.enable_grad():
+        check_same_parameters(self, ctx.module, _WHO)
+        clock = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad(), _no_autocast(ctx.module):
             op = GNHOperator(ctx.module, self.task, self._source, reduce_fn=ctx.reduce_fn,
-                             dtype=self._input_dtype(ctx.module))
+                             dtype=self._input_dtype(ctx.module), linearization=self.config.linearization,
+                             linearization_budget=self.config.linearization_budget)
+            self.last_start = self.ritz_vector
             summary = estimate_spectrum(
-                op, damping=self.damping, config=self.config,
+                op, damping=self.damping, config=self.config, start=self.ritz_vector,
                 dataset_size=None if isinstance(self.task, LanguageModeling) else self._dataset_len,
             )
+        if summary.ritz_vector is not None:
+            self.ritz_vector = summary.ritz_vector.detach().to("cpu", torch.float32).clone()
         self.last_examples_processed = op.examples_processed
+        took = time.perf_counter() - clock
+        self.measure_seconds += took
+        self._cheapest = min(self._cheapest, took)  # the next cost: the first run pays one-time warm-up
+        self._schedule(ctx, step, self._cheapest)
         row: dict[str, Any] = {"step": step, "epoch": int(trainer.current_epoch), "trigger": trigger,
-                               **summary.to_dict()}
+                               **summary.to_dict(), "overhead": self.overhead}
         self.history.append(row)
-        log_scalars(trainer, {k: v for k, v in summary.metrics().items() if math.isfinite(v)}, step, _WHO)
+        values = {**summary.metrics(), CURVATURE_OVERHEAD: row["overhead"]}
+        log_scalars(trainer, {k: v for k, v in values.items() if math.isfinite(v)}, step, _WHO)
         return row
+
+    # ------------------------------------------------------------------------------------- auto cadence
+    def _schedule(self, ctx: RunContext, step: int, cost: float) -> None:
+        """Next ``"auto"`` step: enough training that a measurement costing ``cost`` keeps the share at the budget.
+
+        ``cost`` is the cheapest measurement so far (the first pays a one-time warm-up).
+
+        With ``M`` seconds measured and ``W`` trained so far, the next measurement ends at ``M + cost`` measured out
+        of ``W + gap + M + cost``; the gap (in steps of the measured training step time) makes that ratio the
+        budget. Ranks average their gaps (one reduction), so they all measure at the same step.
+        """
+        if not self.auto_cadence or self._clock is None:
+            return
+        elapsed = time.perf_counter() - self._clock[0]
+        trained = max(elapsed - self.measure_seconds, 1e-9)
+        step_time = trained / max(step - self._start_step, 1)
+        spent = self.measure_seconds + cost
+        gap = max(0.0, spent / self.overhead_budget - spent - trained) / step_time
+        if ctx.reduce_fn is not None:
+            gap = float(ctx.reduce_fn(torch.tensor([gap], dtype=torch.float64))[0]) / ctx.world_size
+        self._next_auto_step = step + max(1, math.ceil(gap))

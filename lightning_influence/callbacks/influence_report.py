@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -17,21 +17,22 @@ from lightning_influence.callbacks._common import (
     MisconfigurationError,
     ResolvedData,
     RunContext,
+    check_before_training,
     check_choice,
+    check_damping,
     check_data_available,
     check_dataset,
     check_int,
-    check_number,
     check_strategy,
     check_task,
     config_field,
     find_callback,
-    isolated_rng,
+    output_dir,
     publish,
     resolve_config,
-    resolve_data,
     sample_indices,
 )
+from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_influence.data import prepare_batch
 from lightning_influence.evaluator import curvature_mode
@@ -45,6 +46,7 @@ from lightning_influence.metrics import (
     MEDIA_INFLUENCE_SUMMARY,
     MEDIA_INFLUENCE_TOP_K,
 )
+from lightning_influence.progress import StageProgress, stage_progress
 from lightning_influence.spectrum import SpectrumSummary
 from lightning_influence.tasks import Task
 
@@ -97,17 +99,25 @@ class InfluenceReport(Callback):
         query_indices: Which queries of ``query_data`` (default: all, capped by ``max_queries``).
         train_data: ``"train"`` (default) or a map-style dataset; its GNH is the curvature.
         solver: ``"cg"``, ``"lissa"`` or ``"exact"`` (``None``: the config's, ``"cg"`` by default).
-        damping: :math:`\lambda > 0` (``None``: the config's, ``1e-3`` by default).
+        damping: :math:`\lambda > 0` or ``"auto"`` (``None``: the config's, ``"auto"`` by default:
+            ``damping_fraction = 1e-3`` times :math:`\lambda_{\max}`, taken from the ``CurvatureMonitor``'s last
+            spectrum when there is one, else measured by a short Lanczos run). The value used is logged as
+            ``influence/damping``.
         top_k: Proponents/opponents per query in the report (``None``: the config's, 10 by default).
         max_train: Score a seeded random subset of this many training examples (default: all). The curvature
             always uses the whole training set.
         max_queries: Cap on the number of queries (seeded random subset, default 100).
-        self_influence: Compute self-influence (``None``: the config's, ``True`` by default; for iterative solvers
+        self_influence: Compute self-influence (``None``: the config's, ``False`` by default; for iterative solvers
             it costs ``n_train / n_query`` query solves).
         images: Draw inputs as images in the report: ``None`` (default) detects ``HxW``/``CxHxW`` inputs,
             ``True`` also treats flat square vectors (e.g. 8x8 digits as 64 features) as images, ``False`` never.
-        progress_bar: Show a tqdm bar on rank 0 while training gradients stream (default ``True``; off when the
-            Trainer has no progress bar).
+        progress_bar: Show a tqdm bar with ETA over the chunks of training gradients on rank 0 (default ``True``;
+            off when the Trainer has no progress bar).
+        store: Where every scored chunk is written as ``.npy`` files
+            (:class:`~lightning_influence.influence.store.ScoreStore`): ``True`` (default)
+            ``<log_dir>/<subdir>/store``, a directory, or ``False`` (in memory only). A re-run on the same store
+            with the same config and weights (e.g. ``lightning-influence influence --ckpt ...`` after a killed run)
+            skips the chunks already there; another config starts fresh with a warning.
         config: Every :class:`~lightning_influence.influence.InfluenceConfig` setting (default
             ``InfluenceConfig()``). The explicit arguments above that are not ``None`` replace its fields;
             ``cb.config`` is the resolved config, written beside the result.
@@ -148,7 +158,7 @@ class InfluenceReport(Callback):
     """
 
     solver: str = config_field()
-    damping: float = config_field()
+    damping: float | Literal["auto"] = config_field()
     top_k: int = config_field()
     self_influence: bool = config_field()
     seed: int = config_field()
@@ -161,7 +171,7 @@ class InfluenceReport(Callback):
         query_indices: Sequence[int] | None = None,
         train_data: str | Any = "train",
         solver: str | None = None,
-        damping: float | None = None,
+        damping: float | Literal["auto"] | None = None,
         top_k: int | None = None,
         max_train: int | None = None,
         max_queries: int | None = 100,
@@ -171,6 +181,7 @@ class InfluenceReport(Callback):
         config: InfluenceConfig | None = None,
         seed: int | None = None,
         subdir: str = "influence",
+        store: bool | str | Path = True,
     ) -> None:
         super().__init__()
         self.task = check_task(task, _WHO)
@@ -183,15 +194,18 @@ class InfluenceReport(Callback):
         self.max_queries = check_int(_WHO, "max_queries", max_queries, allow_none=True)
         if solver is not None:
             check_choice(_WHO, "solver", solver, InfluenceConfig.SOLVERS)
-        check_number(_WHO, "damping", damping, allow_none=True, fix=_DAMPING_FIX)
+        check_damping(_WHO, "damping", damping, fix=_DAMPING_FIX)
         check_int(_WHO, "top_k", top_k, 0, allow_none=True)
         #: The resolved settings (:class:`~lightning_influence.influence.InfluenceConfig`).
         self.config = resolve_config(_WHO, InfluenceConfig, config, InfluenceConfig(), solver=solver,
                                      damping=damping, top_k=top_k, self_influence=self_influence, seed=seed)
-        check_number(_WHO, "damping", self.config.damping, fix=_DAMPING_FIX)  # the config's may be 0
+        check_damping(_WHO, "damping", self.config.damping, allow_none=False, fix=_DAMPING_FIX)  # config's may be 0
         self.images = images
         self.progress_bar = progress_bar
         self.subdir = subdir
+        if not isinstance(store, (bool, str, Path)):
+            raise MisconfigurationError(f"{_WHO}: store must be True, False or a directory, got {store!r}.")
+        self.store = store
         #: The last :class:`InfluenceResult` (``None`` until training ends; not returned across ``ddp_spawn``).
         self.result: InfluenceResult | None = None
         #: Where ``scores.pt`` was written (all ranks know it; the full result is beside it).
@@ -209,9 +223,9 @@ class InfluenceReport(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for which in self._unchecked:  # e.g. query_data="val" without a val loader: raise before the first step
-            with isolated_rng():
-                resolve_data(trainer, which, _WHO)
+        check_loss_matches(trainer, pl_module, self.task, _WHO)
+        # data passed to fit() directly (unresolvable in setup) and the model on the data: before the first step
+        check_before_training(trainer, pl_module, self, self.task, [self.train_data, self.query_data], _WHO)
         self._unchecked = []
 
     @override
@@ -220,21 +234,21 @@ class InfluenceReport(Callback):
         train, query = ctx.resolve(self.train_data), ctx.resolve(self.query_data)
         t_idx, q_idx = self._select(len(train.dataset), len(query.dataset), query.source)
         spectrum = self._monitor_spectrum(trainer)
+        store = self._store_dir(trainer)
         bar = self._progress(trainer, len(t_idx))
         try:
             result = influence_scores(
                 ctx.module, self.task, train.dataset, query.dataset, config=self.config, train_indices=t_idx,
                 query_indices=q_idx, spectrum=spectrum, collate_fn=train.collate_fn,
                 query_collate_fn=query.collate_fn, reduce_fn=ctx.reduce_fn, rank=ctx.rank, world_size=ctx.world_size,
-                progress=bar.update if bar is not None else None,
+                progress=lambda _stage, done, _total: bar.set(done), store=store,
             )
         except ConfigurationError as err:
             if isinstance(err, MisconfigurationError):
                 raise
             raise MisconfigurationError(f"{_WHO}: {err}") from err
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         result.diagnostics.update(train_source=train.source, query_source=query.source,
                                   spectrum_source="CurvatureMonitor" if spectrum is not None else None)
         self.result = result
@@ -280,26 +294,16 @@ class InfluenceReport(Callback):
             return latest
         return None
 
-    def _progress(self, trainer: pl.Trainer, total: int) -> Any:
-        if not (self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None):
+    def _progress(self, trainer: pl.Trainer, total: int) -> StageProgress:
+        return stage_progress(trainer, total, "InfluenceReport: training gradients", enabled=self.progress_bar)
+
+    def _store_dir(self, trainer: pl.Trainer) -> Path | None:
+        """The score store directory (all ranks call it: :func:`output_dir` is a collective), ``None`` if off."""
+        if self.store is False:
             return None
-        try:
-            from tqdm.auto import tqdm  # type: ignore[import-untyped]
-        except ImportError:  # pragma: no cover - tqdm ships with lightning
-            return None
-
-        class _Bar:
-            def __init__(self) -> None:
-                self.bar = tqdm(total=total, desc="InfluenceReport: training gradients", leave=False)
-
-            def update(self, stage: str, done: int, total_: int) -> None:
-                self.bar.n = done
-                self.bar.refresh()
-
-            def close(self) -> None:
-                self.bar.close()
-
-        return _Bar()
+        if self.store is True:
+            return output_dir(trainer, self.subdir) / "store"
+        return Path(self.store)
 
     @staticmethod
     def _example(dataset: Any, index: int) -> tuple[Any, Any]:

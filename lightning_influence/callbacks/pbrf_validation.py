@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -41,6 +42,7 @@ from lightning_influence.callbacks._common import (
     resolve_config,
     sample_indices,
 )
+from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.callbacks.influence_report import InfluenceReport
 from lightning_influence.config import PBRFConfig
 from lightning_influence.metrics import (
@@ -55,6 +57,7 @@ from lightning_influence.metrics import (
 )
 from lightning_influence.params import num_parameters, trainable_parameters
 from lightning_influence.pbrf import PBRF, PBRFResult
+from lightning_influence.progress import stage_progress
 from lightning_influence.stats import correlation_table
 from lightning_influence.stats import verdict as _verdict
 from lightning_influence.tasks import Task
@@ -68,7 +71,12 @@ _WHO = "PBRFValidation"
 _ADD_REPORT = "add InfluenceReport(...) before PBRFValidation in callbacks"
 
 
+#: ``num_train`` above which PBRFValidation warns of its cost before training starts.
+PBRF_WARN_PAIRS = 50
+
+
 @dataclass
+
 class PBRFValidationResult:
     """What :class:`PBRFValidation` computed (identical on every rank).
 
@@ -219,6 +227,13 @@ class PBRFValidation(Callback):
         super().__init__()
         self.task = check_task(task, _WHO)
         self.num_train = check_int(_WHO, "num_train", num_train)
+        if num_train > PBRF_WARN_PAIRS:
+            rank_zero_warn(
+                f"{_WHO}: num_train={num_train} solves {num_train} proximal Bregman objectives at the end of "
+                "training, each a Newton-CG run of tens of curvature passes over the curvature sample (the 20 "
+                "default pairs took seconds to minutes on the digits MLP); lower num_train for a faster check.",
+                category=UserWarning,
+            )
         self.num_queries = check_int(_WHO, "num_queries", num_queries)
         self.batch_size = check_int(_WHO, "batch_size", batch_size)
         self.exact_max_params = check_int(_WHO, "exact_max_params", exact_max_params, 0, fix="0 disables it")
@@ -252,6 +267,10 @@ class PBRFValidation(Callback):
             return
         check_strategy(trainer, _WHO)
         self._influence_report(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_loss_matches(trainer, pl_module, self.task, _WHO)
 
     # -------------------------------------------------------------------------------------- validation
     @override
@@ -303,11 +322,17 @@ class PBRFValidation(Callback):
         query_batches = ctx.source(query, query_idx, batch_size=self.batch_size, shard=False).batches()
         responses: list[Tensor] = []
         certificates: list[dict[str, Any]] = []
-        for i in train_idx.tolist():
-            res: PBRFResult = pbrf.response(ctx.source(train, [i], batch_size=1, shard=False).batches()[0],
-                                            queries=query_batches)
-            responses.append(res.response.cpu())
-            certificates.append({**{k: v for k, v in res.to_dict().items() if k != "response"}, "train_index": int(i)})
+        bar = stage_progress(trainer, len(train_idx), "PBRFValidation: PBO solves")
+        try:
+            for i in train_idx.tolist():
+                res: PBRFResult = pbrf.response(ctx.source(train, [i], batch_size=1, shard=False).batches()[0],
+                                                queries=query_batches)
+                responses.append(res.response.cpu())
+                certificates.append({**{k: v for k, v in res.to_dict().items() if k != "response"},
+                                     "train_index": int(i)})
+                bar.update()
+        finally:
+            bar.close()
         pbrf_matrix = torch.stack(responses)
         estimates = {report_solver: report_scores,
                      **self._baselines(ctx, pbrf, cfg, report_solver, train, query, train_idx, query_idx,

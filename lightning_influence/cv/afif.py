@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +20,11 @@ from lightning_influence.exceptions import ConfigurationError, NonFiniteError
 from lightning_influence.operators import ScaledOperator, make_operator
 from lightning_influence.params import flatten
 from lightning_influence.regularizers import Regularizer
-from lightning_influence.solvers import conjugate_gradient, dense_solve
+from lightning_influence.solvers import SolveResult, conjugate_gradient, dense_solve
+from lightning_influence.spectrum import lanczos_lambda_max
 from lightning_influence.tasks import Task
 
-__all__ = ["approximate_cv"]
+__all__ = ["AUTO_DAMPING_RELATIVE", "approximate_cv", "least_damping"]
 
 
 @dataclass
@@ -92,8 +93,40 @@ def _fold_statistics(
     return state
 
 
-def _dense_metric(state: _Folds, others: list[int], c: float) -> Tensor:
-    """:math:`A_k` as a dense matrix (downdated from the per-fold sums, or the full-data mean)."""
+#: Relative floor of ``damping="auto"``: the damping added beyond :math:`\max(0, -\lambda_{\min})` is this times
+#: :math:`\lambda_{\max}` (float64; at least ``P * eps`` of the dtype otherwise).
+AUTO_DAMPING_RELATIVE = 1e-8
+
+
+def least_damping(a: Tensor) -> float:
+    r"""The least damping :math:`\delta \ge 0` that makes the symmetric matrix ``a`` safely positive definite.
+
+    ``0`` when a Cholesky factorisation succeeds with no pivot below :math:`\epsilon_{rel}\max_i a_{ii}`; else
+    :math:`\max(0, -\lambda_{\min}) + \epsilon_{rel}\lambda_{\max}` from an eigendecomposition, with
+    :math:`\epsilon_{rel}` = :data:`AUTO_DAMPING_RELATIVE` (or ``P`` times the dtype's machine epsilon, if larger).
+
+    Returns:
+        :math:`\delta`.
+
+    Example::
+
+        >>> least_damping(torch.eye(2, dtype=torch.float64))
+        0.0
+        >>> least_damping(torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64))  # singular: rank one
+        2e-08
+    """
+    rel = max(AUTO_DAMPING_RELATIVE, a.shape[0] * torch.finfo(a.dtype).eps)
+    chol, info = torch.linalg.cholesky_ex(a)
+    scale = float(a.diagonal().abs().max()) if a.numel() else 0.0
+    if int(info) == 0 and float(chol.diagonal().min()) ** 2 > rel * scale:
+        return 0.0
+    evals = torch.linalg.eigvalsh(a)
+    lo, hi = float(evals[0]), float(evals[-1])
+    return max(0.0, -lo) + rel * max(abs(hi), abs(lo), torch.finfo(a.dtype).tiny)
+
+
+def _dense_metric(state: _Folds, others: list[int], c: float) -> tuple[Tensor, float]:
+    """:math:`A_k` as a dense matrix (downdated from the per-fold sums, or the full-data mean) and its damping."""
     assert state.dense_sums is not None
     p = state.theta_hat.numel()
     zeros = torch.zeros(p, p, dtype=state.theta_hat.dtype, device=state.theta_hat.device)
@@ -101,20 +134,69 @@ def _dense_metric(state: _Folds, others: list[int], c: float) -> Tensor:
         a = c * sum((state.dense_sums[i] for i in others), zeros)
     else:
         a = sum(state.dense_sums, zeros) / state.total_units
-    if state.cfg.damping > 0:
-        a = a + state.cfg.damping * torch.eye(p, dtype=a.dtype, device=a.device)
-    return 0.5 * (a + a.T)
+    a = 0.5 * (a + a.T)
+    damping = least_damping(a) if state.cfg.damping == "auto" else float(state.cfg.damping)
+    if damping > 0:
+        a = a + damping * torch.eye(p, dtype=a.dtype, device=a.device)
+    return a, damping
 
 
-def _operator_metric(state: _Folds, others: list[int], c: float) -> ScaledOperator:
+def _operator_metric(state: _Folds, others: list[int], c: float, damping: float) -> ScaledOperator:
     """:math:`A_k` matrix-free: one operator over the batches it averages, scaled to the fold's :math:`c_k`."""
     used = others if state.cfg.downdate else list(range(len(state.folds)))
     batches = [bb for i in used for bb in state.folds[i]]
     op = make_operator(state.cfg.curvature, state.model, state.task, batches, reduce_fn=state.reduce_fn)
     scale = c * sum(state.units[i] for i in used) if state.cfg.downdate else 1.0
-    metric = ScaledOperator(op, scale).with_damping(state.cfg.damping)
+    metric = ScaledOperator(op, scale).with_damping(damping)
     assert isinstance(metric, ScaledOperator)
     return metric
+
+
+#: ``damping="auto"`` with CG: undamped CG gets this many iterations before damping is added.
+AUTO_DAMPING_CG_TRIAL = 50
+#: ``damping="auto"`` with CG: the damping after a failed undamped trial, relative to :math:`\lambda_{\max}`.
+AUTO_DAMPING_CG_RELATIVE = 1e-4
+
+
+def _cg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[ScaledOperator, SolveResult, float]:
+    r"""CG on :math:`A_k x = b` with the configured damping.
+
+    Under ``damping="auto"``: undamped CG for at most :data:`AUTO_DAMPING_CG_TRIAL` iterations; if it does not
+    converge (or meets non-positive curvature), :data:`AUTO_DAMPING_CG_RELATIVE` times :math:`\lambda_{\max}`
+    (20 Lanczos products), raised tenfold while CG still fails (at most twice more).
+
+    Returns:
+        The damped metric, the solve and the damping used.
+
+    Raises:
+        ConfigurationError: If CG meets non-positive curvature at every damping tried.
+    """
+    cfg = state.cfg
+    if cfg.damping != "auto":
+        metric = _operator_metric(state, others, c, float(cfg.damping))
+        return metric, conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=cfg.cg_max_iter), float(cfg.damping)
+    limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(state.theta_hat.numel(), 1000)
+    damping, sol = 0.0, None
+    for attempt in range(4):
+        metric = _operator_metric(state, others, c, damping)
+        budget = min(limit, AUTO_DAMPING_CG_TRIAL) if attempt == 0 else limit
+        try:
+            sol = conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=budget, warn=attempt == 3)
+        except ConfigurationError:
+            sol = None
+        if sol is not None and sol.converged:
+            break
+        if attempt == 0:
+            lam_max = abs(lanczos_lambda_max(_operator_metric(state, others, c, 0.0), 20).value)
+            damping = AUTO_DAMPING_CG_RELATIVE * max(lam_max, 1e-300)
+        else:
+            damping *= 10.0
+    if sol is None:
+        raise ConfigurationError(
+            f"conjugate gradient met non-positive curvature even with damping {damping:.3g}: the curvature is "
+            "indefinite (a Hessian away from a minimum?); pass a larger damping or curvature='fisher'."
+        )
+    return metric, sol, damping
 
 
 def _afif_update(state: _Folds, reg: Regularizer, j: int | None) -> tuple[Tensor, dict[str, Any]]:
@@ -125,12 +207,12 @@ def _afif_update(state: _Folds, reg: Regularizer, j: int | None) -> tuple[Tensor
     b = c * sum((state.grad_sums[i] for i in others), torch.zeros_like(theta_hat))
     metric: Any
     if state.dense_sums is not None:
-        metric = _dense_metric(state, others, c)
+        metric, damping = _dense_metric(state, others, c)
         sol = dense_solve(metric, b)
     else:
-        metric = _operator_metric(state, others, c)
-        sol = conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=cfg.cg_max_iter)
-    cert: dict[str, Any] = {"solve": {k_: v for k_, v in sol.to_dict().items() if k_ != "history"}}
+        metric, sol, damping = _cg_step(state, others, c, b)
+    cert: dict[str, Any] = {"solve": {k_: v for k_, v in sol.to_dict().items() if k_ != "history"},
+                            "damping": damping}
     prox = reg.prox(theta_hat - sol.x.to(theta_hat), metric, x0=theta_hat, tol=cfg.prox_tol,
                     max_iter=cfg.prox_max_iter)
     if not isinstance(metric, Tensor):
@@ -140,7 +222,8 @@ def _afif_update(state: _Folds, reg: Regularizer, j: int | None) -> tuple[Tensor
     theta = prox.x.to(theta_hat)
     if not bool(torch.isfinite(theta).all()):
         raise NonFiniteError(
-            f"approximate refit (fold {j}) is not finite; the curvature is probably singular: add damping."
+            f"approximate refit (fold {j}) is not finite (damping {cert['damping']:.3g}); the curvature is probably "
+            "singular: use damping='auto' or a larger damping."
         )
     return theta, cert
 
@@ -171,6 +254,7 @@ def approximate_cv(
     config: CVConfig | None = None,
     reduce_fn: ReduceFn | None = None,
     num_examples: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
     **overrides: Any,
 ) -> CVResult:
     r"""AFIF approximate k-fold CV: one curvature solve and one metric prox per fold, no refits.
@@ -199,6 +283,7 @@ def approximate_cv(
             nothing, for one extra solve and prox).
         reduce_fn: Sums a flat tensor over ranks (``None`` on one process).
         num_examples: Global training-set size for the pass count (default: counted, one extra reduction).
+        progress: Called as ``progress(done, total)`` after each fold's update.
         **overrides: Single fields of ``config`` (``damping=1e-3``, ``solver="cg"``, ...).
 
     Returns:
@@ -238,6 +323,8 @@ def approximate_cv(
         theta, cert = _afif_update(state, reg, j)
         thetas.append(theta + shift)
         certs.append(cert)
+        if progress is not None:
+            progress(j + 1, len(folds))
     results = _held_out(state, thetas, certs)
     config_dict = {**cfg.to_dict(), "solver": "dense" if use_dense else "cg", "regularizer": reg.to_dict(),
                    "folds": len(folds), "num_params": p, "task": task.to_dict()}

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.metrics import (
+    INFLUENCE_DAMPING,
     INFLUENCE_GRADIENT_EQUIVALENTS,
     INFLUENCE_NUM_PRODUCTS,
     INFLUENCE_NUM_QUERIES,
@@ -150,6 +151,7 @@ class InfluenceResult:
             INFLUENCE_NUM_PRODUCTS: float(self.diagnostics.get("num_products", 0)),
             INFLUENCE_GRADIENT_EQUIVALENTS: float(self.diagnostics.get("gradient_equivalents", 0.0)),
             INFLUENCE_SECONDS: float(self.diagnostics.get("seconds", 0.0)),
+            INFLUENCE_DAMPING: float((self.diagnostics.get("damping") or {}).get("damping", math.nan)),
             INFLUENCE_NUM_TRAIN: float(self.scores.shape[1]),
             INFLUENCE_NUM_QUERIES: float(self.scores.shape[0]),
             INFLUENCE_SCORE_ABS_MEAN: float(self.scores.abs().mean()) if self.scores.numel() else 0.0,

@@ -9,8 +9,11 @@ PCG or the low-rank inverse), the training-gradient stream (:func:`_stream_score
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,7 @@ from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence.gradients import iter_per_example_gradients, per_example_gradients
 from lightning_influence.influence.projection import RandomProjection
 from lightning_influence.influence.result import InfluenceResult
+from lightning_influence.influence.store import ScoreStore, fingerprint
 from lightning_influence.operators.curvature import CurvatureOperator, make_operator
 from lightning_influence.params import num_parameters, trainable_parameters
 from lightning_influence.solvers import (
@@ -39,7 +43,7 @@ from lightning_influence.solvers import (
     lowrank_solve,
     preconditioned_cg,
 )
-from lightning_influence.spectrum import LissaSettings, SpectrumSummary, lissa_settings
+from lightning_influence.spectrum import LissaSettings, SpectrumSummary, lanczos_lambda_max, lissa_settings
 from lightning_influence.tasks import Task
 
 __all__ = ["cosine_scores", "dense_curvature", "gradient_dot_scores", "influence_scores", "self_influence"]
@@ -73,14 +77,84 @@ class _Run:
     world_size: int
     counters: dict[str, float] = field(default_factory=lambda: {"example_gradients": 0.0, "example_products": 0.0})
 
+    @property
+    def damping(self) -> float:
+        """The numeric damping (after :func:`_resolve_damping`)."""
+        assert self.cfg.damping != "auto", "damping='auto' not resolved yet"
+        return float(self.cfg.damping)
+
     def operator(self) -> CurvatureOperator:
         return make_operator(self.cfg.curvature, self.model, self.task, self.pool, reduce_fn=self.reduce_fn,
                              dtype=self.cfg.torch_dtype(), seed=self.cfg.seed)
 
 
+#: Lanczos products of the on-the-spot :math:`\lambda_{\max}` behind ``damping="auto"`` (no monitor spectrum).
+AUTO_DAMPING_LANCZOS_ITERATIONS = 20
+
+
+def _resolve_damping(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) -> dict[str, Any]:
+    r"""Turn ``damping="auto"`` into :math:`\lambda = \text{damping\_fraction}\cdot\lambda_{\max}` (on ``run``).
+
+    :math:`\lambda_{\max}` comes from ``spectrum`` (e.g. a ``CurvatureMonitor``'s latest measurement; a
+    :class:`LissaSettings` fixes :math:`\lambda` itself), else from a short Lanczos run on the curvature sample.
+
+    Returns:
+        What was used: ``{"damping", "rule", "lambda_max", "source"}``.
+
+    Raises:
+        ConfigurationError: If the measured :math:`\lambda_{\max}` is not positive.
+    """
+    cfg = run.cfg
+    if cfg.damping != "auto":
+        return {"damping": float(cfg.damping), "rule": "fixed", "lambda_max": None, "source": "config"}
+    if isinstance(spectrum, LissaSettings):
+        lam, lam_max, source = spectrum.damping, 1.0 / spectrum.eta - spectrum.damping, "lissa_settings"
+    else:
+        if isinstance(spectrum, SpectrumSummary) and math.isfinite(spectrum.lambda_max) and spectrum.lambda_max > 0:
+            lam_max, source = float(spectrum.lambda_max), "spectrum"
+        else:
+            op = run.operator()
+            est = lanczos_lambda_max(op, AUTO_DAMPING_LANCZOS_ITERATIONS, tol=1e-2, seed=cfg.seed)
+            run.counters["example_products"] += op.example_products
+            lam_max, source = float(est.value), "lanczos"
+        if not lam_max > 0:
+            raise ConfigurationError(
+                f"damping='auto' needs lambda_max > 0 of the curvature, measured {lam_max:.3g} (is the model at a "
+                "point where the loss has curvature?); pass damping=<a number > 0>."
+            )
+        lam = cfg.damping_fraction * lam_max
+    run.cfg = cfg.replace(damping=lam)
+    return {"damping": lam, "rule": "auto", "fraction": cfg.damping_fraction, "lambda_max": lam_max,
+            "source": source}
+
+
+#: Parameters past which ``solver="exact"`` warns (the dense eigendecomposition was slower than CG at 2,410).
+EXACT_SOLVER_WARN_PARAMS = 2000
+
+
+def _warn_costly(run: _Run, num_queries: int, num_scored: int) -> None:
+    """Warn before a costly setting starts, with its projected cost and the setting that changes it."""
+    cfg, p = run.cfg, num_parameters(trainable_parameters(run.model))
+    if cfg.solver == "exact" and p > EXACT_SOLVER_WARN_PARAMS:
+        warnings.warn(
+            f"solver='exact' forms the dense {p}x{p} curvature (one Jacobian per example: about the output dimension "
+            f"in gradient passes over the {run.pool.global_size} curvature examples) and eigendecomposes it "
+            f"(~{p ** 3 / 1e9:.1f} GFLOP); past {EXACT_SOLVER_WARN_PARAMS} parameters solver='cg' is usually "
+            "faster.", UserWarning, stacklevel=3,
+        )
+    if cfg.self_influence and cfg.solver not in ("exact", "lowrank"):  # lowrank: one gradient each, no solve
+        warnings.warn(
+            f"self_influence=True with solver={cfg.solver!r} solves one system per scored training example: "
+            f"{num_scored} right-hand sides, about {num_scored / max(num_queries, 1):.0f}x the cost of the query "
+            "solve (each CG iteration or LiSSA step is one curvature pass over its sample). Set "
+            "self_influence=False, score fewer examples (train_indices / max_train), or use solver='exact' on a "
+            "small model.", UserWarning, stacklevel=3,
+        )
+
+
 def _exact_inverse(run: _Run) -> _Inverse:
     op = run.operator()
-    lam = run.cfg.damping
+    lam = run.damping
     G = op.dense()
     run.counters["example_products"] += run.pool.local_size * _output_dim(op)
     A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
@@ -89,8 +163,10 @@ def _exact_inverse(run: _Run) -> _Inverse:
     if lo <= max(hi, 1.0) * G.shape[0] * torch.finfo(G.dtype).eps:
         raise ConfigurationError(
             f"the damped curvature G + damping*I is not positive definite (smallest eigenvalue {lo:.3g}, "
-            f"largest {hi:.3g}, damping={lam}). Use damping > 0 (and the GNH rather than the Hessian, which "
-            "can be indefinite)."
+            f"largest {hi:.3g}, damping={lam}): the {run.cfg.curvature} curvature is singular"
+            + (" or indefinite" if run.cfg.curvature == "hessian" else "")
+            + f". Use damping > {max(0.0, -lo):.3g} (e.g. damping='auto': a fraction of lambda_max)"
+            + ("; or a GNH/Fisher curvature, which is never indefinite." if run.cfg.curvature == "hessian" else ".")
         )
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
@@ -107,7 +183,7 @@ def _cg_inverse(run: _Run) -> _Inverse:
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
         before = op.example_products
-        res = conjugate_gradient(op, B, damping=run.cfg.damping, config=run.cfg.cg_config())
+        res = conjugate_gradient(op, B, damping=run.damping, config=run.cfg.cg_config())
         run.counters["example_products"] += op.example_products - before
         return res.x, res
 
@@ -128,14 +204,14 @@ def _lissa_inverse(run: _Run, spectrum: SpectrumSummary | LissaSettings | None) 
         spectrum_op = None
         if state["settings"] is None and (cfg.lissa_eta is None or cfg.lissa_steps is None):
             spectrum_op = sampler.operator(batch_size=cfg.batch_size)
-        res = lissa(sampler, B, damping=cfg.damping, settings=state["settings"], spectrum_operator=spectrum_op,
+        res = lissa(sampler, B, damping=run.damping, settings=state["settings"], spectrum_operator=spectrum_op,
                     config=cfg.lissa_config(), spectrum_kwargs={"seed": cfg.seed})
         run.counters["example_products"] += res.info.get("example_products", 0) / run.world_size  # global -> rank
         if spectrum_op is not None:
             run.counters["example_products"] += spectrum_op.example_products
             spec = res.info.get("spectrum", {})
             if "trace" in spec:  # reuse the measured spectrum for later blocks (self-influence)
-                state["settings"] = lissa_settings(spec["trace"], spec["lambda_max"], cfg.damping,
+                state["settings"] = lissa_settings(spec["trace"], spec["lambda_max"], run.damping,
                                                    constant=res.info["constant"], dataset_size=sampler.pool_size)
                 state["spectrum"] = spec
         if res.info.get("certificate"):
@@ -169,7 +245,7 @@ def _pcg_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
         before = op.example_products
-        res = preconditioned_cg(op, B, sk, damping=run.cfg.damping, config=run.cfg.cg_config())
+        res = preconditioned_cg(op, B, sk, damping=run.damping, config=run.cfg.cg_config())
         run.counters["example_products"] += op.example_products - before
         return res.x, res
 
@@ -180,7 +256,7 @@ def _lowrank_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
     sk = _sketch(run, run.operator(), given)
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
-        res = lowrank_solve(sk, B, damping=run.cfg.damping)
+        res = lowrank_solve(sk, B, damping=run.damping)
         return res.x, res
 
     return _Inverse(solve, {"sketch": sk})
@@ -279,7 +355,7 @@ def _chunk_self_influence(
     """Self-influence of one chunk: this rank's rows solved locally, or the whole chunk jointly under DDP."""
     if run.cfg.solver == "lowrank":  # no products: g^T L g and its error bound, row by row
         if mine.numel():
-            values, bounds = lowrank_self_influence(inverse.state["sketch"], G_local, damping=run.cfg.damping)
+            values, bounds = lowrank_self_influence(inverse.state["sketch"], G_local, damping=run.damping)
             out.self_influence[mine], out.self_influence_bound[mine] = values, bounds
         return
     if run.cfg.solver == "exact" or run.world_size == 1:
@@ -298,9 +374,16 @@ def _chunk_self_influence(
 
 
 def _stream_scores(
-    run: _Run, inverse: _Inverse, X: Tensor, train_indices: Tensor, progress: ProgressFn | None
+    run: _Run, inverse: _Inverse, X: Tensor, train_indices: Tensor, progress: ProgressFn | None,
+    store: ScoreStore | None = None, done: set[int] | None = None,
 ) -> _Scores:
-    """Stream training gradients chunk by chunk (sharded over ranks) into scores, losses and self-influence."""
+    """Stream training gradients chunk by chunk (sharded over ranks) into scores, losses and self-influence.
+
+    With a ``store``, each chunk is written as it finishes and the chunks in ``done`` on every rank are read back
+
+    Returns:
+        This rank's share of scores, losses and self-influence.
+    """
     n, k, P = train_indices.numel(), X.shape[1], X.shape[0]
     dtype, device = X.dtype, X.device
     out = _Scores(torch.zeros(k, n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device),
@@ -308,12 +391,19 @@ def _stream_scores(
                   self_influence_bound=torch.zeros(n, dtype=dtype, device=device))
     chunk = run.cfg.chunk_size
     positions = torch.arange(n)
+    skip = _skippable(run, math.ceil(n / chunk), done) if store is not None else set()
     proj = None if run.cfg.projection_dim is None else RandomProjection(
         P, run.cfg.projection_dim, run.cfg.projection_kind, seed=run.cfg.seed)
     XT = X.T if proj is None else proj(X.T.contiguous())  # (k, P) or projected (k, projection_dim)
     for c in range(math.ceil(n / chunk)):
         pos = positions[c * chunk : (c + 1) * chunk]
         mine = shard_indices(pos, run.rank, run.world_size, "strided")
+        if store is not None and c in skip:
+            _read_chunk(store, c, out, mine)
+            if progress is not None:
+                progress("resumed", min(n, (c + 1) * chunk), n)
+            continue
+        n_solves = len(out.self_solves)
         G_local = torch.zeros(0, P, dtype=dtype, device=device)
         if mine.numel():
             _, G_local, loss_local = next(iter(iter_per_example_gradients(
@@ -324,9 +414,42 @@ def _stream_scores(
             out.losses[mine] = loss_local
         if run.cfg.self_influence:
             _chunk_self_influence(run, inverse, out, pos, mine, G_local)
+        if store is not None:
+            _write_chunk(store, c, out, mine, out.self_solves[n_solves:], run.cfg.self_influence)
         if progress is not None:
             progress("train", min(n, (c + 1) * chunk), n)
     return out
+
+
+_SOLVE_KEYS = ("method", "iterations", "relative_residual", "converged", "diverged")
+
+
+def _skippable(run: _Run, num_chunks: int, done: set[int] | None) -> set[int]:
+    """Chunks complete on every rank's shard (one reduction, so all ranks skip the same chunks)."""
+    flags = torch.zeros(num_chunks, dtype=torch.float64)
+    flags[sorted(c for c in (done or set()) if c < num_chunks)] = 1.0
+    (flags,) = reduce_packed([flags], run.reduce_fn if run.world_size > 1 else None)
+    return {c for c in range(num_chunks) if int(flags[c]) == run.world_size}
+
+
+def _write_chunk(store: ScoreStore, c: int, out: _Scores, mine: Tensor, solves: list[dict[str, Any]],
+                 with_self: bool) -> None:
+    arrays = {"positions": mine, "scores": out.scores[:, mine], "train_losses": out.losses[mine]}
+    if with_self:
+        arrays["self_influence"] = out.self_influence[mine]
+    store.write_chunk(c, arrays, {"self_solves": [{k: s[k] for k in _SOLVE_KEYS} for s in solves]})
+
+
+def _read_chunk(store: ScoreStore, c: int, out: _Scores, mine: Tensor) -> None:
+    saved = store.read_chunk(c)
+    if not torch.equal(torch.from_numpy(saved["positions"]), mine):
+        raise ConfigurationError(f"score store {store.directory}: chunk {c} holds other rows; pass a new store_dir.")
+    like = out.scores
+    out.scores[:, mine] = torch.from_numpy(saved["scores"]).to(device=like.device, dtype=like.dtype)
+    out.losses[mine] = torch.from_numpy(saved["train_losses"]).to(device=like.device, dtype=like.dtype)
+    if "self_influence" in saved:
+        out.self_influence[mine] = torch.from_numpy(saved["self_influence"]).to(device=like.device, dtype=like.dtype)
+    out.self_solves.extend(saved["info"].get("self_solves", []))
 
 
 def _self_influence_summary(solves: list[dict[str, Any]]) -> dict[str, Any]:
@@ -380,6 +503,29 @@ def _prepare_run(
     return _Run(model, task, cfg, train, pool, reduce_fn, rank, world_size), query, t_idx
 
 
+def _open_store(
+    store: ScoreStore | str | os.PathLike[str] | None, run: _Run, query: DataSource, t_idx: Tensor,
+    spectrum: SpectrumSummary | LissaSettings | None,
+) -> tuple[ScoreStore | None, set[int]]:
+    """Open the score store (if any) with this run's fingerprint: the store and this rank's completed chunks."""
+    if store is None:
+        return None, set()
+    if not isinstance(store, ScoreStore):
+        store = ScoreStore(store, rank=run.rank, world_size=run.world_size)
+    elif (store.rank, store.world_size) != (run.rank, run.world_size):
+        raise ConfigurationError(f"store has rank={store.rank}, world_size={store.world_size} but this run has "
+                                 f"rank={run.rank}, world_size={run.world_size}: build it with the run's values.")
+    fp = fingerprint({k: v for k, v in run.cfg.to_dict().items() if k != "top_k"}, model=run.model,
+                     train_indices=t_idx, query_indices=query.indices, curvature_indices=run.pool.indices,
+                     dataset_sizes=[len(run.train.dataset), len(query.dataset)],
+                     spectrum=dataclasses.asdict(spectrum) if dataclasses.is_dataclass(spectrum) else spectrum)
+    fp["world_size"] = run.world_size
+    num_chunks = math.ceil(t_idx.numel() / run.cfg.chunk_size)
+    done = store.open(fp, num_chunks=num_chunks, layout={
+        "num_train": t_idx.numel(), "num_queries": query.global_size, "chunk_size": run.cfg.chunk_size})
+    return store, done
+
+
 def influence_scores(
     model: nn.Module,
     task: Task,
@@ -398,6 +544,7 @@ def influence_scores(
     rank: int = 0,
     world_size: int = 1,
     progress: ProgressFn | None = None,
+    store: ScoreStore | str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> InfluenceResult:
     r"""Influence :math:`\mathcal I(z, q) = -\nabla\ell(q)^\top (G+\lambda I)^{-1}\nabla\ell(z)` of training on queries.
@@ -426,7 +573,12 @@ def influence_scores(
         reduce_fn: Sums a flat tensor over ranks (data parallel), else ``None``.
         rank: This process's rank.
         world_size: Number of ranks.
-        progress: Called as ``progress(stage, done, total)`` while training gradients stream.
+        progress: Called as ``progress(stage, done, total)`` after each chunk of training gradients (``stage``
+            ``"train"``, or ``"resumed"`` for a chunk read back from ``store``), e.g. a
+            :class:`~lightning_influence.influence.store.ChunkProgress` bar.
+        store: A directory (or :class:`~lightning_influence.influence.store.ScoreStore`) to write every scored
+            chunk to as ``.npy`` files, resuming from the chunks already there when the config, weights and
+            indices match (bit-identical scores), else starting fresh with a warning. ``None``: in memory only.
         **overrides: Fields of :class:`InfluenceConfig`.
 
     Returns:
@@ -454,13 +606,19 @@ def influence_scores(
         query_indices=query_indices, curvature_indices=curvature_indices, collate_fn=collate_fn,
         query_collate_fn=query_collate_fn, reduce_fn=reduce_fn, rank=rank, world_size=world_size,
     )
+    _warn_costly(run, query.global_size, int(t_idx.numel()))
+    damping = _resolve_damping(run, spectrum)
+    opened, done = _open_store(store, run, query, t_idx, spectrum)
     Q, query_losses = _query_gradients(run, query)
     inverse = _build_inverse(run, spectrum, sketch)
     X, res = inverse(Q.T.contiguous())  # (P, k)
-    out = _stream_scores(run, inverse, X, t_idx, progress)
+    out = _stream_scores(run, inverse, X, t_idx, progress, opened, done)
     scores, self_inf, self_bound, losses, grads_total, products_total = reduce_packed(
         [out.scores, out.self_influence, out.self_influence_bound, out.losses, run.counters["example_gradients"],
          run.counters["example_products"]], reduce_fn if world_size > 1 else None)
+    if opened is not None:
+        opened.finish({"scores": scores, "train_losses": losses, "train_indices": t_idx, "query_losses": query_losses,
+                       "query_indices": query.indices, **({"self_influence": self_inf} if cfg.self_influence else {})})
     solve_info = res.to_dict()
     if out.self_solves:
         solve_info["self_influence"] = _self_influence_summary(out.self_solves)
@@ -478,7 +636,11 @@ def influence_scores(
         "curvature_indices": None if curvature_indices is None else run.pool.indices.tolist(),
         "spectrum": res.info.get("spectrum") or inverse.state.get("spectrum"),
         "solver": run.cfg.solver,
+        "damping": damping,
     }
+    if opened is not None:
+        diagnostics["store"] = {"directory": str(opened.directory), "status": opened.status,
+                                "resumed_chunks": len(done), "changes": opened.changes}
     if "sketch" in inverse.state:
         sk = inverse.state["sketch"]
         diagnostics["sketch"] = {"rank": sk.rank, "num_products": sk.num_products, "trace": sk.trace,
@@ -487,7 +649,8 @@ def influence_scores(
     return InfluenceResult(
         scores=scores.cpu(), train_indices=t_idx.cpu(), query_indices=query.indices.cpu(),
         self_influence=self_inf.cpu() if cfg.self_influence else None, train_losses=losses.cpu(),
-        query_losses=query_losses.cpu(), solve=solve_info, diagnostics=diagnostics, config=cfg.to_dict(),
+        query_losses=query_losses.cpu(), solve=solve_info, diagnostics=diagnostics,
+        config={**run.cfg.to_dict(), "damping_rule": damping["rule"]},
     )
 
 

@@ -48,6 +48,7 @@ from lightning_influence.distributed import ReduceFn, reduce_packed
 from lightning_influence.evaluator import Evaluator, curvature_mode
 from lightning_influence.exceptions import ConfigurationError, NonFiniteError
 from lightning_influence.operators.base import DENSE_MAX_PARAMS, OperatorBase
+from lightning_influence.operators.linearized import LinearizedProducts
 from lightning_influence.params import (
     ParamTree,
     derive_seed,
@@ -473,7 +474,7 @@ class _OutputSpaceOperator(CurvatureOperator):
         return 0.5 * (G + G.T) + self.damping * torch.eye(p, dtype=G.dtype, device=G.device)
 
 
-class GNHOperator(_OutputSpaceOperator):
+class GNHOperator(LinearizedProducts, _OutputSpaceOperator):
     r"""Gauss-Newton Hessian :math:`G = \frac1N \sum_n J_n^\top S_n J_n` (+ damping).
 
     Example::
@@ -493,7 +494,7 @@ class GNHOperator(_OutputSpaceOperator):
         return self.task.loss.output_hvp(outputs, targets, jv)
 
 
-class ExpectedFisherOperator(_OutputSpaceOperator):
+class ExpectedFisherOperator(LinearizedProducts, _OutputSpaceOperator):
     """Fisher with labels integrated out under the model's predictive distribution (equals the GNH here).
 
     Example::
@@ -513,7 +514,7 @@ class ExpectedFisherOperator(_OutputSpaceOperator):
         return self.task.loss.expected_fisher_output_vp(outputs, targets, jv)
 
 
-class SampledFisherOperator(_OutputSpaceOperator):
+class SampledFisherOperator(LinearizedProducts, _OutputSpaceOperator):
     r"""Monte-Carlo Fisher :math:`\frac{1}{Nm}\sum_n\sum_{s=1}^m J_n^\top \hat g_{ns} \hat g_{ns}^\top J_n`.
 
     Labels :math:`\hat y_{ns} \sim p(\cdot \mid x_n, \theta)` are drawn once, at the first product, from a
@@ -616,23 +617,8 @@ class FiniteDifferenceGNHOperator(_OutputSpaceOperator):
         return self.task.loss.output_hvp(outputs, targets, jv)
 
 
-class HessianOperator(CurvatureOperator):
-    r"""True Hessian of the mean loss, :math:`\nabla^2 \frac1N \sum_n \ell_n`, by forward-over-reverse.
-
-    It may be indefinite; use it for comparison with the GNH, not as the default curvature.
-
-    Example::
-
-        >>> from lightning_influence.tasks import Regression
-        >>> x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64)
-        >>> y = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
-        >>> op = HessianOperator(torch.nn.Linear(2, 1, bias=False).double(), Regression(), [(x, y)])
-        >>> op.dense()  # linear model, squared loss: X^T X / N
-        tensor([[ 5.0000, -0.5000],
-                [-0.5000,  2.5000]], dtype=torch.float64)
-    """
-
-    kind = "hessian"
+class _StreamedHessian(CurvatureOperator):
+    """Forward-over-reverse Hessian products, streamed (the primal pass repeated per product)."""
 
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
         f, targets = self.evaluator.output_fn(batch)
@@ -659,6 +645,26 @@ class HessianOperator(CurvatureOperator):
             out = f(self.params)
         self.task.loss.validate(out, targets)
         return hvs, self.task.loss.unit_mask(out, targets).sum().to(out.dtype)
+
+
+class HessianOperator(LinearizedProducts, _StreamedHessian):
+    r"""True Hessian of the mean loss, :math:`\nabla^2 \frac1N \sum_n \ell_n`, by forward-over-reverse.
+
+    It may be indefinite; use it for comparison with the GNH, not as the default curvature.
+
+    Example::
+
+        >>> from lightning_influence.tasks import Regression
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+        >>> op = HessianOperator(torch.nn.Linear(2, 1, bias=False).double(), Regression(), [(x, y)])
+        >>> op.dense()  # linear model, squared loss: X^T X / N
+        tensor([[ 5.0000, -0.5000],
+                [-0.5000,  2.5000]], dtype=torch.float64)
+    """
+
+    kind = "hessian"
+    _linearized_kind = "hessian"
 
 
 def gnh_product_reference(model: nn.Module, task: Task, batch: Any, v: Tensor) -> Tensor:

@@ -48,7 +48,9 @@ def dense_solve(op: LinearOperator | Tensor, b: Tensor, *, damping: float = 0.0)
         if float(evals[0]) <= 0:
             raise ConfigurationError(
                 f"the damped matrix is not positive definite (smallest eigenvalue {float(evals[0]):.3g} with "
-                f"damping={damping}); increase damping or use the GNH instead of the Hessian."
+                f"damping={damping}): the matrix is singular or indefinite; increase damping to more than "
+                f"{max(0.0, -float(evals[0])):.3g} (approximate CV: damping='auto' adds the least damping that "
+                "makes it positive definite)."
             )
         X = evecs @ ((evecs.T @ B) / evals.unsqueeze(1))
     res = float(((B - A @ X).norm(dim=0) / B.norm(dim=0).clamp_min(1e-300)).max())

@@ -1,0 +1,346 @@
+r"""Cached linearisations: repeated curvature products on a fixed batch that skip the primal forward pass.
+
+Lanczos, CG, Hutchinson and LiSSA multiply the same operator, on the same fixed batches, by many directions.
+Streaming, every product of a :math:`J^\top C J` operator repeats the primal forward pass (with dual tensors
+riding on it) and a backward pass. With a cached linearisation of a batch, built once,
+
+* ``torch.func.linearize`` gives :math:`v \mapsto J v` as a traced graph of the tangent computation alone (the
+  primal values are constants in it), and
+* ``torch.func.vjp`` gives the pullback :math:`u \mapsto J^\top u` on the stored activations,
+
+so a product is a tangent pass plus a backward pass, and a trace probe (forward mode only) is a tangent pass. For
+:class:`~lightning_influence.operators.HessianOperator` the cached object is ``linearize`` of the parameter
+gradient, i.e. :math:`v \mapsto H v` with the primal and reverse passes folded into constants.
+
+**When it is used** (``linearization="auto"``, the default). A batch is linearised at its second product pass
+(an operator used once never pays the build, which traces the model: a fixed cost of tens of milliseconds to a
+second) if its streamed product took at least :data:`MIN_STREAM_SECONDS` and its estimated size fits the budget:
+three times the bytes of every submodule's outputs on that batch (:func:`activation_bytes`). Batches past the
+budget (``linearization_budget``, bytes, default :data:`~lightning_influence.config.DEFAULT_LINEARIZATION_BUDGET`,
+1 GiB) keep streaming. After the first two
+cached products of a batch the cached time per direction is compared with the streamed one and the cache of that
+batch is dropped if it is not faster (tiny models, where the traced graph's Python overhead dominates).
+``"always"`` caches every batch that fits from the first pass on without the timing check, ``"never"`` streams.
+Cached values equal streamed ones to rounding (the same operations in another order). A cache is tied to the
+parameters: an in-place update (an optimizer step) is detected through the tensors' version counters and
+discards it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_influence.config import DEFAULT_LINEARIZATION_BUDGET
+from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.params import ParamTree, unflatten
+
+if TYPE_CHECKING:
+    from lightning_influence.evaluator import Evaluator
+    from lightning_influence.tasks import Task
+
+__all__ = ["LINEARIZATION_MODES", "MIN_STREAM_SECONDS", "LinearizationCache", "LinearizedProducts", "activation_bytes"]
+
+#: Accepted values of ``linearization``.
+LINEARIZATION_MODES = ("auto", "always", "never")
+#: ``"auto"`` caches a batch only if its streamed product takes at least this long (seconds per direction): below
+#: it, tracing the model costs more than the cache can save.
+MIN_STREAM_SECONDS = 0.05
+
+
+@dataclass
+class _Batch:
+    """What the cache knows about one batch."""
+
+    requests: int = 0
+    saved_bytes: int | None = None
+    stream_seconds: float | None = None
+    cached_seconds: list[float] = field(default_factory=list)
+    streaming: bool = False
+    entry: dict[str, Any] | None = None
+
+
+@contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Silence torch.fx's harmless warning while ``linearize`` traces the model with ``make_fx``.
+
+    Modules that read attributes that are neither parameters nor buffers (Hugging Face's cached masks and rotary
+    tables) make torch.fx warn once per trace.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+        yield
+
+
+
+def activation_bytes(model: torch.nn.Module, run: Callable[[], Any]) -> int:
+    """Bytes of every submodule's tensor outputs during ``run()`` (one forward pass, no graph).
+
+    The estimate of a cached linearisation's size is three times this (the traced tangent graph's constants, the
+    pullback's saved activations and the outputs).
+
+    Returns:
+        The byte count.
+
+    Example::
+
+        >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+        >>> activation_bytes(m, lambda: m(torch.ones(2, 3)))  # Linear, Tanh and the Sequential: 3 x 2 x 4 floats
+        96
+    """
+    total = [0]
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+class LinearizationCache:
+    """Per-batch cached linearisations under a byte budget (see the module docstring for the policy).
+
+    Args:
+        mode: ``"auto"``, ``"always"`` or ``"never"``.
+        budget: Most bytes of cached activations over all batches.
+
+    Attributes:
+        used_bytes: Estimated bytes held.
+        cached_products: Directions multiplied through a cache.
+        streamed_products: Directions multiplied by streaming (first passes, over-budget or slower batches).
+        over_budget: Batches refused because the budget was full.
+        built: Batches linearised so far.
+
+    Raises:
+        ConfigurationError: For an unknown mode or a negative budget.
+
+    Example::
+
+        >>> cache = LinearizationCache("auto", budget=2**20)
+        >>> cache.stats()["cached_batches"], cache.enabled
+        (0, True)
+    """
+
+    def __init__(self, mode: str = "auto", budget: int = DEFAULT_LINEARIZATION_BUDGET) -> None:
+        if mode not in LINEARIZATION_MODES:
+            raise ConfigurationError(f"linearization must be one of {LINEARIZATION_MODES}, got {mode!r}.")
+        if budget < 0:
+            raise ConfigurationError(f"linearization_budget must be >= 0 bytes, got {budget}; use 0 to stream.")
+        self.mode, self.budget = mode, int(budget)
+        self.batches: dict[int, _Batch] = {}
+        self.used_bytes = self.cached_products = self.streamed_products = self.over_budget = self.built = 0
+        self._versions: tuple[int, ...] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any batch may be cached."""
+        return self.mode != "never" and self.budget > 0
+
+    def stats(self) -> dict[str, int]:
+        """Counters for reports and tests.
+
+        Returns:
+            ``cached_batches``, ``used_bytes``, ``cached_products``, ``streamed_products``, ``over_budget``, ``built``.
+        """
+        cached = sum(b.entry is not None for b in self.batches.values())
+        return {"cached_batches": cached, "used_bytes": self.used_bytes, "cached_products": self.cached_products,
+                "streamed_products": self.streamed_products, "over_budget": self.over_budget, "built": self.built}
+
+    def clear(self) -> None:
+        """Drop every entry (the parameters changed)."""
+        self.batches.clear()
+        self.used_bytes = 0
+
+    def check_params(self, params: ParamTree) -> None:
+        """Discard the cache if a parameter tensor was updated in place since it was built."""
+        versions = tuple(p._version for p in params.values())
+        if self._versions is not None and versions != self._versions:
+            self.clear()
+        self._versions = versions
+
+    def lookup(self, index: int, build: Callable[[], dict[str, Any]], estimate: Callable[[], int]
+               ) -> dict[str, Any] | None:
+        """The cached entry of batch ``index``, building it when the policy says so; ``None``: stream.
+
+        ``estimate()`` returns the bytes the entry would hold (called once per batch, before building).
+
+        Returns:
+            The entry or ``None``.
+        """
+        state = self.batches.setdefault(index, _Batch())
+        state.requests += 1
+        if state.entry is not None or not self.enabled or state.streaming:
+            return state.entry
+        if self.mode == "auto" and (state.requests < 2 or state.stream_seconds is None
+                                    or state.stream_seconds < MIN_STREAM_SECONDS):
+            return None
+        if state.saved_bytes is None:
+            state.saved_bytes = int(estimate())
+        if self.used_bytes + state.saved_bytes > self.budget:
+            return self._refuse(state)
+        state.entry = build()
+        self.used_bytes += state.saved_bytes
+        self.built += 1
+        return state.entry
+
+    def _refuse(self, state: _Batch) -> dict[str, Any] | None:
+        self.over_budget += 1
+        state.streaming = True
+        return None
+
+    @contextmanager
+    def streaming(self, index: int, directions: int, measure: bool = True) -> Iterator[None]:
+        """Count a streamed product and, on a batch's first product pass, time it."""
+        state = self.batches.setdefault(index, _Batch())
+        self.streamed_products += directions
+        if state.stream_seconds is not None or not self.enabled or not measure:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        state.stream_seconds = (time.perf_counter() - start) / directions
+
+    @contextmanager
+    def cached(self, index: int, directions: int, compare: bool = True) -> Iterator[None]:
+        """Count a cached product; in ``"auto"`` mode drop the entry if it is not faster than streaming."""
+        self.cached_products += directions
+        start = time.perf_counter()
+        yield
+        state = self.batches[index]
+        if not compare or self.mode != "auto" or state.stream_seconds is None or len(state.cached_seconds) >= 2:
+            return
+        state.cached_seconds.append((time.perf_counter() - start) / directions)
+        if len(state.cached_seconds) == 2 and min(state.cached_seconds) >= state.stream_seconds:
+            state.entry, state.streaming = None, True
+            self.used_bytes -= state.saved_bytes or 0
+
+
+class LinearizedProducts:
+    r"""Mixin for curvature operators: products on a batch go through its cached linearisation when there is one.
+
+    Placed before the operator class in the bases; its methods fall back to the streaming ones otherwise.
+
+    Args:
+        linearization: ``"auto"`` (default), ``"always"`` or ``"never"`` (see the module docstring).
+        linearization_budget: Bytes of cached activations (default 1 GiB).
+
+    Example::
+
+        >>> from lightning_influence.operators import GNHOperator
+        >>> from lightning_influence.tasks import Regression
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> op = GNHOperator(torch.nn.Linear(2, 1, bias=False).double(), Regression(),
+        ...                  [(x, torch.zeros(2, 1, dtype=torch.float64))], linearization="always")
+        >>> op.matvec(torch.ones(2, dtype=torch.float64)).tolist(), op.linearization.stats()["cached_products"]
+        ([0.5, 2.0], 1)
+    """
+
+    if TYPE_CHECKING:
+        evaluator: Evaluator
+        task: Task
+        params: ParamTree
+
+        def _output_map(self, batch_index: int, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor: ...
+
+    #: ``"output"`` (J^T C J operators: cache J v and J^T u) or ``"hessian"`` (cache v -> H v).
+    _linearized_kind = "output"
+
+    def __init__(self, *args: Any, linearization: Literal["auto", "always", "never"] = "auto",
+                 linearization_budget: int = DEFAULT_LINEARIZATION_BUDGET, **kwargs: Any) -> None:
+        #: The per-batch cache (counters in ``linearization.stats()``).
+        self.linearization = LinearizationCache(linearization, linearization_budget)
+        super().__init__(*args, **kwargs)
+
+    def at(self, theta: Tensor) -> Any:
+        """The same operator at ``theta``, with an empty cache of its own.
+
+        Returns:
+            The copy.
+        """
+        new = super().at(theta)  # type: ignore[misc]
+        new.linearization = LinearizationCache(self.linearization.mode, self.linearization.budget)
+        return new
+
+    def _entry(self, i: int, batch: Any) -> dict[str, Any] | None:
+        self.linearization.check_params(self.params)
+        return self.linearization.lookup(i, lambda: self._build(i, batch), lambda: self._estimate(batch))
+
+    def _estimate(self, batch: Any) -> int:
+        f, _ = self.evaluator.output_fn(batch)
+        return 3 * activation_bytes(self.evaluator.model, lambda: f(self.params))
+
+    def _build(self, i: int, batch: Any) -> dict[str, Any]:
+        from torch.func import grad, linearize, vjp
+
+        f, targets = self.evaluator.output_fn(batch)
+        if self._linearized_kind == "hessian":
+            def loss_sum(p: ParamTree) -> Tensor:
+                return self.task.loss.unit_losses(f(p), targets).sum()
+
+            with _quiet_tracing():
+                _, hvp = linearize(grad(loss_sum), self.params)
+            with torch.no_grad():
+                out = f(self.params)
+            units = self.task.loss.unit_mask(out, targets).sum().to(out.dtype)
+            return {"hvp": hvp, "units": units}
+        with _quiet_tracing():
+            outputs, jvp_fn = linearize(f, self.params)
+        _, pullback = vjp(f, self.params)  # type: ignore[misc]
+        outputs = outputs.detach()
+        self.task.loss.validate(outputs, targets)
+        units = self.task.loss.unit_mask(outputs, targets).sum().to(outputs.dtype)
+        return {"outputs": outputs, "targets": targets, "jvp": jvp_fn, "pullback": pullback, "units": units}
+
+    def _cached_product(self, i: int, entry: dict[str, Any], v: ParamTree) -> ParamTree:
+        if "hvp" in entry:
+            return dict(entry["hvp"](v))
+        jv = entry["jvp"](v).detach()
+        c = self._output_map(i, entry["outputs"], entry["targets"], jv)
+        (prod,) = entry["pullback"](c)
+        return dict(prod)
+
+    def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
+        entry = self._entry(batch_index, batch)
+        if entry is None:
+            with self.linearization.streaming(batch_index, 1):
+                return super()._batch_product(batch_index, batch, v)  # type: ignore[misc]
+        with self.linearization.cached(batch_index, 1):
+            return self._cached_product(batch_index, entry, v), entry["units"]
+
+    def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
+        k = next(iter(vs.values())).shape[0]
+        entry = self._entry(batch_index, batch)
+        if entry is None:
+            with self.linearization.streaming(batch_index, k):
+                return super()._batch_matmat(batch_index, batch, vs)  # type: ignore[misc]
+        with self.linearization.cached(batch_index, k):  # a loop over columns beats vmap over the traced graph
+            cols = [self._cached_product(batch_index, entry, {n: t[j] for n, t in vs.items()}) for j in range(k)]
+        return {n: torch.stack([c[n] for c in cols]) for n in vs}, entry["units"]
+
+    def _batch_quadratic_forms(self, i: int, batch: Any, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        k = matrix.shape[1]
+        entry = self._entry(i, batch)
+        if entry is None or "jvp" not in entry:
+            with self.linearization.streaming(i, k, measure=False):
+                return super()._batch_quadratic_forms(i, batch, matrix)  # type: ignore[misc]
+        with self.linearization.cached(i, k, compare=False):
+            qs = []
+            for j in range(k):
+                jv = entry["jvp"](unflatten(matrix[:, j], self.params)).detach()
+                c = self._output_map(i, entry["outputs"], entry["targets"], jv)
+                qs.append((jv * c).sum())
+        return torch.stack(qs), entry["units"]

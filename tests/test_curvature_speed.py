@@ -1,0 +1,242 @@
+"""Curvature at training speed: warm-started Lanczos, the monitor's warm start across a resume (issue 12)."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
+from lightning_influence.operators import GNHOperator, make_operator
+from lightning_influence.spectrum import lanczos_lambda_max
+from lightning_influence.tasks import Classification
+from tests.helpers.lightning_models import TinyClassifier, synthetic_classification
+from tests.helpers.models import tiny_mlp
+
+SMALL = {"sample_size": 20, "batch_size": 8, "trace_probes": 4, "lanczos_iter": 8}
+
+
+def _trainer(root: Path, **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", devices=1, num_sanity_val_steps=0, logger=False, limit_val_batches=0,
+                      **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ Lanczos
+def test_warm_start_reaches_one_percent_in_fewer_products_on_drifting_checkpoints() -> None:
+    ds = synthetic_classification(48, seed=3)
+    x, y = ds.tensors
+    model = tiny_mlp(hidden=8, dtype=torch.float64, seed=1)
+    batches = [(x[:24], y[:24]), (x[24:], y[24:])]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cold_total = warm_total = 0
+    previous = None
+    for _ in range(6):  # six checkpoints, a few SGD steps apart: the top eigenvector drifts slowly
+        op = GNHOperator(model, Classification(), batches)
+        exact = float(torch.linalg.eigvalsh(op.dense())[-1])
+        cold = lanczos_lambda_max(op, 60, tol=1e-3, seed=7)
+        assert abs(cold.value - exact) <= 0.01 * exact
+        if previous is not None:
+            warm = lanczos_lambda_max(op, 60, tol=1e-3, seed=7, start=previous)
+            assert abs(warm.value - exact) <= 0.01 * exact
+            assert warm.vector is not None and abs(float(warm.vector.norm()) - 1.0) < 1e-12
+            cold_total += cold.num_products
+            warm_total += warm.num_products
+        previous = cold.vector
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert warm_total < cold_total, (warm_total, cold_total)
+
+
+def test_lanczos_ritz_vector_is_the_top_eigenvector() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    a = a @ a.T
+    from lightning_influence.spectrum import DenseOperator
+
+    est = lanczos_lambda_max(DenseOperator(a), 30, tol=1e-10)
+    evals, evecs = torch.linalg.eigh(a)
+    assert abs(est.value - float(evals[-1])) < 1e-9 * float(evals[-1])
+    assert est.vector is not None and abs(abs(float(est.vector @ evecs[:, -1])) - 1) < 1e-8
+
+
+# ------------------------------------------------------------------------------------------ monitor
+def test_resumed_run_warm_starts_from_the_checkpointed_vector(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = CurvatureMonitor(Classification(), every_n_steps=3, **SMALL)  # type: ignore[arg-type]
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "a", save_top_k=-1, every_n_epochs=1)  # 4 steps per epoch
+        _trainer(tmp_path / "a", max_steps=4, callbacks=[first, ckpt]).fit(TinyClassifier(shuffle=False))
+        assert first.last_start is not None  # the step-4 measurement warm-started from the step-3 vector
+        (path,) = (tmp_path / "a").glob("*step=4*.ckpt")
+        saved = torch.load(path, weights_only=False)["callbacks"][first.state_key]["ritz_vector"]
+        assert isinstance(saved, torch.Tensor) and torch.equal(saved, first.ritz_vector)
+        resumed = CurvatureMonitor(Classification(), every_n_steps=3, on_checkpoint=False,
+                                   **SMALL)  # type: ignore[arg-type]
+        assert resumed.ritz_vector is None
+        _trainer(tmp_path / "b", max_steps=6, callbacks=[resumed], enable_checkpointing=False).fit(
+            TinyClassifier(shuffle=False), ckpt_path=path)
+    assert resumed.measured_steps == [3, 4, 6]  # one new measurement after the restore, at step 6
+    assert resumed.last_start is not None and torch.equal(resumed.last_start, saved)
+    row = resumed.history[-1]
+    assert row["num_products"] >= row["trace_probes"] + 1 and row["seconds"] > 0
+
+
+# ------------------------------------------------------------------------------------ cached linearisation
+def _bn_cnn() -> tuple[torch.nn.Module, Any, list]:
+    g = torch.Generator().manual_seed(2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Tanh(),
+                                    torch.nn.Flatten(), torch.nn.Linear(32, 3)).double()
+    bn = model[1]
+    bn.running_mean.copy_(torch.tensor([0.3, -0.2]))
+    bn.running_var.copy_(torch.tensor([1.5, 0.7]))
+    model.train()  # the operators must switch BatchNorm to its running statistics themselves
+    x = torch.randn(7, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=g)
+    return model, Classification(), [(x[:4], y[:4]), (x[4:], y[4:])]
+
+
+def _lm() -> tuple[torch.nn.Module, Any, list]:
+    from lightning_influence.tasks import LanguageModeling
+    from tests.helpers.models import tiny_transformer_lm
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 7, (4, 5), generator=g)
+    labels = ids[:, 1:].clone()
+    labels[0, -2:] = -100
+    return tiny_transformer_lm(dtype=torch.float64), LanguageModeling(), [(ids[:2, :-1], labels[:2]),
+                                                                          (ids[2:, :-1], labels[2:])]
+
+
+def _mlp() -> tuple[torch.nn.Module, Any, list]:
+    x, y = synthetic_classification(11, seed=1).tensors
+    return tiny_mlp(dtype=torch.float64), Classification(), [(x[:6], y[:6]), (x[6:], y[6:])]
+
+
+@pytest.mark.parametrize(("case", "kind"), [(_mlp, "gnh"), (_bn_cnn, "gnh"), (_lm, "gnh"), (_mlp, "hessian"),
+                                            (_bn_cnn, "hessian")],
+                         ids=["mlp-gnh", "cnn_bn_eval-gnh", "transformer-gnh", "mlp-hessian", "cnn_bn_eval-hessian"])
+def test_cached_products_equal_streamed_ones(case: Any, kind: str) -> None:
+    model, task, batches = case()
+    streamed = make_operator(kind, model, task, batches, linearization="never")
+    cached = make_operator(kind, model, task, batches, linearization="always")
+    p = streamed.num_params
+    g = torch.Generator().manual_seed(5)
+    vs = torch.randn(p, 3, generator=g, dtype=torch.float64)
+    for op in (streamed, cached):  # one vector (fused path), several (vmap / column loop), quadratic forms
+        op.out = (op.matvec(vs[:, 0]), op.matmat(vs), op.quadratic_forms(vs))
+    for a, b in zip(streamed.out, cached.out, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(a.abs().max()))
+    stats = cached.linearization.stats()
+    assert stats["cached_batches"] == 2 and stats["cached_products"] >= 5 and stats["streamed_products"] == 0
+    assert streamed.linearization.stats()["cached_products"] == 0
+    assert model.training  # modes restored
+
+
+def test_tiny_budget_streams_and_parameter_updates_discard_the_cache() -> None:
+    model, task, batches = _bn_cnn()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    tiny = GNHOperator(model, task, batches, linearization="always", linearization_budget=1)
+    reference = GNHOperator(model, task, batches, linearization="never")
+    assert torch.allclose(tiny.matvec(v), reference.matvec(v), rtol=1e-12, atol=1e-14)
+    stats = tiny.linearization.stats()
+    assert stats["over_budget"] == 2 and stats["cached_batches"] == 0 and stats["streamed_products"] == 2
+    cached = GNHOperator(model, task, batches, linearization="always")
+    before = cached.matvec(v)
+    with torch.no_grad():
+        model[4].weight.mul_(1.5)  # an in-place update, as an optimizer step does
+    after = cached.matvec(v)
+    assert cached.linearization.built == 4  # rebuilt for the new weights
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, reference.matvec(v), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------ auto cadence
+def test_auto_cadence_holds_its_overhead_budget(tmp_path: Path) -> None:
+    budget = 0.25  # a share the short run can reach after the first measurement's one-time warm-up
+    monitor = CurvatureMonitor(Classification(), every_n_steps="auto", overhead_budget=budget, on_checkpoint=False,
+                               **SMALL)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path, max_steps=150, callbacks=[monitor], enable_checkpointing=False).fit(TinyClassifier())
+    steps = monitor.measured_steps
+    assert len(steps) >= 3 and all(r["trigger"] == "auto" for r in monitor.history)
+    # tolerance: 1.5x the budget plus 2 points of slack (the share is measured by the callback itself, so a loaded
+    # machine slows training and measurements alike; only a change of load between them moves it)
+    assert 0 < monitor.overhead <= 1.5 * budget + 0.02, (monitor.overhead, steps)
+    assert all(0 < r["overhead"] < 1 for r in monitor.history)
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    assert max(gaps) > 1  # it spaces measurements out rather than measuring every step
+
+
+def test_auto_cadence_argument_errors() -> None:
+    from lightning_influence.callbacks import MisconfigurationError
+
+    with pytest.raises(MisconfigurationError, match="overhead_budget must be < 1"):
+        CurvatureMonitor(Classification(), every_n_steps="auto", overhead_budget=1.5)
+    with pytest.raises(MisconfigurationError, match="every_n_steps"):
+        CurvatureMonitor(Classification(), every_n_steps="often")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ mixed precision
+class _AutocastMonitor(CurvatureMonitor):
+    """Measures from inside a bf16 autocast region, as a hook running under the precision plugin would."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            super().on_train_batch_end(trainer, *args)
+
+
+def _float32_fit(root: Path, precision: str, monitor_cls: type[CurvatureMonitor], others: bool = False) -> Any:
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence.callbacks.approximate_cv import ApproximateCV
+    from lightning_influence.callbacks.influence_report import InfluenceReport
+    from lightning_influence.callbacks.pbrf_validation import PBRFValidation
+
+    pl.seed_everything(0)
+    module = TinyClassifier(shuffle=False)
+    module.net.float()
+    module.train_set = TensorDataset(module.train_set.tensors[0].float(), module.train_set.tensors[1])
+    module.val_set = TensorDataset(module.val_set.tensors[0].float(), module.val_set.tensors[1])
+    task = Classification()
+    monitor = monitor_cls(task, every_n_steps=2, on_checkpoint=False, sample_size=16, batch_size=16,
+                          trace_probes=4, lanczos_iter=8, lanczos_tol=1e-4)
+    callbacks: list[Any] = [monitor]
+    if others:  # they do not change training, so the weights at the measured steps are the same without them
+        callbacks += [InfluenceReport(task, query_data="val", solver="cg", damping=1e-2, max_train=8, max_queries=2,
+                                      progress_bar=False, images=False),
+                      ApproximateCV(task, folds=2, damping=1e-2),
+                      PBRFValidation(task, num_train=2, num_queries=2, max_iter=10)]
+    trainer = _trainer(root, max_steps=4, precision=precision, callbacks=callbacks, enable_checkpointing=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    return monitor, trainer
+
+
+@pytest.mark.timeout(200)
+def test_bf16_mixed_with_all_four_callbacks_matches_float32_curvature(tmp_path: Path) -> None:
+    bf16, trainer = _float32_fit(tmp_path / "bf16", "bf16-mixed", _AutocastMonitor, others=True)
+    fp32, _ = _float32_fit(tmp_path / "fp32", "32-true", CurvatureMonitor)
+    assert bf16.measured_steps == fp32.measured_steps == [2, 4]
+    for a, b in zip(bf16.history, fp32.history, strict=True):
+        for key in ("trace", "lambda_max"):
+            assert abs(a[key] - b[key]) <= 0.01 * abs(b[key]), key
+    assert {"influence/num_train", "cv/approx_loss", "pbrf/converged_fraction"} <= set(trainer.callback_metrics)
+    # autocast is off inside the measurement: a measurement from within a bf16 autocast region is float32 exact
+    plain, _ = _float32_fit(tmp_path / "plain", "bf16-mixed", CurvatureMonitor)
+    for a, b in zip(bf16.history, plain.history, strict=True):
+        assert a["trace"] == pytest.approx(b["trace"], rel=1e-6)
+        assert a["lambda_max"] == pytest.approx(b["lambda_max"], rel=1e-6)
