@@ -141,8 +141,7 @@ def bench_model(name: str, spec: dict[str, Any], args: argparse.Namespace) -> tu
     qidx = list(range(nq))
     for method in spec["methods"]:
         kw = dict(common)
-        if method in ("cg", "pcg", "lissa"):
-            kw["self_influence"] = False
+        kw["self_influence"] = method == "lowrank"
         if method == "lissa":
             kw.update(lissa_max_steps=spec.get("lissa_steps", 2000), lissa_chains=1, lissa_on_divergence="warn",
                       lissa_measure_constant=False, lissa_certificate_size=0)
@@ -184,7 +183,7 @@ def bench_digits(args: argparse.Namespace) -> dict[str, Any]:
     lam = 1e-2
     t = time.perf_counter()
     res = influence_scores(model, Classification(), (x, y), (x[:1], y[:1]), solver="lowrank", damping=lam,
-                           chunk_size=250, batch_size=250)
+                           chunk_size=250, batch_size=250, self_influence=True)
     lowrank_s = time.perf_counter() - t
     op = GNHOperator(model, Classification(), [(x[i : i + 250], y[i : i + 250]) for i in range(0, 1000, 250)])
     G = op.dense()

@@ -426,7 +426,8 @@ class InfluenceConfig(Config):
         chunk_size: Examples per vectorised per-example gradient chunk (bounds memory at ``chunk_size * P``).
         normalization: ``"sum"`` (default: per-example gradient of the summed unit losses) or ``"mean"``.
         self_influence: Also compute the self-influence of every scored training example (default ``False``: it
-            costs ``n_train / n_query`` times the query solve for the iterative solvers; cheap for ``"exact"``).
+            costs ``n_train / n_query`` times the query solve for the iterative solvers; cheap for ``"exact"``; for
+            ``"lowrank"`` one gradient per example and no product, with an error bound).
         top_k: Proponents/opponents kept per query in :meth:`InfluenceResult.to_dict`.
         cg_rtol: CG relative residual tolerance.
         cg_max_iter: CG iteration cap (default ``min(P, 1000)``).

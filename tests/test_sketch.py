@@ -142,11 +142,12 @@ def _digits_problem() -> tuple[nn.Module, Tensor, Tensor]:
 def test_influence_scores_pcg_and_lowrank_match_exact() -> None:
     model, x, y = _digits_problem()
     data, queries = (x[:120], y[:120]), (x[120:125], y[120:125])
-    kw: dict = {"damping": 1e-2, "curvature_indices": list(range(120)), "train_indices": list(range(8))}
+    kw: dict = {"damping": 1e-2, "curvature_indices": list(range(120)), "train_indices": list(range(8)),
+                "self_influence": True}
     exact = influence_scores(model, Classification(), data, queries, solver="exact", **kw)
     pcg = influence_scores(model, Classification(), data, queries, solver="pcg", cg_rtol=1e-11, sketch_rank=16, **kw)
-    cg = influence_scores(model, Classification(), data, queries, solver="cg", cg_rtol=1e-11, self_influence=False,
-                          **kw)
+    cg = influence_scores(model, Classification(), data, queries, solver="cg", cg_rtol=1e-11,
+                          **{**kw, "self_influence": False})
     assert pcg.solve["method"] == "pcg" and pcg.solve["converged"]
     assert torch.allclose(pcg.scores, exact.scores, rtol=1e-8, atol=1e-10 * float(exact.scores.abs().max()))
     assert torch.allclose(pcg.self_influence, exact.self_influence, rtol=1e-8)
@@ -159,8 +160,8 @@ def test_influence_scores_pcg_and_lowrank_match_exact() -> None:
     assert torch.allclose(low.scores, exact.scores, rtol=1e-8, atol=1e-10 * float(exact.scores.abs().max()))
     assert torch.allclose(low.self_influence, exact.self_influence, rtol=1e-8)
     assert low.solve["self_influence"]["max_relative_error_bound"] < 1e-8
-    auto = influence_scores(model, Classification(), data, queries, solver="auto", self_influence=False, **kw)
-    assert auto.diagnostics["solver"] == "exact" and auto.config["solver"] == "auto"  # 460 <= AUTO_EXACT_MAX_PARAMS
+    auto = influence_scores(model, Classification(), data, queries, solver="auto", **{**kw, "self_influence": False})
+    assert auto.diagnostics["solver"] == "exact"  # 460 <= AUTO_EXACT_MAX_PARAMS
     with pytest.raises(ConfigurationError, match="rank=461 exceeds"):
         influence_scores(model, Classification(), data, queries, solver="lowrank", sketch_rank=461, **kw)
     with pytest.raises(ConfigurationError, match="needs damping > 0"):
@@ -171,7 +172,8 @@ def test_lowrank_self_influence_of_all_digits_ranks_like_exact_at_default_rank()
     model, x, y = _digits_problem()
     kw: dict = {"damping": 1e-2}
     exact = self_influence(model, Classification(), (x, y), solver="exact", **kw)
-    res = influence_scores(model, Classification(), (x, y), (x[:1], y[:1]), solver="lowrank", **kw)
+    res = influence_scores(model, Classification(), (x, y), (x[:1], y[:1]), solver="lowrank", self_influence=True,
+                           **kw)
     assert res.diagnostics["sketch"]["rank"] == InfluenceConfig().sketch_rank == 32
     low = res.self_influence
     rho = float(torch.corrcoef(torch.stack([_ranks(low), _ranks(exact)]))[0, 1])

@@ -16,7 +16,8 @@ from tests.helpers.lightning_models import TinyClassifier
 
 #: 15 training examples over 2 ranks: shards of 8 and 7.
 KW: dict[str, Any] = {"damping": 1e-2, "sketch_rank": 6, "sketch_oversample": 4, "sketch_iterations": 3,
-                      "sketch_trace_probes": 4, "cg_rtol": 1e-10, "chunk_size": 4, "batch_size": 4}
+                      "sketch_trace_probes": 4, "cg_rtol": 1e-10, "chunk_size": 4, "batch_size": 4,
+                      "self_influence": True}
 
 
 def _run(model: torch.nn.Module, data: Any, **dist: Any) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def _warn_costly(run: _Run, num_queries: int, num_scored: int) -> None:
             f"(~{p ** 3 / 1e9:.1f} GFLOP); past {EXACT_SOLVER_WARN_PARAMS} parameters solver='cg' is usually "
             "faster.", UserWarning, stacklevel=3,
         )
-    if cfg.self_influence and cfg.solver != "exact":
+    if cfg.self_influence and cfg.solver not in ("exact", "lowrank"):  # lowrank: one gradient each, no solve
         warnings.warn(
             f"self_influence=True with solver={cfg.solver!r} solves one system per scored training example: "
             f"{num_scored} right-hand sides, about {num_scored / max(num_queries, 1):.0f}x the cost of the query "
