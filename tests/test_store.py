@@ -101,10 +101,13 @@ def test_kill_and_resume_gives_bit_identical_scores_and_files(tmp_path: Path) ->
 def test_config_or_weight_change_starts_fresh_and_says_what_changed(tmp_path: Path) -> None:
     model, train, query = _problem()
     _run(model, train, query, store=tmp_path)
+    ScoreStore(tmp_path).save_array("sketch", np.arange(3.0))  # an opaque extra of this config
+    assert np.array_equal(ScoreStore(tmp_path).load_array("sketch"), np.arange(3.0))
     with pytest.warns(UserWarning, match=r"another config \(changed: config\.damping: 0\.1 -> 0\.2\): starting fresh"):
         changed = _run(model, train, query, damping=0.2, store=tmp_path)
     assert changed.diagnostics["store"]["status"] == "restarted"
     assert changed.diagnostics["store"]["resumed_chunks"] == 0
+    assert ScoreStore(tmp_path).load_array("sketch") is None  # discarded with the old config's chunks
     _same(changed, _run(model, train, query, damping=0.2))  # never mixed with the damping=0.1 chunks
 
     other_weights, _, _ = _problem(seed=1)
