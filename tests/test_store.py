@@ -219,3 +219,20 @@ def test_influence_report_resumes_from_its_store_on_a_rerun(tmp_path: Path) -> N
     assert not (InfluenceReport(Classification(), store=False).store)
     with pytest.raises(Exception, match="store must be True, False or a directory"):
         InfluenceReport(Classification(), store=3)  # type: ignore[arg-type]
+
+
+def test_a_store_error_on_another_rank_raises_here_too(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lightning_influence.influence.scores import _all_ranks_fail
+
+    store = ScoreStore(tmp_path)
+    other_failed = SimpleNamespace(world_size=2, reduce_fn=lambda t: t + 1.0)  # the other rank reports one failure
+    with pytest.raises(StoreError, match=rf"another rank failed to open the score store in {tmp_path}"):
+        with _all_ranks_fail(other_failed, store, "open"):  # type: ignore[arg-type]
+            pass  # this rank is fine
+    all_fine = SimpleNamespace(world_size=2, reduce_fn=lambda t: t + 0.0)
+    with _all_ranks_fail(all_fine, store, "open"):  # type: ignore[arg-type]
+        pass
+    with pytest.raises(ConfigurationError, match="mine"), _all_ranks_fail(all_fine, store, "open"):  # type: ignore[arg-type]
+        raise ConfigurationError("mine")  # this rank's own error comes through unchanged
