@@ -101,10 +101,13 @@ def test_kill_and_resume_gives_bit_identical_scores_and_files(tmp_path: Path) ->
 def test_config_or_weight_change_starts_fresh_and_says_what_changed(tmp_path: Path) -> None:
     model, train, query = _problem()
     _run(model, train, query, store=tmp_path)
+    ScoreStore(tmp_path).save_array("sketch", np.arange(3.0))  # an opaque extra of this config
+    assert np.array_equal(ScoreStore(tmp_path).load_array("sketch"), np.arange(3.0))
     with pytest.warns(UserWarning, match=r"another config \(changed: config\.damping: 0\.1 -> 0\.2\): starting fresh"):
         changed = _run(model, train, query, damping=0.2, store=tmp_path)
     assert changed.diagnostics["store"]["status"] == "restarted"
     assert changed.diagnostics["store"]["resumed_chunks"] == 0
+    assert ScoreStore(tmp_path).load_array("sketch") is None  # discarded with the old config's chunks
     _same(changed, _run(model, train, query, damping=0.2))  # never mixed with the damping=0.1 chunks
 
     other_weights, _, _ = _problem(seed=1)
@@ -216,3 +219,20 @@ def test_influence_report_resumes_from_its_store_on_a_rerun(tmp_path: Path) -> N
     assert not (InfluenceReport(Classification(), store=False).store)
     with pytest.raises(Exception, match="store must be True, False or a directory"):
         InfluenceReport(Classification(), store=3)  # type: ignore[arg-type]
+
+
+def test_a_store_error_on_another_rank_raises_here_too(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lightning_influence.influence.scores import _all_ranks_fail
+
+    store = ScoreStore(tmp_path)
+    other_failed = SimpleNamespace(world_size=2, reduce_fn=lambda t: t + 1.0)  # the other rank reports one failure
+    with pytest.raises(StoreError, match=rf"another rank failed to open the score store in {tmp_path}"):
+        with _all_ranks_fail(other_failed, store, "open"):  # type: ignore[arg-type]
+            pass  # this rank is fine
+    all_fine = SimpleNamespace(world_size=2, reduce_fn=lambda t: t + 0.0)
+    with _all_ranks_fail(all_fine, store, "open"):  # type: ignore[arg-type]
+        pass
+    with pytest.raises(ConfigurationError, match="mine"), _all_ranks_fail(all_fine, store, "open"):  # type: ignore[arg-type]
+        raise ConfigurationError("mine")  # this rank's own error comes through unchanged

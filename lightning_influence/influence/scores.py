@@ -9,12 +9,13 @@ PCG or the low-rank inverse), the training-gradient stream (:func:`_stream_score
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence.gradients import iter_per_example_gradients, per_example_gradients
 from lightning_influence.influence.projection import RandomProjection
 from lightning_influence.influence.result import InfluenceResult
-from lightning_influence.influence.store import ScoreStore, fingerprint
+from lightning_influence.influence.store import ScoreStore, StoreError, fingerprint
 from lightning_influence.operators.curvature import CurvatureOperator, make_operator
 from lightning_influence.params import num_parameters, trainable_parameters
 from lightning_influence.solvers import (
@@ -415,7 +416,8 @@ def _stream_scores(
         if run.cfg.self_influence:
             _chunk_self_influence(run, inverse, out, pos, mine, G_local)
         if store is not None:
-            _write_chunk(store, c, out, mine, out.self_solves[n_solves:], run.cfg.self_influence)
+            with _all_ranks_fail(run, store, f"write chunk {c} of"):
+                _write_chunk(store, c, out, mine, out.self_solves[n_solves:], run.cfg.self_influence)
         if progress is not None:
             progress("train", min(n, (c + 1) * chunk), n)
     return out
@@ -521,9 +523,27 @@ def _open_store(
                      spectrum=dataclasses.asdict(spectrum) if dataclasses.is_dataclass(spectrum) else spectrum)
     fp["world_size"] = run.world_size
     num_chunks = math.ceil(t_idx.numel() / run.cfg.chunk_size)
-    done = store.open(fp, num_chunks=num_chunks, layout={
-        "num_train": t_idx.numel(), "num_queries": query.global_size, "chunk_size": run.cfg.chunk_size})
+    layout = {"num_train": t_idx.numel(), "num_queries": query.global_size, "chunk_size": run.cfg.chunk_size}
+    done: set[int] = set()
+    with _all_ranks_fail(run, store, "open"):
+        done = store.open(fp, num_chunks=num_chunks, layout=layout)
     return store, done
+
+
+@contextlib.contextmanager
+def _all_ranks_fail(run: _Run, store: ScoreStore, what: str) -> Iterator[None]:
+    """Under DDP, a store error on one rank raises on every rank (one reduction) instead of hanging the others."""
+    err: Exception | None = None
+    try:
+        yield
+    except (ConfigurationError, OSError) as e:
+        err = e
+    if run.world_size > 1:
+        (failed,) = reduce_packed([float(err is not None)], run.reduce_fn)
+        if float(failed) and err is None:
+            raise StoreError(f"another rank failed to {what} the score store in {store.directory}; see its error.")
+    if err is not None:
+        raise err
 
 
 def influence_scores(

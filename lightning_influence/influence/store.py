@@ -227,9 +227,8 @@ class ScoreStore:
             raise ConfigurationError(f"store directory {self.directory} is a file: pass a directory (store_dir=).")
         foreign = sorted(p.name for p in self.directory.iterdir()
                          if p.name not in _OWN_FILES and not _SHARD.match(p.name) and not p.name.endswith(".tmp"))
-        top = _read_json(self.directory / MANIFEST)
-        if foreign or (top is not None and top.get("format") != FORMAT) or \
-                ((self.directory / MANIFEST).exists() and top is None):
+        top = _read_json(self.directory / MANIFEST)  # written atomically: absent, or whole
+        if foreign or (top is not None and top.get("format") != FORMAT):
             what = f"it holds {foreign[:5]}" if foreign else "its manifest.json is not a score store's"
             raise ConfigurationError(
                 f"store directory {self.directory} is not a lightning_influence score store ({what}); pass an "
@@ -294,11 +293,13 @@ class ScoreStore:
         return True
 
     def _discard(self) -> None:
-        """Remove this rank's shard and (rank 0) the assembled files and shards of other world sizes."""
+        """Remove this rank's shard and (rank 0) the assembled files, extras and shards of other world sizes."""
         for path in self.shard_dir.glob("*") if self.shard_dir.is_dir() else []:
             path.unlink()
         if self.rank != 0:
             return
+        for path in (self.directory / "extras").glob("*.npy"):
+            path.unlink()
         for path in self.directory.iterdir():
             m = _SHARD.match(path.name)
             if m and int(m.group(2)) != self.world_size:
@@ -360,6 +361,8 @@ class ScoreStore:
     # ------------------------------------------------------------------------------------------ extras
     def save_array(self, name: str, array: Any) -> Path:
         """Save an opaque array (e.g. a curvature sketch) as ``extras/<name>.npy`` (atomic; rank 0 calls it).
+
+        Call it after :meth:`open`: extras belong to the fingerprint and are discarded with the chunks when it changes.
 
         Returns:
             The file path.
