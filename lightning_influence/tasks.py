@@ -326,15 +326,16 @@ class LanguageModeling(Task):
         if labels is None:
             labels = ids if mask is None else ids.masked_fill(mask == 0, self.ignore_index)
         kwargs = {k: v for k, v in batch.items() if k != LABELS_KEY}
-        if not self.shift:
-            return (kwargs,), labels
-        length = ids.shape[-1]
-        # Every per-token input (ids, mask, token types, positions) loses its last position.
-        cut = {
-            k: v[:, :-1] if isinstance(v, Tensor) and v.ndim == 2 and v.shape[-1] == length else v
-            for k, v in kwargs.items()
-        }
-        return (cut,), labels[:, 1:]
+        if self.shift:  # every per-token input (ids, mask, token types, positions) loses its last position
+            length = ids.shape[-1]
+            kwargs = {
+                k: v[:, :-1] if isinstance(v, Tensor) and v.ndim == 2 and v.shape[-1] == length else v
+                for k, v in kwargs.items()
+            }
+            labels = labels[:, 1:]
+        if set(kwargs) == {"input_ids"}:  # ids alone go in positionally: model(ids), for any LM
+            return (kwargs["input_ids"],), labels
+        return (kwargs,), labels
 
     def to_dict(self) -> dict[str, object]:
         """Plain description including ``ignore_index``."""
