@@ -14,13 +14,14 @@ gradient, i.e. :math:`v \mapsto H v` with the primal and reverse passes folded i
 
 **When it is used** (``linearization="auto"``, the default). A batch is linearised at its second product pass
 (an operator used once never pays the build, which traces the model: a fixed cost of tens of milliseconds to a
-second) if its streamed product took at least :data:`MIN_STREAM_SECONDS` and its estimated size fits the budget:
-three times the bytes of every submodule's outputs on that batch (:func:`activation_bytes`). Batches past the
+second) if its estimated size, three times the bytes of every submodule's outputs on that batch
+(:func:`activation_bytes`), is at least :data:`AUTO_MIN_BYTES` (below it the model is so small that tracing costs
+more than the cache saves) and fits the budget. Batches past the
 budget (``linearization_budget``, bytes, default :data:`~lightning_influence.config.DEFAULT_LINEARIZATION_BUDGET`,
-1 GiB) keep streaming. After the first two
-cached products of a batch the cached time per direction is compared with the streamed one and the cache of that
-batch is dropped if it is not faster (tiny models, where the traced graph's Python overhead dominates).
-``"always"`` caches every batch that fits from the first pass on without the timing check, ``"never"`` streams.
+1 GiB) keep streaming. The rule depends on
+sizes only, never on measured times, so the same run on a busy and an idle machine takes the same path and gives
+bit-identical numbers (a resumed score store relies on that). ``"always"`` caches every batch that fits from the
+first pass on, ``"never"`` streams.
 Cached values equal streamed ones to rounding (the same operations in another order). A cache is tied to the
 parameters: an in-place update (an optimizer step) is detected through the tensors' version counters and
 discards it (and, in ``"auto"`` mode, switches that operator to streaming: its parameters move between products).
@@ -46,13 +47,14 @@ if TYPE_CHECKING:
     from lightning_influence.evaluator import Evaluator
     from lightning_influence.tasks import Task
 
-__all__ = ["LINEARIZATION_MODES", "MIN_STREAM_SECONDS", "LinearizationCache", "LinearizedProducts", "activation_bytes"]
+__all__ = ["AUTO_MIN_BYTES", "LINEARIZATION_MODES", "LinearizationCache", "LinearizedProducts", "activation_bytes"]
 
 #: Accepted values of ``linearization``.
 LINEARIZATION_MODES = ("auto", "always", "never")
-#: ``"auto"`` caches a batch only if its streamed product takes at least this long (seconds per direction): below
-#: it, tracing the model costs more than the cache can save.
-MIN_STREAM_SECONDS = 0.05
+#: ``"auto"`` caches a batch only if its linearisation would hold at least this many bytes (4 MiB): below it the
+#: model and batch are so small that tracing costs more than the cache saves. A size, not a measured time, so that
+#: the path taken (and the last bits of every result) do not depend on how busy the machine is.
+AUTO_MIN_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -187,11 +189,13 @@ class LinearizationCache:
         state.requests += 1
         if state.entry is not None or not self.enabled or state.streaming:
             return state.entry
-        if self.mode == "auto" and (state.requests < 2 or state.stream_seconds is None
-                                    or state.stream_seconds < MIN_STREAM_SECONDS):
+        if self.mode == "auto" and state.requests < 2:
             return None
         if state.saved_bytes is None:
             state.saved_bytes = int(estimate())
+        if self.mode == "auto" and state.saved_bytes < AUTO_MIN_BYTES:
+            state.streaming = True
+            return None
         if self.used_bytes + state.saved_bytes > self.budget:
             return self._refuse(state)
         state.entry = build()
@@ -218,17 +222,9 @@ class LinearizationCache:
 
     @contextmanager
     def cached(self, index: int, directions: int, compare: bool = True) -> Iterator[None]:
-        """Count a cached product; in ``"auto"`` mode drop the entry if it is not faster than streaming."""
+        """Count a cached product (``compare`` is accepted for call-site symmetry; the policy uses no timings)."""
         self.cached_products += directions
-        start = time.perf_counter()
         yield
-        state = self.batches[index]
-        if not compare or self.mode != "auto" or state.stream_seconds is None or len(state.cached_seconds) >= 2:
-            return
-        state.cached_seconds.append((time.perf_counter() - start) / directions)
-        if len(state.cached_seconds) == 2 and min(state.cached_seconds) >= state.stream_seconds:
-            state.entry, state.streaming = None, True
-            self.used_bytes -= state.saved_bytes or 0
 
 
 class LinearizedProducts:
