@@ -318,9 +318,9 @@ def _is_map_style(dataset: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------- trainer state
 def check_listed_once(callbacks: Sequence[Any], who: str) -> None:
-    """Raise if a ``who`` callback is in ``trainer.callbacks`` twice, or beside another with the same ``state_key``.
+    """Raise if a ``who`` callback instance is in ``trainer.callbacks`` twice.
 
-    Two entries with one state key would overwrite each other's checkpoint state and write the same report files.
+    (Two stateful instances with one ``state_key`` are rejected by Lightning itself when the Trainer is built.)
     Called by :func:`~lightning_influence.callbacks._common.check_strategy` in every callback's ``setup``.
 
     Raises:
@@ -342,14 +342,6 @@ def check_listed_once(callbacks: Sequence[Any], who: str) -> None:
         count = sum(c is cb for c in mine)
         if count > 1:
             raise MisconfigurationError(f"{who} is listed {count} times in Trainer(callbacks=...); list it once.")
-    keys = [getattr(c, "state_key", None) for c in mine]
-    twins = sorted({str(k) for k in keys if keys.count(k) > 1})
-    if twins:
-        raise MisconfigurationError(
-            f"{who}: Trainer(callbacks=...) holds two {who} callbacks with the same settings (state key "
-            f"{twins[0]!r}); their checkpoint states and report files would collide. Remove one, or give them "
-            "different settings (e.g. another dataset, seed or subdir)."
-        )
 
 
 def parameter_signature(module: Any) -> tuple[tuple[str, tuple[int, ...], str], ...]:
