@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="log directory (%(default)s)")
     demo.add_argument("--max-epochs", type=_positive_int, default=20, help="training epochs (%(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="seed of split, init, data order and probes (%(default)s)")
+    demo.add_argument("--quick", action="store_true",
+                      help="cheaper train-end stages (2 folds, fewer scored examples, one short PBRF solve)")
 
     report = sub.add_parser(
         "report",
@@ -119,7 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from lightning_influence.demo import run_demo
 
-        run_demo(out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed)
+        if args.quick:
+            run_demo(out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed, max_train=96, num_queries=6,
+                     pbrf_train=1, quick=True)
+        else:
+            run_demo(out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed)
         return 0
     # args.command == "report" (argparse rejects anything else)
     from lightning_influence.reporting import rebuild_reports

@@ -210,6 +210,8 @@ FIT_CASES: list[tuple[str, Callable[[], Any], Callable[[], list[Any]], str]] = [
     ("labels-out-of-range-cv", BadLabels, lambda: [ApproximateCV(TASK, folds=2)],
      "fix the labels or the model's output layer"),
     ("callback-listed-twice", TinyClassifier, _twice, "list it once"),
+    ("two-reports-one-subdir", TinyClassifier, lambda: [_report(), _report(top_k=2)],
+     "pass another subdir= to one of them"),
     ("query-val-without-val-loader", NoVal, lambda: [_report(query_data="val")], "pass dataset=..."),
     ("monitor-val-without-val-loader", NoVal, lambda: [_monitor(dataset="val")], "add a val dataloader"),
     ("cv-val-without-val-loader", NoVal, lambda: [ApproximateCV(TASK, folds=2, dataset="val")],

@@ -91,7 +91,7 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("sklearn", reason="the demo trains on scikit-learn's digits")
     out_dir = tmp_path / "demo"
     # 4 epochs, not 1: an undertrained net makes the CV prox and the PBRF solves slow (about 25 s vs 70 s)
-    assert main(["demo", "--out", str(out_dir), "--max-epochs", "4", "--seed", "0"]) == 0
+    assert main(["demo", "--out", str(out_dir), "--max-epochs", "4", "--seed", "0", "--quick"]) == 0
     printed = capsys.readouterr().out
 
     match = re.search(r"trace Tr\(G\)\s*=\s*([0-9.eE+-]+) ± ([0-9.eE+-]+)", printed)

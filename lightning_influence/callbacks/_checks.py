@@ -318,9 +318,9 @@ def _is_map_style(dataset: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------- trainer state
 def check_listed_once(callbacks: Sequence[Any], who: str) -> None:
-    """Raise if a ``who`` callback is in ``trainer.callbacks`` twice, or beside another with the same ``state_key``.
+    """Raise if a ``who`` callback instance is in ``trainer.callbacks`` twice.
 
-    Two entries with one state key would overwrite each other's checkpoint state and write the same report files.
+    (Two stateful instances with one ``state_key`` are rejected by Lightning itself when the Trainer is built.)
     Called by :func:`~lightning_influence.callbacks._common.check_strategy` in every callback's ``setup``.
 
     Raises:
@@ -342,24 +342,14 @@ def check_listed_once(callbacks: Sequence[Any], who: str) -> None:
         count = sum(c is cb for c in mine)
         if count > 1:
             raise MisconfigurationError(f"{who} is listed {count} times in Trainer(callbacks=...); list it once.")
-    for i, a in enumerate(mine):
+    for i, a in enumerate(mine):  # stateful twins (same state_key) Lightning rejects itself when the Trainer is built
         for b in mine[i + 1:]:
-            same_dir = getattr(a, "subdir", None) is not None and getattr(a, "subdir", None) == getattr(b, "subdir", 0)
-            same_state = _is_stateful(a) and getattr(a, "state_key", None) == getattr(b, "state_key", 0)
-            if same_dir or same_state:
-                what = f"subdir {getattr(a, 'subdir', None)!r}" if same_dir else f"state key {a.state_key!r}"
+            subdir = getattr(a, "subdir", None)
+            if subdir is not None and subdir == getattr(b, "subdir", None):
                 raise MisconfigurationError(
-                    f"{who}: Trainer(callbacks=...) holds two {who} callbacks with the same {what}; their "
-                    f"{'report files' if same_dir else 'checkpoint states'} would collide. Remove one, or give them "
-                    "different settings (e.g. another subdir, dataset or seed)."
+                    f"{who}: Trainer(callbacks=...) holds two {who} callbacks writing to the same subdir "
+                    f"{subdir!r}; their report files would collide. Remove one, or pass another subdir= to one of them."
                 )
-
-
-def _is_stateful(callback: Any) -> bool:
-    """Whether the callback keeps checkpoint state (overrides ``state_dict``)."""
-    from lightning.pytorch.callbacks import Callback
-
-    return type(callback).state_dict is not Callback.state_dict
 
 
 def parameter_signature(module: Any) -> tuple[tuple[str, tuple[int, ...], str], ...]:
