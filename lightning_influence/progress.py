@@ -22,7 +22,7 @@ class StageProgress:
     Example::
 
         >>> bar = StageProgress(3, "demo", enabled=False)
-        >>> bar.update(1); bar.set(3); bar.close()
+        >>> bar.update(1); bar.set(3); bar("resumed", 2, 3); bar.close()
         >>> bar.enabled
         False
     """
@@ -45,6 +45,16 @@ class StageProgress:
         if self._bar is not None:
             self._bar.n = done
             self._bar.refresh()
+
+    def resumed(self, done: int) -> None:
+        """Set the count of units read back from a store (they count towards the start, not the rate or ETA)."""
+        if self._bar is not None:
+            self._bar.initial = self._bar.n = done
+            self._bar.refresh()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        """The ``progress(stage, done, total)`` callback of ``influence_scores`` (stage ``"resumed"`` or a name)."""
+        (self.resumed if stage == "resumed" else self.set)(done)
 
     def close(self) -> None:
         """Remove the bar."""

@@ -34,7 +34,7 @@ _REPORT = {"class_path": "lightning_influence.InfluenceReport",
                          "max_queries": 4, "progress_bar": False,
                          "config": {"class_path": "lightning_influence.config.InfluenceConfig",
                                     "init_args": {"solver": "cg", "damping": 0.01, "cg_rtol": 1e-12,
-                                                  "chunk_size": 4}}}}
+                                                  "chunk_size": 4, "self_influence": True}}}}
 
 
 @pytest.mark.timeout(120)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import lightning_influence.influence.scores as scores_module
+import lightning_influence.influence.inverse as inverse_module
 from lightning_influence import PBRFValidation
 from lightning_influence.influence import influence_scores
 from lightning_influence.progress import StageProgress, stage_progress
@@ -45,7 +45,7 @@ def test_self_influence_with_an_iterative_solver_warns_with_its_cost() -> None:
 
 def test_exact_solver_past_its_size_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = _data()
-    monkeypatch.setattr(scores_module, "EXACT_SOLVER_WARN_PARAMS", 3)
+    monkeypatch.setattr(inverse_module, "EXACT_SOLVER_WARN_PARAMS", 3)
     with pytest.warns(UserWarning, match="solver='cg' is usually faster"):
         influence_scores(torch.nn.Linear(3, 1).double(), Regression(), (x, y), (x, y), solver="exact", damping=0.1)
 

@@ -342,14 +342,24 @@ def check_listed_once(callbacks: Sequence[Any], who: str) -> None:
         count = sum(c is cb for c in mine)
         if count > 1:
             raise MisconfigurationError(f"{who} is listed {count} times in Trainer(callbacks=...); list it once.")
-    for i, a in enumerate(mine):  # stateful twins (same state_key) Lightning rejects itself when the Trainer is built
-        for b in mine[i + 1:]:
+    # Stateful twins (same state_key) Lightning rejects itself when the Trainer is built, and stateful callbacks name
+    # their files and report sections after their state; two stateless ones in one subdir overwrite each other.
+    stateless = [c for c in mine if not _is_stateful(c)]
+    for i, a in enumerate(stateless):
+        for b in stateless[i + 1:]:
             subdir = getattr(a, "subdir", None)
             if subdir is not None and subdir == getattr(b, "subdir", None):
                 raise MisconfigurationError(
                     f"{who}: Trainer(callbacks=...) holds two {who} callbacks writing to the same subdir "
                     f"{subdir!r}; their report files would collide. Remove one, or pass another subdir= to one of them."
                 )
+
+
+def _is_stateful(callback: Any) -> bool:
+    """Whether the callback keeps checkpoint state (overrides ``state_dict``)."""
+    from lightning.pytorch.callbacks import Callback
+
+    return type(callback).state_dict is not Callback.state_dict
 
 
 def parameter_signature(module: Any) -> tuple[tuple[str, tuple[int, ...], str], ...]:

@@ -241,7 +241,7 @@ class InfluenceReport(Callback):
                 ctx.module, self.task, train.dataset, query.dataset, config=self.config, train_indices=t_idx,
                 query_indices=q_idx, spectrum=spectrum, collate_fn=train.collate_fn,
                 query_collate_fn=query.collate_fn, reduce_fn=ctx.reduce_fn, rank=ctx.rank, world_size=ctx.world_size,
-                progress=lambda _stage, done, _total: bar.set(done), store=store,
+                progress=bar, store=store,
             )
         except ConfigurationError as err:
             if isinstance(err, MisconfigurationError):

@@ -319,7 +319,7 @@ def influence_scores(
         world_size: Number of ranks.
         progress: Called as ``progress(stage, done, total)`` after each chunk of training gradients (``stage``
             ``"train"``, or ``"resumed"`` for a chunk read back from ``store``), e.g. a
-            :class:`~lightning_influence.influence.store.ChunkProgress` bar.
+            :class:`~lightning_influence.progress.StageProgress` bar.
         store: A directory (or :class:`~lightning_influence.influence.store.ScoreStore`) to write every scored
             chunk to as ``.npy`` files, resuming from the chunks already there when the config, weights and
             indices match (bit-identical scores), else starting fresh with a warning. ``None``: in memory only.

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from lightning_influence.exceptions import ConfigurationError, LightningInfluenceError
 
-__all__ = ["FORMAT", "ChunkProgress", "ScoreStore", "StoreError", "fingerprint", "load_store"]
+__all__ = ["FORMAT", "ScoreStore", "StoreError", "fingerprint", "load_store"]
 
 #: ``"format"`` entry of every manifest this module writes (a directory with another one is not a score store).
 FORMAT = "lightning_influence.score_store/1"
@@ -456,53 +456,3 @@ def _assemble(parts: Mapping[str, Iterable[np.ndarray]]) -> dict[str, np.ndarray
         full[..., pos] = cat
         out[name] = full
     return out
-
-
-# ---------------------------------------------------------------------------------------------- progress
-class ChunkProgress:
-    """A tqdm bar (with ETA) over chunks, usable as ``influence_scores(progress=...)``; a no-op without tqdm.
-
-    Chunks reported as ``"resumed"`` count towards the bar's start, not its rate, so the ETA reflects the chunks
-    still to compute. Create it on rank 0 only.
-
-    Args:
-        total: Number of training examples scored.
-        chunk_size: Examples per chunk.
-        desc: Bar label.
-
-    Example::
-
-        >>> bar = ChunkProgress(10, 4, disable=True)
-        >>> bar("resumed", 4, 10); bar("train", 8, 10); bar.done
-        2
-        >>> bar.close()
-    """
-
-    def __init__(self, total: int, chunk_size: int, desc: str = "influence: chunks", disable: bool = False) -> None:
-        self.chunk_size = max(1, chunk_size)
-        self.total = math.ceil(total / self.chunk_size)
-        self.done = 0
-        self._resumed = 0
-        self.bar: Any = None
-        if not disable:
-            try:
-                from tqdm.auto import tqdm  # type: ignore[import-untyped]  # a dependency of lightning
-            except ImportError:  # pragma: no cover
-                return
-            self.bar = tqdm(total=self.total, desc=desc, unit="chunk", leave=False)
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        """Count one finished (``"train"``) or read-back (``"resumed"``) chunk."""
-        self.done += 1
-        if stage == "resumed":
-            self._resumed += 1
-        if self.bar is not None:
-            if stage == "resumed":
-                self.bar.initial = self._resumed
-            self.bar.n = self.done
-            self.bar.refresh()
-
-    def close(self) -> None:
-        """Close the bar."""
-        if self.bar is not None:
-            self.bar.close()
