@@ -102,6 +102,7 @@ __all__ = [
     "output_dir",
     "publish",
     "rank_world",
+    "require_influence_report",
     "resolve_config",
     "resolve_data",
     "resolve_dataset",
@@ -421,6 +422,36 @@ def find_callback(trainer: pl.Trainer, cls: type[Callback], *, before: Callback 
 
 
 # -------------------------------------------------------------------------------------------- outputs
+def require_influence_report(trainer: pl.Trainer, callback: Callback, who: str, uses: str) -> Any:
+    """The Trainer's ``InfluenceReport``, which must come before ``callback`` (its scores are what ``who`` uses).
+
+    Returns:
+        The ``InfluenceReport``.
+
+    Raises:
+        MisconfigurationError: If there is none (``"<who> <uses> but the Trainer has no InfluenceReport: add ..."``),
+            or it comes after ``callback``.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> try:
+        ...     require_influence_report(SimpleNamespace(callbacks=[]), object(), "PBRFValidation",
+        ...                              "validates InfluenceReport's scores")
+        ... except MisconfigurationError as e:
+        ...     print(str(e)[:60])
+        PBRFValidation validates InfluenceReport's scores but the Tr
+    """
+    from lightning_influence.callbacks.influence_report import InfluenceReport
+
+    report = find_callback(trainer, InfluenceReport, before=callback)  # raises if it comes after the callback
+    if report is None:
+        raise MisconfigurationError(
+            f"{who} {uses} but the Trainer has no InfluenceReport: add InfluenceReport(...) before {who} in callbacks."
+        )
+    return report
+
+
 def output_dir(trainer: pl.Trainer, subdir: str = "influence") -> Path:
     """``<trainer.log_dir>/<subdir>`` (or under ``default_root_dir``), identical on every rank; call on ALL ranks.
 

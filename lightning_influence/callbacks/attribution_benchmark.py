@@ -27,9 +27,9 @@ from lightning_influence.callbacks._common import (
     ResolvedData,
     RunContext,
     check_strategy,
-    find_callback,
     output_dir,
     publish,
+    require_influence_report,
 )
 from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.evaluation.lds import MEASUREMENTS, LDSResult, lds
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["AttributionBenchmark"]
 
 _WHO = "AttributionBenchmark"
+
 _ADD_REPORT = "add InfluenceReport(...) before AttributionBenchmark in callbacks"
 
 
@@ -223,15 +224,7 @@ class AttributionBenchmark(Callback):
 
     # ------------------------------------------------------------------------------------------- setup
     def _influence_report(self, trainer: pl.Trainer) -> Any:
-        from lightning_influence.callbacks.influence_report import InfluenceReport
-
-        report = find_callback(trainer, InfluenceReport, before=self)  # raises if it comes after this callback
-        if report is None:
-            raise MisconfigurationError(
-                f"{_WHO} scores InfluenceReport's influence scores but the Trainer has no InfluenceReport: "
-                f"{_ADD_REPORT}."
-            )
-        return report
+        return require_influence_report(trainer, self, _WHO, "scores InfluenceReport's influence scores")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -37,8 +37,8 @@ from lightning_influence.callbacks._common import (
     check_strategy,
     check_task,
     config_field,
-    find_callback,
     publish,
+    require_influence_report,
     resolve_config,
     sample_indices,
 )
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = ["PBRFValidation", "PBRFValidationResult", "correlation_table"]
 
 _WHO = "PBRFValidation"
+
 _ADD_REPORT = "add InfluenceReport(...) before PBRFValidation in callbacks"
 
 
@@ -254,12 +255,7 @@ class PBRFValidation(Callback):
 
     # ------------------------------------------------------------------------------------------- setup
     def _influence_report(self, trainer: pl.Trainer) -> InfluenceReport:
-        report = find_callback(trainer, InfluenceReport, before=self)  # raises if it comes after this callback
-        if report is None:
-            raise MisconfigurationError(
-                f"{_WHO} validates InfluenceReport's scores but the Trainer has no InfluenceReport: {_ADD_REPORT}."
-            )
-        return report
+        return require_influence_report(trainer, self, _WHO, "validates InfluenceReport's scores")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
