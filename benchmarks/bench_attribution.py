@@ -572,6 +572,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--figure", default=None, help="also draw the LDS table as a PNG (e.g. docs/figures/...)")
     args = parser.parse_args()
+    if args.loo < 1 or args.subsets < 2 or args.queries < 1:
+        parser.error("--loo must be >= 1, --subsets >= 2 and --queries >= 1 (the LOO and LDS columns need them)")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars would bury the table
     start = time.perf_counter()
