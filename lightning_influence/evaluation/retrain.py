@@ -41,7 +41,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_influence._io import atomic_write
 from lightning_influence.distributed import reduce_packed
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.params import make_generator
@@ -256,20 +256,6 @@ class RetrainResult:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _hash_config(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -562,11 +548,11 @@ class SubsetRetrainer:
                     p.unlink()
             manifest = {"config": self.config, "config_hash": self.config_hash,
                         "files": {"subsets": "subsets.npy", "runs": "run_<id:05d>.npz"}}
-            _atomic_write(self.cache_dir / MANIFEST_NAME,
+            atomic_write(self.cache_dir / MANIFEST_NAME,
                           lambda f: f.write(json.dumps(manifest, indent=1, default=str).encode()))
             if not (self.cache_dir / "subsets.npy").is_file() or discard:
                 masks = self._masks.numpy()
-                _atomic_write(self.cache_dir / "subsets.npy", lambda f: np.save(f, masks))
+                atomic_write(self.cache_dir / "subsets.npy", lambda f: np.save(f, masks))
         self._sync()
 
     def _load_run(self, run: int) -> np.ndarray | None:
@@ -586,7 +572,7 @@ class SubsetRetrainer:
     def _save_run(self, run: int, outputs: np.ndarray, indices: Tensor, seed: int) -> None:
         arrays = {"outputs": outputs, "indices": indices.numpy(), "seed": np.asarray(seed),
                   "config_hash": np.asarray(self.config_hash)}
-        _atomic_write(self.run_path(run), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
+        atomic_write(self.run_path(run), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
     def _sync(self) -> None:
         if self.world_size > 1:

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -57,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_influence._io import atomic_write
 from lightning_influence.exceptions import ConfigurationError, LightningInfluenceError
 
 __all__ = ["FORMAT", "ScoreStore", "StoreError", "fingerprint", "load_store"]
@@ -125,35 +125,13 @@ def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- atomic writes
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def _write_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as ``.npy`` at ``path`` atomically (temporary file, fsync, :func:`os.replace`)."""
-    tmp = _tmp(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``array`` as ``.npy`` at ``path`` atomically (:func:`~lightning_influence._io.atomic_write`)."""
+    atomic_write(path, lambda f: np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = _tmp(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: json.dump(data, f, indent=1, sort_keys=True, default=str), binary=False)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -31,13 +31,14 @@ import math
 import os
 import platform
 import sys
-import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_influence._io import atomic_write
 
 __all__ = ["KNOWN_SECTIONS", "ReportStore", "find_reports", "rebuild_reports", "to_jsonable"]
 
@@ -148,23 +149,9 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _tmp_name(path: Path) -> Path:
-    """A unique sibling of ``path`` for write-then-rename (created with the process umask, unlike mkstemp)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
 
 
 class ReportStore:
@@ -302,13 +289,7 @@ class ReportStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         obj = tensor.detach().cpu() if isinstance(tensor, torch.Tensor) else tensor
         path = self.directory / f"{name}.pt"
-        tmp = _tmp_name(path)
-        try:
-            torch.save(obj, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(obj, f))
         entry: dict[str, Any] = {"path": path.name, "section": section}
         if isinstance(obj, torch.Tensor):
             entry.update(shape=list(obj.shape), dtype=str(obj.dtype).replace("torch.", ""))
