@@ -40,14 +40,26 @@ LABELS_KEY = "labels"
 
 def _accepts_keywords(model: nn.Module, kwargs: Mapping[str, Any]) -> bool:
     """Whether ``model.forward`` takes every key of ``kwargs`` as a keyword (or has ``**kwargs``)."""
+    cls = type(model)
+    if cls not in _FORWARD_KEYWORDS:  # once per class: forward runs at every product
+        _FORWARD_KEYWORDS[cls] = _forward_keywords(cls)
+    keywords = _FORWARD_KEYWORDS[cls]
+    return keywords is None or set(kwargs) <= keywords
+
+
+_FORWARD_KEYWORDS: dict[type[nn.Module], frozenset[str] | None] = {}
+
+
+def _forward_keywords(cls: type[nn.Module]) -> frozenset[str] | None:
+    """The keyword parameters of ``cls.forward`` (``None``: any keyword)."""
     try:
-        sig = inspect.signature(model.forward)
+        sig = inspect.signature(cls.forward)
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return True
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        return True
-    return set(kwargs) <= {name for name, p in sig.parameters.items() if p.kind in kinds}
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(name for name, p in sig.parameters.items() if p.kind in kinds)
 
 
 def is_hf_model(model: nn.Module) -> bool:

@@ -29,11 +29,10 @@ discards it (and, in ``"auto"`` mode, switches that operator to streaming: its p
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -63,8 +62,6 @@ class _Batch:
 
     requests: int = 0
     saved_bytes: int | None = None
-    stream_seconds: float | None = None
-    cached_seconds: list[float] = field(default_factory=list)
     streaming: bool = False
     entry: dict[str, Any] | None = None
 
@@ -208,23 +205,12 @@ class LinearizationCache:
         state.streaming = True
         return None
 
-    @contextmanager
-    def streaming(self, index: int, directions: int, measure: bool = True) -> Iterator[None]:
-        """Count a streamed product and, on a batch's first product pass, time it."""
-        state = self.batches.setdefault(index, _Batch())
-        self.streamed_products += directions
-        if state.stream_seconds is not None or not self.enabled or not measure:
-            yield
-            return
-        start = time.perf_counter()
-        yield
-        state.stream_seconds = (time.perf_counter() - start) / directions
-
-    @contextmanager
-    def cached(self, index: int, directions: int, compare: bool = True) -> Iterator[None]:
-        """Count a cached product (``compare`` is accepted for call-site symmetry; the policy uses no timings)."""
-        self.cached_products += directions
-        yield
+    def count(self, directions: int, *, cached: bool) -> None:
+        """Count the directions of one product pass on a batch, cached or streamed (see :meth:`stats`)."""
+        if cached:
+            self.cached_products += directions
+        else:
+            self.streamed_products += directions
 
 
 class LinearizedProducts:
@@ -314,31 +300,32 @@ class LinearizedProducts:
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
         entry = self._entry(batch_index, batch)
         if entry is None:
-            with self.linearization.streaming(batch_index, 1):
-                return super()._batch_product(batch_index, batch, v)  # type: ignore[misc]
-        with self.linearization.cached(batch_index, 1):
-            return self._cached_product(batch_index, entry, v), entry["units"]
+            self.linearization.count(1, cached=False)
+            return super()._batch_product(batch_index, batch, v)  # type: ignore[misc]
+        self.linearization.count(1, cached=True)
+        return self._cached_product(batch_index, entry, v), entry["units"]
 
     def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
         k = next(iter(vs.values())).shape[0]
         entry = self._entry(batch_index, batch)
         if entry is None:
-            with self.linearization.streaming(batch_index, k):
-                return super()._batch_matmat(batch_index, batch, vs)  # type: ignore[misc]
-        with self.linearization.cached(batch_index, k):  # a loop over columns beats vmap over the traced graph
-            cols = [self._cached_product(batch_index, entry, {n: t[j] for n, t in vs.items()}) for j in range(k)]
+            self.linearization.count(k, cached=False)
+            return super()._batch_matmat(batch_index, batch, vs)  # type: ignore[misc]
+        self.linearization.count(k, cached=True)
+        # a loop over columns beats vmap over the traced graph
+        cols = [self._cached_product(batch_index, entry, {n: t[j] for n, t in vs.items()}) for j in range(k)]
         return {n: torch.stack([c[n] for c in cols]) for n in vs}, entry["units"]
 
     def _batch_quadratic_forms(self, i: int, batch: Any, matrix: Tensor) -> tuple[Tensor, Tensor]:
         k = matrix.shape[1]
         entry = self._entry(i, batch)
         if entry is None or "jvp" not in entry:
-            with self.linearization.streaming(i, k, measure=False):
-                return super()._batch_quadratic_forms(i, batch, matrix)  # type: ignore[misc]
-        with self.linearization.cached(i, k, compare=False):
-            qs = []
-            for j in range(k):
-                jv = entry["jvp"](unflatten(matrix[:, j], self.params)).detach()
-                c = self._output_map(i, entry["outputs"], entry["targets"], jv)
-                qs.append((jv * c).sum())
+            self.linearization.count(k, cached=False)
+            return super()._batch_quadratic_forms(i, batch, matrix)  # type: ignore[misc]
+        self.linearization.count(k, cached=True)
+        qs = []
+        for j in range(k):
+            jv = entry["jvp"](unflatten(matrix[:, j], self.params)).detach()
+            c = self._output_map(i, entry["outputs"], entry["targets"], jv)
+            qs.append((jv * c).sum())
         return torch.stack(qs), entry["units"]
