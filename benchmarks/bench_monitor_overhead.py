@@ -15,6 +15,9 @@ epoch (71 optimizer steps of 64 images here). Reported:
 * ``steps_between_measurements_for_5pct``: how sparse measurements must be for 5 % overhead;
 * ``identical_weights``: whether every run ended with bit-identical weights (they must).
 
+``--model wide`` trains the example's 1.2M-parameter variant (``SmallCNN(wide=True)``) instead;
+``--checkpoint-every-n-epochs 0`` saves no checkpoint, so measurements follow ``every_n_steps`` alone.
+
 Settings (``--settings``, default ``checkpoint,200,auto``): the monitor's ``every_n_steps`` (``checkpoint``:
 ``None``, measurements at checkpoints only; ``200``; ``auto`` with the default 5 % budget), each on top of the
 per-epoch checkpoints. Per setting: ``overhead`` (CPU time in measurements / CPU time of the rest of the run, a
@@ -73,7 +76,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="/tmp/bench_monitor_overhead")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every-n-epochs", type=int, default=1, help="1: Lightning's default")
+    parser.add_argument("--checkpoint-every-n-epochs", type=int, default=1,
+                        help="1: Lightning's default; 0: no checkpoints (measurements on the step cadence only)")
+    parser.add_argument("--model", choices=("small", "wide"), default="small",
+                        help="small: the example's 9k-parameter CNN; wide: its 1.2M-parameter variant")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise when shared)")
     parser.add_argument("--settings", default="checkpoint,200,auto",
                         help="comma-separated every_n_steps settings: checkpoint (None), an integer, auto")
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             res = mnist_cnn_monitor.run(args.out, args.max_epochs, setting is not None,
                                         None if setting is None else _setting(setting), 64, args.seed,
                                         name=f"{setting or 'off'}{r}",
-                                        checkpoint_every_n_epochs=args.checkpoint_every_n_epochs)
+                                        checkpoint_every_n_epochs=args.checkpoint_every_n_epochs or None,
+                                        wide=args.model == "wide")
             cpu = time.process_time() - start_cpu
             checksums.add(res["checksum"])
             print(f"repeat {r} setting={setting or 'off'}: wall {res['seconds']:.1f} s, cpu {cpu:.1f} s", flush=True)
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
               f"{row['products_per_measurement']:>8.1f}")
     result: dict[str, object] = {
         "benchmark": "monitor_overhead",
+        "model": args.model,
+        "parameters": sum(p.numel() for p in last["model"].parameters()),  # type: ignore[attr-defined]
+        "checkpoint_every_n_epochs": args.checkpoint_every_n_epochs,
         "max_epochs": args.max_epochs,
         "repeats": args.repeats,
         "train_steps": steps,

@@ -45,15 +45,22 @@ def load_mnist(num_val: int = 500, seed: int = 0) -> tuple[TensorDataset, Tensor
 
 
 class SmallCNN(L.LightningModule):
-    """conv(8) → pool → conv(16) → pool → linear(10), ReLU, Adam (about 9k parameters)."""
+    """conv(8) → pool → conv(16) → pool → linear(10), ReLU, Adam (about 9k parameters).
 
-    def __init__(self, lr: float = 1e-3) -> None:
+    ``wide=True``: conv(32) → pool → conv(64) → pool → linear(384) → linear(10) (1,227,274 parameters), the
+    ≥ 10⁶-parameter CNN of ``benchmarks/bench_monitor_overhead.py --model wide``.
+    """
+
+    def __init__(self, lr: float = 1e-3, wide: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
+        c1, c2 = (32, 64) if wide else (8, 16)
+        head: list[nn.Module] = [nn.Linear(c2 * 7 * 7, 384), nn.ReLU(), nn.Linear(384, 10)] if wide else [
+            nn.Linear(c2 * 7 * 7, 10)]
         self.net = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), *head,
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
@@ -83,19 +90,28 @@ def run(
     batch_size: int = 64,
     seed: int = 0,
     name: str = "lightning_logs",
-    checkpoint_every_n_epochs: int = 1,
+    checkpoint_every_n_epochs: int | None = 1,
+    wide: bool = False,
+    max_steps: int = -1,
 ) -> dict[str, Any]:
-    """Train once; return wall time, final weights checksum, the monitor (if any) and the log directory."""
+    """Train once; return wall time, final weights checksum, the monitor (if any) and the log directory.
+
+    ``checkpoint_every_n_epochs=None`` saves no checkpoint during training (measurements on the step cadence only).
+    """
     L.seed_everything(seed, verbose=False)
     train, val = load_mnist(seed=seed)
-    model = SmallCNN()
-    callbacks: list[Any] = [ModelCheckpoint(every_n_epochs=checkpoint_every_n_epochs)]  # 1 = Lightning's default
+    model = SmallCNN(wide=wide)
+    callbacks: list[Any] = []
+    if checkpoint_every_n_epochs is not None:  # 1 = Lightning's default
+        callbacks.append(ModelCheckpoint(every_n_epochs=checkpoint_every_n_epochs))
     mon = None
     if monitor:
         mon = CurvatureMonitor(Classification(), every_n_steps=every_n_steps)
         callbacks.append(mon)
     trainer = L.Trainer(
         max_epochs=max_epochs,
+        max_steps=max_steps,
+        enable_checkpointing=checkpoint_every_n_epochs is not None,
         accelerator="cpu",
         devices=1,
         default_root_dir=out,
@@ -123,10 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every-n-epochs", type=int, default=1, help="ModelCheckpoint cadence")
+    parser.add_argument("--wide", action="store_true", help="the 1.2M-parameter CNN instead of the 9k one")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     res = run(args.out, args.max_epochs, True, args.every_n_steps, args.batch_size, args.seed,
-              checkpoint_every_n_epochs=args.checkpoint_every_n_epochs)
+              checkpoint_every_n_epochs=args.checkpoint_every_n_epochs, wide=args.wide)
     mon = res["monitor"]
     print(f"trained {args.max_epochs} epochs in {res['seconds']:.1f} s, val_acc={res['val_acc']:.3f}")
     header = ("step", "trigger", "trace", "±stderr", "λ_max", "Tr/λ_max", "LiSSA |B|", "T", "s")

@@ -79,14 +79,17 @@ def _no_autocast(module: torch.nn.Module) -> torch.autocast:
 
 
 def _default_config() -> SpectrumConfig:
-    """The estimator settings when no config is given: 8 probes, 8 Lanczos products, a 3 % Ritz residual.
+    """The estimator settings when no config is given.
 
-    Cheaper than ``SpectrumConfig()``'s, since the monitor measures during training.
+    4 deflated trace probes, at most 8 Lanczos products stopping at a 3 % Ritz residual, streamed products.
+    Cheaper than ``SpectrumConfig()``'s, since the monitor measures during training. Streaming rather than a cached
+    linearisation: building one costs 5-10 streamed products (measured on the MNIST CNNs of
+    ``benchmarks/bench_monitor_overhead.py``), more than a warm-started measurement's few products save.
 
     Returns:
         The default config.
     """
-    return SpectrumConfig(trace_probes=8, lanczos_iter=8, lanczos_tol=3e-2)
+    return SpectrumConfig(trace_probes=4, lanczos_iter=8, lanczos_tol=3e-2, linearization="never")
 
 
 class CurvatureMonitor(Callback):
@@ -148,15 +151,15 @@ class CurvatureMonitor(Callback):
         task: How a batch becomes ``(outputs, targets)`` and which loss family (e.g. ``Classification()``);
             a loss name (``"cross_entropy"``, ``"mse"``, ...) builds a plain :class:`~lightning_influence.tasks.Task`.
         config: The estimators' settings (:class:`~lightning_influence.config.SpectrumConfig`: probes, Lanczos,
-            ``lambda_method``, the LiSSA constant, seed, ...). Default: ``SpectrumConfig(trace_probes=8,
-            lanczos_iter=8, lanczos_tol=3e-2)``; a config you pass is used as it is (its own defaults for the fields
-            you leave out). ``monitor.config`` is the resolved one, written to the report.
+            ``lambda_method``, the LiSSA constant, seed, ...). Default: ``SpectrumConfig(trace_probes=4,
+            lanczos_iter=8, lanczos_tol=3e-2, linearization="never")``; a config you pass is used as it is (its own
+            defaults for the fields you leave out). ``monitor.config`` is the resolved one, written to the report.
         dataset: ``"train"`` (default: the dataset behind the Trainer's train dataloader, with its collate
             function), ``"val"``, or a map-style dataset.
-        sample_size: Examples in the fixed curvature sample (default 128); ``None`` uses the whole dataset.
+        sample_size: Examples in the fixed curvature sample (default 64); ``None`` uses the whole dataset.
         batch_size: Examples per forward pass inside a measurement (default 128).
-        trace_probes: Hutchinson probes per measurement (``None``: the config's, 8 by default; at least 2); each
-            costs about one gradient over the sample (forward-mode only).
+        trace_probes: Hutchinson probes per measurement (``None``: the config's, 4 by default; at least 2), deflated
+            by the Lanczos basis; each costs about one gradient over the sample (forward-mode only).
         lanczos_iter: Most Lanczos products per measurement (``None``: the config's, 8 by default).
         lanczos_tol: Lanczos stops once the Ritz residual is below ``lanczos_tol * lambda_max`` (``None``: the
             config's, 3e-2 by default).
@@ -186,7 +189,7 @@ class CurvatureMonitor(Callback):
         >>> from lightning_influence.tasks import Classification
         >>> monitor = CurvatureMonitor(Classification(), every_n_steps=100)
         >>> monitor.latest is None, monitor.history, monitor.config.trace_probes
-        (True, [], 8)
+        (True, [], 4)
         >>> from lightning_influence.config import SpectrumConfig
         >>> CurvatureMonitor(Classification(), config=SpectrumConfig(lanczos_iter=20), seed=3).config.seed
         3
@@ -207,7 +210,7 @@ class CurvatureMonitor(Callback):
         *,
         config: SpectrumConfig | None = None,
         dataset: Literal["train", "val"] | Any = "train",
-        sample_size: int | None = 128,
+        sample_size: int | None = 64,
         batch_size: int = 128,
         trace_probes: int | None = None,
         lanczos_iter: int | None = None,
