@@ -128,7 +128,8 @@ def run(
     seconds = time.perf_counter() - start
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     return {"seconds": seconds, "checksum": checksum, "monitor": mon, "model": model, "trainer": trainer,
-            "train": train, "log_dir": trainer.log_dir, "val_acc": float(trainer.callback_metrics["val_acc"])}
+            "train": train, "log_dir": trainer.log_dir,
+            "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan")))}
 
 
 def main(argv: list[str] | None = None) -> None:
