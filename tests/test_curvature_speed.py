@@ -240,3 +240,16 @@ def test_bf16_mixed_with_all_four_callbacks_matches_float32_curvature(tmp_path: 
     for a, b in zip(bf16.history, plain.history, strict=True):
         assert a["trace"] == pytest.approx(b["trace"], rel=1e-6)
         assert a["lambda_max"] == pytest.approx(b["lambda_max"], rel=1e-6)
+
+
+@pytest.mark.timeout(200)
+def test_16_mixed_training_gives_float32_curvature_within_one_percent(tmp_path: Path) -> None:
+    # float16 autocast (with Lightning's grad scaler) changes the weights' trajectory slightly; the measurement itself
+    # runs with autocast off, in the float32 weights' dtype
+    half, trainer = _float32_fit(tmp_path / "fp16", "16-mixed", CurvatureMonitor)
+    fp32, _ = _float32_fit(tmp_path / "fp32", "32-true", CurvatureMonitor)
+    assert type(trainer.precision_plugin).__name__ == "MixedPrecision"
+    assert half.measured_steps == fp32.measured_steps == [2, 4]
+    for a, b in zip(half.history, fp32.history, strict=True):
+        for key in ("trace", "lambda_max"):
+            assert abs(a[key] - b[key]) <= 0.01 * abs(b[key]), key
