@@ -245,7 +245,7 @@ def _lowrank_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
     op = run.operator()
     sk = _sketch(run, op, given)
 
-    def solve(B: Tensor) -> tuple[Tensor, SolveResult]:  # the residual: one batched product on <= 4 query columns
+    def solve(B: Tensor) -> tuple[Tensor, SolveResult]:  # the residual: one product, first query column
         before = op.example_products
         res = lowrank_solve(sk, B, damping=run.damping, operator=op)
         run.counters["example_products"] += op.example_products - before

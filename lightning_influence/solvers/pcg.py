@@ -69,7 +69,10 @@ from lightning_influence.solvers.cg import conjugate_gradient
 from lightning_influence.solvers.result import SolveResult
 from lightning_influence.solvers.sketch import LowRankSketch
 
-__all__ = ["lowrank_self_influence", "lowrank_solve", "nystrom_preconditioner", "preconditioned_cg"]
+__all__ = [
+    "lowrank_self_influence", "lowrank_self_influence_from_coefficients", "lowrank_solve", "nystrom_preconditioner",
+    "preconditioned_cg",
+]
 
 
 def _check(sketch: LowRankSketch, damping: float, num_params: int | None = None) -> None:
@@ -179,7 +182,7 @@ def _lowrank_residual(op: LinearOperator | None, sketch: LowRankSketch, B: Tenso
 
 
 def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float, operator: LinearOperator | None = None,
-                  residual_columns: int = 4) -> SolveResult:
+                  residual_columns: int = 1) -> SolveResult:
     r"""Apply :math:`L = V(\Lambda+\lambda)^{-1}V^\top + (I - VV^\top)/\lambda` to ``b`` (``solver="lowrank"``).
 
     Zero curvature products for the solution itself. The result's ``info`` carries ``trace_fraction`` (captured
@@ -241,9 +244,31 @@ def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: flo
     if grads.ndim != 2:
         raise ConfigurationError(f"grads must be (m, P), got shape {tuple(grads.shape)}.")
     _check(sketch, damping, grads.shape[1])
-    evals, V = _cast(sketch, grads)
-    C = grads @ V
-    outside = torch.clamp((grads * grads).sum(1) - (C * C).sum(1), min=0.0)
+    _, V = _cast(sketch, grads)
+    return lowrank_self_influence_from_coefficients(sketch, grads @ V, torch.linalg.vector_norm(grads, dim=1) ** 2,
+                                                    damping=damping)
+
+
+def lowrank_self_influence_from_coefficients(
+    sketch: LowRankSketch, coefficients: Tensor, squared_norms: Tensor, *, damping: float
+) -> tuple[Tensor, Tensor]:
+    r""":func:`lowrank_self_influence` from ``C = grads @ V`` ``(m, r)`` and :math:`\|g\|^2` ``(m,)``.
+
+    The scoring loop computes ``C`` in the same matmul as the scores (one read of each gradient chunk).
+
+    Returns:
+        ``(values, bounds)`` as :func:`lowrank_self_influence`.
+
+    Example::
+
+        >>> sk = LowRankSketch(torch.tensor([3.0]), torch.tensor([[1.0], [0.0]]), 1.0)
+        >>> lowrank_self_influence_from_coefficients(sk, torch.tensor([[2.0]]), torch.tensor([5.0]), damping=1.0)
+        (tensor([2.]), tensor([0.5000]))
+    """
+    _check(sketch, damping)
+    C = coefficients
+    evals = sketch.eigenvalues.to(C)
+    outside = torch.clamp(squared_norms - (C * C).sum(1), min=0.0)
     values = (C * C / (evals + damping)).sum(1) + outside / damping
     bounds = outside * (1.0 / damping - 1.0 / (sketch.tail_eigenvalue + damping))
     return values, bounds
