@@ -209,7 +209,7 @@ def specs(quick: bool) -> dict[str, dict[str, Any]]:
             "mlp_1e5": {"n": 500, "queries": 20, "pool": 200, "rank": 32, "oversample": 10, "iterations": 3,
                         "trace_probes": 8, "steps": 30, "chunk": 50, "damping": 1e-3, "rtol": 1e-4,
                         "max_iter": 300, "methods": ("cg", "pcg", "lowrank", "lissa"), "lissa_steps": 300},
-            "cnn_1e6": {"n": 200, "queries": 10, "pool": 50, "rank": 16, "oversample": 8, "iterations": 3,
+            "cnn_1e6": {"n": 200, "queries": 10, "pool": 50, "rank": 128, "oversample": 10, "iterations": 3,
                         "trace_probes": 4, "steps": 10, "chunk": 25, "damping": 1e-3, "rtol": 1e-4,
                         "max_iter": 150, "methods": ("cg", "pcg", "lowrank")},
             "resnet18": {"n": 40, "queries": 4, "pool": 8, "rank": 8, "oversample": 4, "iterations": 2,

@@ -113,6 +113,22 @@ def test_lowrank_full_rank_equals_exact_damped_inverse_and_self_influence() -> N
         lowrank_solve(sk, B[:10], damping=lam)
 
 
+def test_lowrank_residual_is_the_true_residual_of_the_low_rank_solution() -> None:
+    _, op, G, _, _ = _problem()
+    lam, P = 1e-2, op.num_params
+    sk = compute_sketch(op, rank=8, oversample=4, iterations=3, trace_probes=0)
+    B = torch.randn(P, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
+    res = lowrank_solve(sk, B, damping=lam, operator=op, residual_columns=4)
+    R = (G + lam * torch.eye(P, dtype=F64)) @ res.x[:, :4] - B[:, :4]   # dense float64 ground truth
+    true = float((R.norm(dim=0) / B[:, :4].norm(dim=0)).max())
+    assert res.info["residual"] == "measured" and res.num_products == 4
+    assert abs(res.relative_residual - true) <= 1e-10 * true and true > 1e-3   # r < P: a real, non-nan residual
+    bound = lowrank_solve(sk, B, damping=lam)
+    assert bound.info["residual"] == "bound" and bound.num_products == 0 and bound.relative_residual > 0
+    full = compute_sketch(op, rank=P, oversample=0, iterations=2, trace_probes=0)
+    assert lowrank_solve(full, B, damping=lam, operator=op).relative_residual <= 1e-8
+
+
 def test_lowrank_self_influence_error_is_within_the_discarded_spectrum_bound() -> None:
     op, mu, evecs = _spread_op()
     lam, r = 1e-2, 12
@@ -156,7 +172,9 @@ def test_influence_scores_pcg_and_lowrank_match_exact() -> None:
     P = pcg.diagnostics["num_params"]
     low = influence_scores(model, Classification(), data, queries, solver="lowrank", sketch_rank=P,
                            sketch_oversample=0, sketch_iterations=2, **kw)
-    assert low.solve["num_products"] == 0 and low.solve["info"]["trace_fraction"] is not None
+    assert low.solve["info"]["trace_fraction"] is not None and low.solve["info"]["residual"] == "measured"
+    assert low.solve["num_products"] == 1  # the residual: one product on the first query column
+    assert low.solve["relative_residual"] <= 1e-8  # r = P: the low-rank solution is the exact one
     assert torch.allclose(low.scores, exact.scores, rtol=1e-8, atol=1e-10 * float(exact.scores.abs().max()))
     assert torch.allclose(low.self_influence, exact.self_influence, rtol=1e-8)
     assert low.solve["self_influence"]["max_relative_error_bound"] < 1e-8

@@ -242,10 +242,13 @@ def _pcg_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
 
 
 def _lowrank_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
-    sk = _sketch(run, run.operator(), given)
+    op = run.operator()
+    sk = _sketch(run, op, given)
 
-    def solve(B: Tensor) -> tuple[Tensor, SolveResult]:
-        res = lowrank_solve(sk, B, damping=run.damping)
+    def solve(B: Tensor) -> tuple[Tensor, SolveResult]:  # the residual: one product, first query column
+        before = op.example_products
+        res = lowrank_solve(sk, B, damping=run.damping, operator=op)
+        run.counters["example_products"] += op.example_products - before
         return res.x, res
 
     return _Inverse(solve, {"sketch": sk})

@@ -39,7 +39,7 @@ from lightning_influence.influence.projection import RandomProjection
 from lightning_influence.influence.result import InfluenceResult
 from lightning_influence.influence.store import ScoreStore, StoreError, fingerprint
 from lightning_influence.params import num_parameters, trainable_parameters
-from lightning_influence.solvers import LowRankSketch, lowrank_self_influence
+from lightning_influence.solvers import LowRankSketch, lowrank_self_influence, lowrank_self_influence_from_coefficients
 from lightning_influence.spectrum import LissaSettings, SpectrumSummary
 from lightning_influence.tasks import Task
 
@@ -75,12 +75,16 @@ class _Scores:
 
 
 def _chunk_self_influence(
-    run: _Run, inverse: _Inverse, out: _Scores, pos: Tensor, mine: Tensor, G_local: Tensor
+    run: _Run, inverse: _Inverse, out: _Scores, pos: Tensor, mine: Tensor, G_local: Tensor,
+    coefficients: Tensor | None = None,
 ) -> None:
     """Self-influence of one chunk: this rank's rows solved locally, or the whole chunk jointly under DDP."""
     if run.cfg.solver == "lowrank":  # no products: g^T L g and its error bound, row by row
         if mine.numel():
-            values, bounds = lowrank_self_influence(inverse.state["sketch"], G_local, damping=run.damping)
+            sk = inverse.state["sketch"]
+            values, bounds = (lowrank_self_influence(sk, G_local, damping=run.damping) if coefficients is None else
+                              lowrank_self_influence_from_coefficients(
+                                  sk, coefficients, torch.linalg.vector_norm(G_local, dim=1) ** 2, damping=run.damping))
             out.self_influence[mine], out.self_influence_bound[mine] = values, bounds
         return
     if run.cfg.solver == "exact" or run.world_size == 1:
@@ -120,6 +124,10 @@ def _stream_scores(
     proj = None if run.cfg.projection_dim is None else RandomProjection(
         P, run.cfg.projection_dim, run.cfg.projection_kind, seed=run.cfg.seed)
     XT = X.T if proj is None else proj(X.T.contiguous())  # (k, P) or projected (k, projection_dim)
+    # lowrank self-influence: scores and sketch coefficients in one matmul per chunk (one read of the gradients)
+    W = (torch.cat([X, inverse.state["sketch"].eigenvectors.to(X)], 1)
+         if run.cfg.solver == "lowrank" and run.cfg.self_influence and proj is None else None)
+    coefficients = None
     for c in range(math.ceil(n / chunk)):
         pos = positions[c * chunk : (c + 1) * chunk]
         mine = shard_indices(pos, run.rank, run.world_size, "strided")
@@ -135,10 +143,14 @@ def _stream_scores(
                 run.model, run.task, run.train.dataset, train_indices[mine], chunk_size=mine.numel(),
                 collate_fn=run.train.collate_fn, normalization=run.cfg.normalization, dtype=run.cfg.torch_dtype())))
             run.counters["example_gradients"] += mine.numel()
-            out.scores[:, mine] = -(XT @ (G_local if proj is None else proj(G_local)).T)
+            if W is not None:
+                C_all = G_local @ W
+                out.scores[:, mine], coefficients = -C_all[:, :k].T, C_all[:, k:]
+            else:
+                out.scores[:, mine] = -(XT @ (G_local if proj is None else proj(G_local)).T)
             out.losses[mine] = loss_local
         if run.cfg.self_influence:
-            _chunk_self_influence(run, inverse, out, pos, mine, G_local)
+            _chunk_self_influence(run, inverse, out, pos, mine, G_local, coefficients)
         if store is not None:
             with _all_ranks_fail(run, store, f"write chunk {c} of"):
                 _write_chunk(store, c, out, mine, out.self_solves[n_solves:], run.cfg.self_influence)

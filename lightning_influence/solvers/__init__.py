@@ -27,6 +27,7 @@ from lightning_influence.solvers.dense import dense_solve
 from lightning_influence.solvers.lissa import lissa
 from lightning_influence.solvers.pcg import (
     lowrank_self_influence,
+    lowrank_self_influence_from_coefficients,
     lowrank_solve,
     nystrom_preconditioner,
     preconditioned_cg,
@@ -47,6 +48,7 @@ __all__ = [
     "lissa",
     "local_curvature_matmat",
     "lowrank_self_influence",
+    "lowrank_self_influence_from_coefficients",
     "lowrank_solve",
     "measure_batch_constant",
     "nystrom_preconditioner",

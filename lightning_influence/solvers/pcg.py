@@ -69,7 +69,10 @@ from lightning_influence.solvers.cg import conjugate_gradient
 from lightning_influence.solvers.result import SolveResult
 from lightning_influence.solvers.sketch import LowRankSketch
 
-__all__ = ["lowrank_self_influence", "lowrank_solve", "nystrom_preconditioner", "preconditioned_cg"]
+__all__ = [
+    "lowrank_self_influence", "lowrank_self_influence_from_coefficients", "lowrank_solve", "nystrom_preconditioner",
+    "preconditioned_cg",
+]
 
 
 def _check(sketch: LowRankSketch, damping: float, num_params: int | None = None) -> None:
@@ -163,12 +166,40 @@ def _lowrank_apply(sketch: LowRankSketch, B: Tensor, damping: float) -> Tensor:
     return B / damping + V @ ((1.0 / (evals + damping) - 1.0 / damping).unsqueeze(1) * (V.T @ B))
 
 
-def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float) -> SolveResult:
+def _lowrank_residual(op: LinearOperator | None, sketch: LowRankSketch, B: Tensor, X: Tensor, damping: float,
+                      columns: int) -> tuple[float, int, str]:
+    """``(relative residual, products, kind)``: measured on the first ``columns`` columns, else the sketch's bound."""
+    if B.shape[1] == 0:
+        return 0.0, 0, "measured"
+    norms = B.norm(dim=0).clamp_min(1e-300)
+    if op is not None and columns > 0:
+        k = min(columns, B.shape[1])
+        R = op.matmat(X[:, :k]) + damping * X[:, :k] - B[:, :k]
+        return float((R.norm(dim=0) / norms[:k]).max()), k, "measured"
+    _, V = _cast(sketch, B)
+    outside = (B - V @ (V.T @ B)).norm(dim=0)  # ||(G+lam)Lb - b|| <= mu_{r+1}/lam ||(I-VV^T)b|| (exact sketch)
+    return float((sketch.tail_eigenvalue / damping * outside / norms).max()), 0, "bound"
+
+
+def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float, operator: LinearOperator | None = None,
+                  residual_columns: int = 1) -> SolveResult:
     r"""Apply :math:`L = V(\Lambda+\lambda)^{-1}V^\top + (I - VV^\top)/\lambda` to ``b`` (``solver="lowrank"``).
 
-    Zero curvature products. The result's ``info`` carries ``trace_fraction`` (captured trace fraction, ``None``
-    when the sketch has no trace estimate), ``rank`` and ``tail_eigenvalue``; ``relative_residual`` is ``nan``
-    (no product is spent to measure it) and ``converged`` is ``True`` (the answer is what the sketch implies).
+    Zero curvature products for the solution itself. The result's ``info`` carries ``trace_fraction`` (captured
+    trace fraction, ``None`` when the sketch has no trace estimate), ``rank`` and ``tail_eigenvalue``;
+    ``converged`` is ``True`` (the answer is what the sketch implies). ``relative_residual`` is, with
+    ``operator`` (the undamped :math:`G` the sketch came from), the true
+    :math:`\max_j \|b_j - (G+\lambda I)x_j\| / \|b_j\|` over the first ``residual_columns`` columns, measured
+    with one batched product (``num_products`` counts its columns; ``info["residual"] = "measured"``); without an
+    operator it is the a-priori estimate :math:`\max_j \mu_{r+1}\|(I-VV^\top)b_j\| / (\lambda\|b_j\|)`, a
+    bound when the sketch's pairs are exact (``info["residual"] = "bound"``, no product).
+
+    Args:
+        sketch: The :class:`LowRankSketch`.
+        b: Right-hand side(s), ``(P,)`` or ``(P, k)``.
+        damping: :math:`\lambda > 0`.
+        operator: Optional undamped operator for the measured residual.
+        residual_columns: Columns whose residual is measured (``0``: use the bound).
 
     Returns:
         The :class:`SolveResult` (method ``"lowrank"``).
@@ -180,16 +211,18 @@ def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float) -> SolveR
 
         >>> sk = LowRankSketch(torch.tensor([3.0]), torch.tensor([[1.0], [0.0]]), 0.0, trace=3.0)
         >>> res = lowrank_solve(sk, torch.tensor([4.0, 2.0]), damping=1.0)
-        >>> res.x, res.info["trace_fraction"], res.num_products
-        (tensor([1., 2.]), 1.0, 0)
+        >>> res.x, res.info["trace_fraction"], res.num_products, res.relative_residual, res.info["residual"]
+        (tensor([1., 2.]), 1.0, 0, 0.0, 'bound')
     """
     B, squeeze = as_matrix(b)
     _check(sketch, damping, B.shape[0])
     X = _lowrank_apply(sketch, B, damping)
+    residual, products, kind = _lowrank_residual(operator, sketch, B, X, damping, residual_columns)
     info = {"damping": damping, "rank": sketch.rank, "tail_eigenvalue": sketch.tail_eigenvalue,
-            "trace_fraction": sketch.captured_trace_fraction, "sketch_products": sketch.num_products}
-    return SolveResult(x=X[:, 0] if squeeze else X, iterations=0, relative_residual=float("nan"), converged=True,
-                       method="lowrank", num_products=0, info=info)
+            "trace_fraction": sketch.captured_trace_fraction, "sketch_products": sketch.num_products,
+            "residual": kind, "residual_columns": products}
+    return SolveResult(x=X[:, 0] if squeeze else X, iterations=0, relative_residual=residual, converged=True,
+                       method="lowrank", num_products=products, info=info)
 
 
 def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: float) -> tuple[Tensor, Tensor]:
@@ -211,9 +244,31 @@ def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: flo
     if grads.ndim != 2:
         raise ConfigurationError(f"grads must be (m, P), got shape {tuple(grads.shape)}.")
     _check(sketch, damping, grads.shape[1])
-    evals, V = _cast(sketch, grads)
-    C = grads @ V
-    outside = torch.clamp((grads * grads).sum(1) - (C * C).sum(1), min=0.0)
+    _, V = _cast(sketch, grads)
+    return lowrank_self_influence_from_coefficients(sketch, grads @ V, torch.linalg.vector_norm(grads, dim=1) ** 2,
+                                                    damping=damping)
+
+
+def lowrank_self_influence_from_coefficients(
+    sketch: LowRankSketch, coefficients: Tensor, squared_norms: Tensor, *, damping: float
+) -> tuple[Tensor, Tensor]:
+    r""":func:`lowrank_self_influence` from ``C = grads @ V`` ``(m, r)`` and :math:`\|g\|^2` ``(m,)``.
+
+    The scoring loop computes ``C`` in the same matmul as the scores (one read of each gradient chunk).
+
+    Returns:
+        ``(values, bounds)`` as :func:`lowrank_self_influence`.
+
+    Example::
+
+        >>> sk = LowRankSketch(torch.tensor([3.0]), torch.tensor([[1.0], [0.0]]), 1.0)
+        >>> lowrank_self_influence_from_coefficients(sk, torch.tensor([[2.0]]), torch.tensor([5.0]), damping=1.0)
+        (tensor([2.]), tensor([0.5000]))
+    """
+    _check(sketch, damping)
+    C = coefficients
+    evals = sketch.eigenvalues.to(C)
+    outside = torch.clamp(squared_norms - (C * C).sum(1), min=0.0)
     values = (C * C / (evals + damping)).sum(1) + outside / damping
     bounds = outside * (1.0 / damping - 1.0 / (sketch.tail_eigenvalue + damping))
     return values, bounds
