@@ -53,6 +53,7 @@ from lightning_influence.callbacks._common import (
     check_dataset,
     check_int,
     check_number,
+    check_picklable_datasets,
     check_same_parameters,
     check_strategy,
     check_task,
@@ -281,6 +282,10 @@ class ApproximateCV(Callback):
         self.last_result: CVResult | None = None
         self.last_exact: CVResult | None = None
         self._reg: Regularizer = regularizer if regularizer is not None else NoRegularizer()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``ddp_spawn`` starts its workers): a dataset that cannot travel is a clear error here, first."""
+        return check_picklable_datasets(_WHO, self.__dict__.copy(), ("dataset",))
 
     @property
     @override
