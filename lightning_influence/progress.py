@@ -2,13 +2,72 @@
 
 One tiny helper on ``tqdm`` (a Lightning dependency): :func:`stage_progress` returns a bar on global rank 0 when the
 Trainer shows its own progress bar, else a no-op with the same methods, so the stages call it unconditionally.
+:func:`warn_projected_cost` is the one place a stage warns *before* it starts that its projected cost is large.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-__all__ = ["StageProgress", "stage_progress"]
+__all__ = ["COST_WARN_EPOCHS", "StageProgress", "cost_budget", "stage_progress", "warn_projected_cost"]
+
+#: A train-end stage projected above this many training epochs (one epoch = one gradient pass over the training
+#: data) warns before it starts (:func:`cost_budget`).
+COST_WARN_EPOCHS = 10.0
+
+
+def cost_budget(trainer: Any) -> float:
+    """The gradient passes a train-end stage may take without a warning: :data:`COST_WARN_EPOCHS` × epochs trained.
+
+    Args:
+        trainer: The Trainer (``max_epochs`` read; ``None``/``-1``/missing count as one epoch).
+
+    Returns:
+        The budget in gradient-equivalent passes over the training data.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> cost_budget(SimpleNamespace(max_epochs=3)), cost_budget(SimpleNamespace(max_epochs=-1))
+        (30.0, 10.0)
+    """
+    epochs = getattr(trainer, "max_epochs", None)
+    return COST_WARN_EPOCHS * float(epochs if isinstance(epochs, int) and epochs > 0 else 1)
+
+
+def warn_projected_cost(what: str, fix: str, passes: float | None = None, budget: float | None = None,
+                        stacklevel: int = 3) -> bool:
+    """Warn (``UserWarning``) before a costly stage starts, with its projected cost and the setting that changes it.
+
+    Args:
+        what: The stage and setting, e.g. ``"ApproximateCV: 5 folds of CG"``.
+        fix: The setting that makes it cheaper (appended after the cost).
+        passes: Projected gradient-equivalent passes over the training data (``None``: ``what`` states the cost).
+        budget: Warn only when ``passes`` exceeds it (``None``: always warn).
+        stacklevel: Passed to :func:`warnings.warn`.
+
+    Returns:
+        Whether it warned.
+
+    Example::
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     warn_projected_cost("demo stage", "lower n.", passes=500, budget=100), warn_projected_cost(
+        ...         "demo stage", "lower n.", passes=50, budget=100)
+        (True, False)
+        >>> str(w[0].message).startswith("demo stage: projected about 500 gradient passes"), len(w)
+        (True, 1)
+    """
+    if passes is not None and budget is not None and passes <= budget:
+        return False
+    cost = "" if passes is None else f": projected about {passes:,.0f} gradient passes over the training data"
+    if passes is not None and budget is not None:
+        cost += f" (the budget without a warning is {budget:,.0f}: {COST_WARN_EPOCHS:g}x the epochs trained)"
+    warnings.warn(f"{what}{cost}; {fix}", UserWarning, stacklevel=stacklevel)
+    return True
 
 
 class StageProgress:

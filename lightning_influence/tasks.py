@@ -22,6 +22,7 @@ Tasks hold only plain values, so they pickle (``ddp_spawn``) and can be configur
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,7 +67,8 @@ def is_hf_model(model: nn.Module) -> bool:
     """Whether ``model`` is or wraps a Hugging Face ``transformers`` model (a config with an attention implementation).
 
     A ``LightningModule`` holding the HF model as a submodule (``self.model = GPT2LMHeadModel(cfg)``, with
-    ``forward(**batch)`` calling it) counts.
+    ``forward(**batch)`` calling it) counts. The answer is cached per module instance (it is asked at every masked
+    forward; the module tree is walked once).
 
     Returns:
         ``True`` for a ``PreTrainedModel``-like module or a module containing one.
@@ -76,7 +78,15 @@ def is_hf_model(model: nn.Module) -> bool:
         >>> is_hf_model(torch.nn.Linear(2, 2))
         False
     """
-    return any(hasattr(getattr(m, "config", None), "_attn_implementation") for m in model.modules())
+    cached = _IS_HF.get(model)
+    if cached is None:
+        cached = _IS_HF[model] = any(hasattr(getattr(m, "config", None), "_attn_implementation")
+                                     for m in model.modules())
+    return cached
+
+
+#: :func:`is_hf_model` per module instance (weak: a dropped model leaves the cache).
+_IS_HF: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def expand_attention_mask(mask: Tensor, dtype: torch.dtype, causal: bool) -> Tensor:

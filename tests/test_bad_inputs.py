@@ -258,3 +258,33 @@ def test_the_same_callbacks_with_good_inputs_pass_the_checks(tmp_path: Path) -> 
     assert trainer.global_step == 2
     loader = DataLoader(synthetic_classification(8), batch_size=4)
     assert len(loader.dataset) == 8
+
+
+def _local_dataset() -> Any:
+    class LocalDataset(torch.utils.data.Dataset):  # defined inside a function: pickle cannot find it by name
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+            return torch.zeros(4, dtype=torch.float64), torch.tensor(0)
+
+    return LocalDataset()
+
+
+@pytest.mark.parametrize("make", [lambda ds: ApproximateCV(Classification(), dataset=ds),
+                                  lambda ds: InfluenceReport(Classification(), query_data=ds),
+                                  lambda ds: InfluenceReport(Classification(), train_data=ds)])
+def test_unpicklable_dataset_is_a_clear_error_when_ddp_spawn_pickles_the_callback(make: Callable[[Any], Any]) -> None:
+    import pickle
+
+    ds = _local_dataset()
+    with pytest.raises((AttributeError, pickle.PicklingError)):  # the ground truth: pickle itself cannot
+        pickle.dumps(ds)
+    cb = make(ds)  # fine without spawning (nothing is pickled)
+    start = time.perf_counter()
+    with pytest.raises(MisconfigurationError, match=r"LocalDataset.*Define the dataset class at module level, or use "
+                                                    r"strategy='ddp'"):
+        pickle.dumps(cb)
+    assert time.perf_counter() - start < 1.0
+    ok = make(synthetic_classification(8))  # a module-level dataset class travels
+    assert len(pickle.loads(pickle.dumps(ok)).__dict__) == len(ok.__dict__)

@@ -295,3 +295,25 @@ def test_bert_classifier_runs_with_every_callback_in_a_lightning_fit(tmp_path: A
     assert report.result is not None and report.result.scores.shape == (2, 12)
     assert torch.isfinite(report.result.scores).all() and report.result.solve["converged"]
     assert acv.last_result is not None and math.isfinite(acv.last_result.estimate) and acv.last_result.estimate > 0
+
+
+def test_is_hf_model_walks_the_module_tree_once_per_instance() -> None:
+    from types import SimpleNamespace
+
+    from lightning_influence.tasks import is_hf_model
+
+    class Counting(torch.nn.Module):
+        def __init__(self, hf: bool) -> None:
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 2)
+            if hf:
+                self.inner.config = SimpleNamespace(_attn_implementation="eager")  # what HF models carry
+            self.walks = 0
+
+        def modules(self):  # type: ignore[no-untyped-def, override]
+            self.walks += 1
+            return super().modules()
+
+    hf, plain = Counting(True), Counting(False)
+    assert [is_hf_model(hf) for _ in range(3)] == [True] * 3 and hf.walks == 1
+    assert [is_hf_model(plain) for _ in range(3)] == [False] * 3 and plain.walks == 1

@@ -244,6 +244,51 @@ def check_dataset(who: str, name: str, value: Any, allowed: Sequence[str] = ("tr
     return value
 
 
+def check_picklable_datasets(who: str, state: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """Raise a clear error while a callback is pickled (``ddp_spawn``, in the parent) if a dataset cannot be.
+
+    Called from the callbacks' ``__getstate__``: under ``strategy="ddp_spawn"`` Lightning pickles the Trainer with its
+    callbacks *before* the worker processes start, so this is the earliest point that knows the data must travel.
+    A class defined inside a function (``<locals>`` in its qualified name) is the common case pickle cannot handle.
+
+    Args:
+        who: The callback's name.
+        state: The callback's ``__dict__`` (returned unchanged).
+        names: The attributes that hold dataset specs (``"train"``/``"val"`` strings or dataset objects).
+
+    Returns:
+        ``state``.
+
+    Raises:
+        MisconfigurationError: Naming the attribute, the dataset class and the fix.
+
+    Example::
+
+        >>> def make():
+        ...     class Local(list):
+        ...         pass
+        ...     return Local([1, 2])
+        >>> try:
+        ...     check_picklable_datasets("ApproximateCV", {"dataset": make()}, ["dataset"])
+        ... except MisconfigurationError as e:
+        ...     print("make.<locals>.Local" in str(e), "Define the dataset class at module level" in str(e))
+        True True
+        >>> check_picklable_datasets("ApproximateCV", {"dataset": "train"}, ["dataset"])
+        {'dataset': 'train'}
+    """
+    for name in names:
+        value = state.get(name)
+        qualname = type(value).__qualname__
+        if value is not None and not isinstance(value, str) and "<locals>" in qualname:
+            raise MisconfigurationError(
+                f"{who}: {name} is a {qualname}, a class defined inside a function, which cannot be pickled to the "
+                "worker processes that strategy='ddp_spawn' starts (Lightning pickles the callbacks before they "
+                "start). Define the dataset class at module level, or use strategy='ddp' (which does not pickle "
+                "the callbacks)."
+            )
+    return state
+
+
 def resolve_config(who: str, cls: type[C], config: C | None, default: C, **explicit: Any) -> C:
     """The callback's resolved config: ``config`` (or ``default``) with the explicit arguments that are not ``None``.
 

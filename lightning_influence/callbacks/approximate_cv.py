@@ -53,6 +53,7 @@ from lightning_influence.callbacks._common import (
     check_dataset,
     check_int,
     check_number,
+    check_picklable_datasets,
     check_same_parameters,
     check_strategy,
     check_task,
@@ -64,10 +65,11 @@ from lightning_influence.callbacks._common import (
 from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.config import CVConfig
 from lightning_influence.cv import CVResult, approximate_cv, check_curvature_for_loss, exact_cv, kfold_indices
+from lightning_influence.cv.afif import AUTO_DAMPING_CG_TRIAL
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.metrics import CV_REL_ERROR
 from lightning_influence.params import num_parameters, trainable_parameters
-from lightning_influence.progress import stage_progress
+from lightning_influence.progress import cost_budget, stage_progress, warn_projected_cost
 from lightning_influence.regularizers import NoRegularizer, Regularizer
 from lightning_influence.tasks import Task
 
@@ -281,6 +283,10 @@ class ApproximateCV(Callback):
         self.last_exact: CVResult | None = None
         self._reg: Regularizer = regularizer if regularizer is not None else NoRegularizer()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``ddp_spawn`` starts its workers): a dataset that cannot travel is a clear error here, first."""
+        return check_picklable_datasets(_WHO, self.__dict__.copy(), ("dataset",))
+
     @property
     @override
     def state_key(self) -> str:
@@ -327,6 +333,30 @@ class ApproximateCV(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_loss_matches(trainer, pl_module, self.task, _WHO)
         check_before_training(trainer, pl_module, self, self.task, [self.dataset], _WHO)
+        p = num_parameters(trainable_parameters(unwrap_module(pl_module)))
+        passes = self._projected_passes(p)
+        if passes is not None and trainer.is_global_zero:
+            warn_projected_cost(
+            f"{_WHO}: {self.folds} folds of CG on the {self.config.curvature} curvature of {p} parameters "
+            f"(up to {self._cg_iterations(p)} products per fold)",
+            "pass a fixed positive damping (e.g. damping=1e-3 x lambda_max; fewer CG iterations), "
+            "config=CVConfig(cg_max_iter=...), fewer folds, or solver='dense' on a model of a few thousand "
+            "parameters.", passes=passes, budget=cost_budget(trainer),
+            )
+
+    def _cg_iterations(self, p: int) -> int:
+        """Most curvature products of one fold's CG at this config (the undamped trial + Lanczos under "auto")."""
+        cfg = self.config
+        limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(p, 1000)
+        return limit + (AUTO_DAMPING_CG_TRIAL + 20 if cfg.damping == "auto" else 0)
+
+    def _projected_passes(self, p: int) -> float | None:
+        """Projected gradient passes over the data of the approximate CV (``None`` on the dense path)."""
+        cfg = self.config
+        if cfg.solver == "dense" or (cfg.solver == "auto" and p <= cfg.dense_max_params):
+            return None
+        weight = 4.0 / 3.0 if cfg.curvature == "fisher" else 1.0  # the CV's own count weighs a Fisher product 4/3
+        return self.folds * self._cg_iterations(p) * (self.folds - 1) / self.folds * weight
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

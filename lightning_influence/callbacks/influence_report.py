@@ -23,6 +23,7 @@ from lightning_influence.callbacks._common import (
     check_data_available,
     check_dataset,
     check_int,
+    check_picklable_datasets,
     check_strategy,
     check_task,
     config_field,
@@ -211,6 +212,10 @@ class InfluenceReport(Callback):
         #: Where ``scores.pt`` was written (all ranks know it; the full result is beside it).
         self.scores_path: Path | None = None
         self._unchecked: list[Any] = []  # data setup() could not resolve yet (checked again in on_train_start)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``ddp_spawn`` starts its workers): a dataset that cannot travel is a clear error here, first."""
+        return check_picklable_datasets(_WHO, self.__dict__.copy(), ("query_data", "train_data"))
 
     # ---------------------------------------------------------------------------------------------- hooks
     @override

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -57,7 +56,7 @@ from lightning_influence.metrics import (
 )
 from lightning_influence.params import num_parameters, trainable_parameters
 from lightning_influence.pbrf import PBRF, PBRFResult
-from lightning_influence.progress import stage_progress
+from lightning_influence.progress import cost_budget, stage_progress, warn_projected_cost
 from lightning_influence.stats import correlation_table
 from lightning_influence.stats import verdict as _verdict
 from lightning_influence.tasks import Task
@@ -74,6 +73,8 @@ _ADD_REPORT = "add InfluenceReport(...) before PBRFValidation in callbacks"
 
 #: ``num_train`` above which PBRFValidation warns of its cost before training starts.
 PBRF_WARN_PAIRS = 50
+#: Gradient passes over the training data assumed per PBO solve in the projected cost (20-100 measured typical).
+PBRF_PASSES_PER_SOLVE = 50
 
 
 @dataclass
@@ -228,13 +229,6 @@ class PBRFValidation(Callback):
         super().__init__()
         self.task = check_task(task, _WHO)
         self.num_train = check_int(_WHO, "num_train", num_train)
-        if num_train > PBRF_WARN_PAIRS:
-            rank_zero_warn(
-                f"{_WHO}: num_train={num_train} solves {num_train} proximal Bregman objectives at the end of "
-                "training, each a Newton-CG run of tens of curvature passes over the curvature sample (the 20 "
-                "default pairs took seconds to minutes on the digits MLP); lower num_train for a faster check.",
-                category=UserWarning,
-            )
         self.num_queries = check_int(_WHO, "num_queries", num_queries)
         self.batch_size = check_int(_WHO, "batch_size", batch_size)
         self.exact_max_params = check_int(_WHO, "exact_max_params", exact_max_params, 0, fix="0 disables it")
@@ -248,6 +242,8 @@ class PBRFValidation(Callback):
         #: The resolved PBRF settings (:class:`~lightning_influence.config.PBRFConfig`).
         self.config = resolve_config(_WHO, PBRFConfig, config, PBRFConfig(), epsilon=epsilon, damping=damping,
                                      optimizer=optimizer, tol=tol, max_iter=max_iter)
+        if num_train > PBRF_WARN_PAIRS:
+            self._warn_cost(None)
         self.seed = int(seed)
         self.subdir = subdir
         #: The last validation (``None`` before ``on_train_end``; not returned to the parent under ``ddp_spawn``).
@@ -267,6 +263,18 @@ class PBRFValidation(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_loss_matches(trainer, pl_module, self.task, _WHO)
+        if trainer.is_global_zero and self.num_train <= PBRF_WARN_PAIRS:  # above: warned at __init__
+            self._warn_cost(cost_budget(trainer))
+
+    def _warn_cost(self, budget: float | None) -> None:
+        """Warn before training when the PBRF solves are projected past ``budget`` passes (``None``: always)."""
+        warn_projected_cost(
+            f"{_WHO}: num_train={self.num_train} solves {2 * self.num_train} proximal Bregman objectives (two per "
+            f"training example) at the end of training, each a {self.config.optimizer} run over the training data "
+            f"(typically 20-100 passes; {PBRF_PASSES_PER_SOLVE} assumed)",
+            "lower num_train (or loosen tol) for a faster check.",
+            passes=2 * self.num_train * PBRF_PASSES_PER_SOLVE, budget=budget, stacklevel=4,
+        )
 
     # -------------------------------------------------------------------------------------- validation
     @override

@@ -9,7 +9,6 @@ PCG or the low-rank inverse); :func:`_resolve_damping` and :func:`_resolve_solve
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from lightning_influence.evaluator import curvature_mode
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.operators.curvature import CurvatureOperator, make_operator
 from lightning_influence.params import num_parameters, trainable_parameters
+from lightning_influence.progress import warn_projected_cost
 from lightning_influence.solvers import (
     LowRankSketch,
     SampledCurvature,
@@ -125,19 +125,19 @@ def _warn_costly(run: _Run, num_queries: int, num_scored: int) -> None:
     """Warn before a costly setting starts, with its projected cost and the setting that changes it."""
     cfg, p = run.cfg, num_parameters(trainable_parameters(run.model))
     if cfg.solver == "exact" and p > EXACT_SOLVER_WARN_PARAMS:
-        warnings.warn(
+        warn_projected_cost(
             f"solver='exact' forms the dense {p}x{p} curvature (one Jacobian per example: about the output dimension "
             f"in gradient passes over the {run.pool.global_size} curvature examples) and eigendecomposes it "
-            f"(~{p ** 3 / 1e9:.1f} GFLOP); past {EXACT_SOLVER_WARN_PARAMS} parameters solver='cg' is usually "
-            "faster.", UserWarning, stacklevel=3,
+            f"(~{p ** 3 / 1e9:.1f} GFLOP)", f"past {EXACT_SOLVER_WARN_PARAMS} parameters solver='cg' is usually "
+            "faster.", stacklevel=4,
         )
     if cfg.self_influence and cfg.solver not in ("exact", "lowrank"):  # lowrank: one gradient each, no solve
-        warnings.warn(
+        warn_projected_cost(
             f"self_influence=True with solver={cfg.solver!r} solves one system per scored training example: "
             f"{num_scored} right-hand sides, about {num_scored / max(num_queries, 1):.0f}x the cost of the query "
-            "solve (each CG iteration or LiSSA step is one curvature pass over its sample). Set "
+            "solve (each CG iteration or LiSSA step is one curvature pass over its sample)", "Set "
             "self_influence=False, score fewer examples (train_indices / max_train), or use solver='exact' on a "
-            "small model.", UserWarning, stacklevel=3,
+            "small model.", stacklevel=4,
         )
 
 
