@@ -471,3 +471,17 @@ def test_spectrum_config_defaults_overrides_and_report_entry(tmp_path: Path) -> 
     assert monitor.history[0]["lambda_method"] == "sketch" and monitor.history[0]["trace_probes"] == 4
     report = json.loads((tmp_path / "influence" / "report.json").read_text())
     assert {k: report["curvature"]["config"][k] for k in monitor.config.to_dict()} == monitor.config.to_dict()
+
+
+def test_default_sample_size_fits_a_small_dataset(tmp_path: Path) -> None:
+    # the default ("auto": 64 at most) on a 32-example dataset measures on all 32, as sample_size=32 does
+    auto = CurvatureMonitor(Classification(), every_n_steps=1, on_checkpoint=False, log_figure=False,
+                            write_report=False)
+    pl.seed_everything(3)
+    _trainer(tmp_path, max_steps=1, logger=False, callbacks=[auto], limit_val_batches=0).fit(TinyClassifier(n=32))
+    every = CurvatureMonitor(Classification(), sample_size=32, every_n_steps=1, on_checkpoint=False,
+                             log_figure=False, write_report=False)
+    pl.seed_everything(3)
+    _trainer(tmp_path, max_steps=1, logger=False, callbacks=[every], limit_val_batches=0).fit(TinyClassifier(n=32))
+    assert auto.sample_size == 32 and auto.shard is not None and auto.shard.global_size == 32
+    assert auto.history[0]["trace"] == pytest.approx(every.history[0]["trace"], rel=1e-12)

@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 __all__ = ["CurvatureMonitor"]
 
 _WHO = "CurvatureMonitor"
+#: ``sample_size="auto"``: this many examples, or the whole dataset when it is smaller.
+DEFAULT_SAMPLE_SIZE = 64
 
 
 def _no_autocast(module: torch.nn.Module) -> torch.autocast:
@@ -156,7 +158,8 @@ class CurvatureMonitor(Callback):
             defaults for the fields you leave out). ``monitor.config`` is the resolved one, written to the report.
         dataset: ``"train"`` (default: the dataset behind the Trainer's train dataloader, with its collate
             function), ``"val"``, or a map-style dataset.
-        sample_size: Examples in the fixed curvature sample (default 64); ``None`` uses the whole dataset.
+        sample_size: Examples in the fixed curvature sample (default ``"auto"``: 64, or the whole dataset when it is
+            smaller); ``None`` uses the whole dataset; an integer larger than the dataset is an error.
         batch_size: Examples per forward pass inside a measurement (default 128).
         trace_probes: Hutchinson probes per measurement (``None``: the config's, 4 by default; at least 2), deflated
             by the Lanczos basis; each costs about one gradient over the sample (forward-mode only).
@@ -210,7 +213,7 @@ class CurvatureMonitor(Callback):
         *,
         config: SpectrumConfig | None = None,
         dataset: Literal["train", "val"] | Any = "train",
-        sample_size: int | None = 64,
+        sample_size: int | Literal["auto"] | None = "auto",
         batch_size: int = 128,
         trace_probes: int | None = None,
         lanczos_iter: int | None = None,
@@ -228,8 +231,9 @@ class CurvatureMonitor(Callback):
         super().__init__()
         self.task = check_task(task, _WHO, allow_loss_name=True)
         self.dataset = check_dataset(_WHO, "dataset", dataset)
-        self.sample_size = check_int(_WHO, "sample_size", sample_size, allow_none=True,
-                                     fix="None uses every example")
+        self._auto_sample = sample_size == "auto"
+        self.sample_size = DEFAULT_SAMPLE_SIZE if sample_size == "auto" else check_int(
+            _WHO, "sample_size", sample_size, allow_none=True, fix='None uses every example, "auto" 64 at most')
         self.batch_size = check_int(_WHO, "batch_size", batch_size)
         check_int(_WHO, "trace_probes", trace_probes, 2, allow_none=True, fix="a standard error needs two probes")
         check_int(_WHO, "lanczos_iter", lanczos_iter, allow_none=True)
@@ -425,6 +429,8 @@ class CurvatureMonitor(Callback):
         }
 
     def _check_sample_size(self, n: int) -> None:
+        if self._auto_sample and self.sample_size is not None and self.sample_size > n:
+            self.sample_size = n  # the default on a dataset smaller than it: every example
         if self.sample_size is not None and self.sample_size > n:
             raise MisconfigurationError(
                 f"{_WHO}: sample_size={self.sample_size} is larger than the dataset ({n} examples); pass "
