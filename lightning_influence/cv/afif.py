@@ -155,6 +155,12 @@ def _operator_metric(state: _Folds, others: list[int], c: float, damping: float)
     return metric
 
 
+def _count(state: _Folds, metric: ScaledOperator) -> None:
+    """Add the curvature products of ``metric``'s operator to the pass count."""
+    spent = int(getattr(metric.op, "example_products", 0))
+    setattr(state.counter, state.cost_attr, getattr(state.counter, state.cost_attr) + spent)
+
+
 #: ``damping="auto"`` with CG: undamped CG gets this many iterations before damping is added.
 AUTO_DAMPING_CG_TRIAL = 50
 #: ``damping="auto"`` with CG: the damping after a failed undamped trial, relative to :math:`\lambda_{\max}`.
@@ -189,8 +195,11 @@ def _cg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[Sca
             sol = None
         if sol is not None and sol.converged:
             break
+        _count(state, metric)  # a failed attempt's products are spent too
         if attempt == 0:
-            lam_max = abs(lanczos_lambda_max(_operator_metric(state, others, c, 0.0), 20).value)
+            lanczos_op = _operator_metric(state, others, c, 0.0)
+            lam_max = abs(lanczos_lambda_max(lanczos_op, 20).value)
+            _count(state, lanczos_op)
             damping = AUTO_DAMPING_CG_RELATIVE * max(lam_max, 1e-300)
         else:
             damping *= 10.0
