@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
@@ -302,17 +302,15 @@ class Evaluator:
             return self._per_example(batch, normalization)
 
     def _per_example(self, batch: Any, normalization: Normalization) -> tuple[Tensor, Tensor]:
+        # grad_and_value: each example's loss comes out of its own gradient's forward pass, so a chunk costs one
+        # forward + backward per example and no separate no-grad forward of the batch.
         inputs, targets = self.task.split(batch)
-        with torch.no_grad():
-            out, y = self.outputs(batch)
-            loss_sum, count = self.task.loss.per_example(out, y)
-            losses = loss_sum / count.clamp_min(1) if normalization == "mean" else loss_sum
-        fn = self._example_loss(normalization)
+        fn = grad_and_value(self._example_loss(normalization))
         names = list(self.params)
         self.gradient_examples += int(targets.shape[0])
         if self._vectorised_grads:
             try:
-                g = vmap(grad(fn), in_dims=(None, 0, 0))(self.params, inputs, targets)
+                g, losses = vmap(fn, in_dims=(None, 0, 0))(self.params, inputs, targets)
                 return torch.cat([g[k].reshape(g[k].shape[0], -1) for k in names], 1).detach(), losses.detach()
             except Exception as err:  # pragma: no cover - depends on the user's model
                 warnings.warn(
@@ -321,9 +319,10 @@ class Evaluator:
                     "this.", RuntimeWarning, stacklevel=2,
                 )
                 self._vectorised_grads = False
-        rows = []
+        rows, values = [], []
         for i in range(int(targets.shape[0])):
             xi = tree_map(lambda t, i=i: t[i] if isinstance(t, Tensor) else t, inputs)
-            gi = grad(fn)(self.params, xi, targets[i])
+            gi, li = fn(self.params, xi, targets[i])
             rows.append(torch.cat([gi[k].reshape(-1) for k in names]))
-        return torch.stack(rows).detach(), losses.detach()
+            values.append(li)
+        return torch.stack(rows).detach(), torch.stack(values).detach()

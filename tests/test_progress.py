@@ -90,7 +90,7 @@ def _fit_cv_until_its_work(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, cv: A
 def test_approximate_cv_on_the_cg_path_warns_before_it_starts(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # 43 parameters > dense_max_params=10: CG, 2 folds x (min(43, 1000) + 50 trial + 20 Lanczos) products over half
     # the data each, a Fisher product weighing 4/3: 2 * 113 * 1/2 * 4/3 = 150.7 passes > 10 x 1 epoch.
-    cv = ApproximateCV(Classification(), folds=2, config=CVConfig(dense_max_params=10))
+    cv = ApproximateCV(Classification(), folds=2, config=CVConfig(dense_max_params=10, solver="cg"))
     (msg,) = _fit_cv_until_its_work(tmp_path, monkeypatch, cv)
     assert "projected about 151 gradient passes" in msg and "budget without a warning is 10:" in msg
     assert "up to 113 products per fold" in msg and "cg_max_iter" in msg

@@ -40,8 +40,10 @@ def test_hutchinson_within_three_stderr_and_calibrated(mlp_gnh: tuple[GNHOperato
     op, dense = mlp_gnh
     exact = float(torch.trace(dense))
     estimates = [hutchinson_trace(op, num_probes=30, seed=s) for s in range(20)]
-    for est in estimates:
-        assert abs(est.value - exact) <= 3 * est.stderr, (est, exact)
+    # v^T A v is right-skewed here (skewness ~1.2), so the t-statistic's lower tail is heavier than a normal's:
+    # over 300 seeds |z| > 3 held for 1-2 % of them (z down to -4.9). Allow one of 20 past 3 SE, none past 6.
+    z = [abs(est.value - exact) / est.stderr for est in estimates]
+    assert sum(v > 3 for v in z) <= 1 and max(z) <= 6, (z, exact)
     spread = float(torch.tensor([e.value for e in estimates]).std())
     mean_se = sum(e.stderr for e in estimates) / len(estimates)
     assert 0.5 <= mean_se / spread <= 2.0, (mean_se, spread)

@@ -65,7 +65,7 @@ from lightning_influence.callbacks._common import (
 from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.config import CVConfig
 from lightning_influence.cv import CVResult, approximate_cv, check_curvature_for_loss, exact_cv, kfold_indices
-from lightning_influence.cv.afif import AUTO_DAMPING_CG_TRIAL
+from lightning_influence.cv.afif import AUTO_DAMPING_CG_TRIAL, CV_SKETCH
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.metrics import CV_REL_ERROR
 from lightning_influence.params import num_parameters, trainable_parameters
@@ -162,7 +162,8 @@ class ApproximateCV(Callback):
         downdate: Use the fold-downdated curvature :math:`F_{-k}` or one full-data :math:`F` (paper).
         fold_objective: ``"mean"`` (refit the mean loss on the remaining data) or ``"weighted"`` (the paper's
             :math:`\frac1N\sum_i w_i\ell_i`); see :mod:`lightning_influence.cv`.
-        solver: ``"auto"`` (dense up to ``dense_max_params`` parameters, else CG), ``"dense"`` or ``"cg"``.
+        solver: ``"auto"`` (dense up to ``dense_max_params`` parameters, else ``"pcg"``), ``"dense"``, ``"cg"`` or
+            ``"pcg"`` (CG preconditioned by one full-data sketch shared by the folds).
         damping: :math:`\delta \ge 0` added to the curvature, or ``"auto"`` (the config's default): per fold, none
             when the curvature is positive definite, else the least damping that makes it so (over-parametrised
             networks, a feature constant on the remaining data); the value used is in each fold's certificate.
@@ -212,7 +213,7 @@ class ApproximateCV(Callback):
     curvature: Literal["fisher", "gnh", "hessian"] = config_field()
     downdate: bool = config_field()
     fold_objective: Literal["mean", "weighted"] = config_field()
-    solver: Literal["auto", "dense", "cg"] = config_field()
+    solver: Literal["auto", "dense", "cg", "pcg"] = config_field()
     damping: float | Literal["auto"] = config_field()
     cg_rtol: float = config_field()
     prox_tol: float = config_field()
@@ -230,7 +231,7 @@ class ApproximateCV(Callback):
         curvature: Literal["fisher", "gnh", "hessian"] | None = None,
         downdate: bool | None = None,
         fold_objective: Literal["mean", "weighted"] | None = None,
-        solver: Literal["auto", "dense", "cg"] | None = None,
+        solver: Literal["auto", "dense", "cg", "pcg"] | None = None,
         damping: float | Literal["auto"] | None = None,
         dataset: Any = "train",
         batch_size: int = 256,
@@ -254,7 +255,7 @@ class ApproximateCV(Callback):
                 f"GroupLasso, NoRegularizer) or None, got {type(regularizer).__name__}."
             )
         if solver is not None:
-            check_choice(_WHO, "solver", solver, ("auto", "dense", "cg"))
+            check_choice(_WHO, "solver", solver, ("auto", "dense", "cg", "pcg"))
         if fold_objective is not None:
             check_choice(_WHO, "fold_objective", fold_objective, ("mean", "weighted"))
         check_damping(_WHO, "damping", damping, strict=False)
@@ -337,26 +338,41 @@ class ApproximateCV(Callback):
         passes = self._projected_passes(p)
         if passes is not None and trainer.is_global_zero:
             warn_projected_cost(
-            f"{_WHO}: {self.folds} folds of CG on the {self.config.curvature} curvature of {p} parameters "
+            f"{_WHO}: {self.folds} folds of {self._iterative_solver(p).upper()} on the {self.config.curvature} "
+            f"curvature of {p} parameters "
             f"(up to {self._cg_iterations(p)} products per fold)",
             "pass a fixed positive damping (e.g. damping=1e-3 x lambda_max; fewer CG iterations), "
             "config=CVConfig(cg_max_iter=...), fewer folds, or solver='dense' on a model of a few thousand "
             "parameters.", passes=passes, budget=cost_budget(trainer),
             )
 
+    def _iterative_solver(self, p: int) -> str:
+        """``"cg"`` or ``"pcg"``: the matrix-free solver this config runs on ``p`` parameters."""
+        return "cg" if self.config.solver == "cg" else "pcg"
+
     def _cg_iterations(self, p: int) -> int:
-        """Most curvature products of one fold's CG at this config (the undamped trial + Lanczos under "auto")."""
+        """Most curvature products of one fold's solve (CG under "auto": plus the undamped trial and Lanczos)."""
         cfg = self.config
         limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(p, 1000)
+        if self._iterative_solver(p) == "pcg":
+            return limit  # one lambda_max for all folds, from the shared sketch: no trial, no Lanczos
         return limit + (AUTO_DAMPING_CG_TRIAL + 20 if cfg.damping == "auto" else 0)
 
     def _projected_passes(self, p: int) -> float | None:
-        """Projected gradient passes over the data of the approximate CV (``None`` on the dense path)."""
+        """Projected gradient passes over the data of the approximate CV (``None`` on the dense path).
+
+        Worst case: every fold's solve at its iteration cap over the remaining ``(k-1)/k`` of the data, plus (pcg)
+        the one full-data sketch of ``CV_SKETCH.num_products`` products.
+
+        Returns:
+            The passes, Fisher products weighted 4/3 as in the CV's own count.
+        """
         cfg = self.config
         if cfg.solver == "dense" or (cfg.solver == "auto" and p <= cfg.dense_max_params):
             return None
         weight = 4.0 / 3.0 if cfg.curvature == "fisher" else 1.0  # the CV's own count weighs a Fisher product 4/3
-        return self.folds * self._cg_iterations(p) * (self.folds - 1) / self.folds * weight
+        sketch = CV_SKETCH.iterations * min(CV_SKETCH.block_size, p) if self._iterative_solver(p) == "pcg" else 0
+        return (self.folds * self._cg_iterations(p) * (self.folds - 1) / self.folds + sketch) * weight
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.config import CVConfig
+from lightning_influence.config import CVConfig, SketchConfig
 from lightning_influence.cv.folds import Batches, _local_examples, _validate_common, check_curvature_for_loss
 from lightning_influence.cv.results import CVResult, FoldResult, PassCount, _finish
 from lightning_influence.distributed import ReduceFn, reduce_packed
@@ -21,6 +21,8 @@ from lightning_influence.operators import ScaledOperator, make_operator
 from lightning_influence.params import flatten
 from lightning_influence.regularizers import Regularizer
 from lightning_influence.solvers import SolveResult, conjugate_gradient, dense_solve
+from lightning_influence.solvers.pcg import preconditioned_cg
+from lightning_influence.solvers.sketch import LowRankSketch, compute_sketch
 from lightning_influence.spectrum import lanczos_lambda_max
 from lightning_influence.tasks import Task
 
@@ -42,6 +44,7 @@ class _Folds:
     grad_sums: list[Tensor]
     counter: PassCount
     dense_sums: list[Tensor] | None = None
+    sketch: LowRankSketch | None = None
 
     @property
     def total_units(self) -> float:
@@ -152,6 +155,12 @@ def _operator_metric(state: _Folds, others: list[int], c: float, damping: float)
     return metric
 
 
+def _count(state: _Folds, metric: ScaledOperator) -> None:
+    """Add the curvature products of ``metric``'s operator to the pass count."""
+    spent = int(getattr(metric.op, "example_products", 0))
+    setattr(state.counter, state.cost_attr, getattr(state.counter, state.cost_attr) + spent)
+
+
 #: ``damping="auto"`` with CG: undamped CG gets this many iterations before damping is added.
 AUTO_DAMPING_CG_TRIAL = 50
 #: ``damping="auto"`` with CG: the damping after a failed undamped trial, relative to :math:`\lambda_{\max}`.
@@ -186,8 +195,11 @@ def _cg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[Sca
             sol = None
         if sol is not None and sol.converged:
             break
+        _count(state, metric)  # a failed attempt's products are spent too
         if attempt == 0:
-            lam_max = abs(lanczos_lambda_max(_operator_metric(state, others, c, 0.0), 20).value)
+            lanczos_op = _operator_metric(state, others, c, 0.0)
+            lam_max = abs(lanczos_lambda_max(lanczos_op, 20).value)
+            _count(state, lanczos_op)
             damping = AUTO_DAMPING_CG_RELATIVE * max(lam_max, 1e-300)
         else:
             damping *= 10.0
@@ -197,6 +209,77 @@ def _cg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[Sca
             "indefinite (a Hessian away from a minimum?); pass a larger damping or curvature='fisher'."
         )
     return metric, sol, damping
+
+
+#: ``solver="pcg"``: the one full-data sketch every fold's solve is preconditioned with (block Krylov, rank 32,
+#: 3 blocks of 42 products = 126 curvature products in all, no trace probes; rank clamped to ``P``).
+CV_SKETCH = SketchConfig(rank=32, oversample=10, iterations=3, trace_probes=0)
+
+
+def _full_sketch(state: _Folds) -> LowRankSketch:
+    """The sketch of the full-data mean curvature, computed once (its products go into the pass count)."""
+    if state.sketch is None:
+        batches = [bb for fold in state.folds for bb in fold]
+        op = make_operator(state.cfg.curvature, state.model, state.task, batches, reduce_fn=state.reduce_fn)
+        p = state.theta_hat.numel()
+        state.sketch = compute_sketch(op, CV_SKETCH, rank=min(CV_SKETCH.rank, p))
+        cost = state.counter
+        setattr(cost, state.cost_attr, getattr(cost, state.cost_attr) + op.example_products)
+    return state.sketch
+
+
+def _pcg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[ScaledOperator, SolveResult, float]:
+    r"""CG on :math:`A_k x = b` preconditioned by the full-data sketch (``solver="pcg"``).
+
+    :math:`A_k` is ``scale`` times the mean curvature of the remaining folds, close to ``scale`` times the
+    full-data mean, so the sketch's eigenvalues are multiplied by the fold metric's ``scale`` (1 for the "mean"
+    objective) before use: preconditioner, damping and operator are then on one scale. Under ``damping="auto"``
+    there is no undamped trial and no per-fold Lanczos: :math:`\delta` = :data:`AUTO_DAMPING_CG_RELATIVE` times
+    ``scale`` times the sketch's top eigenvalue (a :math:`\lambda_{\max}` estimate shared by every fold; the
+    downdated folds differ from the full data by one fold's share), raised tenfold while PCG does not converge
+    (at most twice). So "auto" is always damped here, where CG's rule may use :math:`\delta = 0` on a
+    positive-definite :math:`A_k`; pass a fixed damping to compare the two. The answer carries CG's true-residual
+    certificate.
+
+    Returns:
+        The damped metric, the solve and the damping used.
+
+    Raises:
+        ConfigurationError: For a fixed damping <= 0, or if PCG meets non-positive curvature at every damping.
+    """
+    cfg = state.cfg
+    sketch = _full_sketch(state)
+    op0 = _operator_metric(state, others, c, 0.0)
+    scaled = LowRankSketch(sketch.eigenvalues * op0.scale, sketch.eigenvectors, sketch.tail_eigenvalue * op0.scale,
+                           num_products=sketch.num_products, config=sketch.config)
+    limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(state.theta_hat.numel(), 1000)
+    if cfg.damping != "auto":
+        damping = float(cfg.damping)
+        if not damping > 0:
+            raise ConfigurationError("solver='pcg' needs damping > 0 or 'auto'; use solver='cg' for damping=0.")
+        sol = preconditioned_cg(op0, b, scaled, damping=damping, rtol=cfg.cg_rtol, max_iter=limit)
+        return _damped(op0, damping), sol, damping
+    lam_max = float(scaled.eigenvalues[0]) if scaled.rank else 0.0
+    damping = AUTO_DAMPING_CG_RELATIVE * max(lam_max, 1e-300)
+    for attempt in range(3):
+        try:
+            sol = preconditioned_cg(op0, b, scaled, damping=damping, rtol=cfg.cg_rtol, max_iter=limit,
+                                    warn=attempt == 2)
+        except ConfigurationError:
+            if attempt == 2:
+                raise
+            damping *= 10.0
+            continue
+        if sol.converged or attempt == 2:
+            break
+        damping *= 10.0
+    return _damped(op0, damping), sol, damping
+
+
+def _damped(op: ScaledOperator, damping: float) -> ScaledOperator:
+    metric = op.with_damping(damping)
+    assert isinstance(metric, ScaledOperator)
+    return metric
 
 
 def _afif_update(state: _Folds, reg: Regularizer, j: int | None) -> tuple[Tensor, dict[str, Any]]:
@@ -209,8 +292,10 @@ def _afif_update(state: _Folds, reg: Regularizer, j: int | None) -> tuple[Tensor
     if state.dense_sums is not None:
         metric, damping = _dense_metric(state, others, c)
         sol = dense_solve(metric, b)
-    else:
+    elif cfg.solver == "cg":
         metric, sol, damping = _cg_step(state, others, c, b)
+    else:
+        metric, sol, damping = _pcg_step(state, others, c, b)
     cert: dict[str, Any] = {"solve": {k_: v for k_, v in sol.to_dict().items() if k_ != "history"},
                             "damping": damping}
     prox = reg.prox(theta_hat - sol.x.to(theta_hat), metric, x0=theta_hat, tol=cfg.prox_tol,
@@ -274,7 +359,8 @@ def approximate_cv(
         config: :class:`~lightning_influence.config.CVConfig`: ``curvature`` (``"fisher"`` default, ``"gnh"``, or
             ``"hessian"`` for Hessian-based approximate CV), ``downdate`` (the fold-downdated :math:`A_k`, default,
             or the paper's single full-data one), ``fold_objective`` (``"mean"``/``"weighted"``), ``solver``
-            (``"dense"``, ``"cg"`` or ``"auto"``: dense up to ``dense_max_params`` parameters), ``damping``
+            (``"dense"``, ``"cg"``, ``"pcg"``: CG preconditioned by one full-data sketch shared by the folds, or
+            ``"auto"``: dense up to ``dense_max_params`` parameters, ``"pcg"`` above), ``damping``
             (:math:`\delta \ge 0` added to :math:`A_k` for singular curvature; the quadratic model is then no
             longer exact for linear models), ``cg_rtol``/``cg_max_iter``, ``prox_tol``/``prox_max_iter`` and
             ``center`` (for weights that are not yet a minimiser: subtract the step the full data would still take,
@@ -313,6 +399,8 @@ def approximate_cv(
     check_curvature_for_loss(task, cfg.curvature)
     p = sum(t.numel() for t in params.values())
     use_dense = cfg.solver == "dense" or (cfg.solver == "auto" and p <= cfg.dense_max_params)
+    if cfg.solver == "auto":
+        cfg = cfg.replace(solver="dense" if use_dense else "pcg")
     state = _fold_statistics(model, task, folds, cfg, reduce_fn, num_examples, use_dense)
     shift = torch.zeros_like(state.theta_hat)
     if cfg.center:
@@ -326,7 +414,7 @@ def approximate_cv(
         if progress is not None:
             progress(j + 1, len(folds))
     results = _held_out(state, thetas, certs)
-    config_dict = {**cfg.to_dict(), "solver": "dense" if use_dense else "cg", "regularizer": reg.to_dict(),
+    config_dict = {**cfg.to_dict(), "solver": cfg.solver, "regularizer": reg.to_dict(),
                    "folds": len(folds), "num_params": p, "task": task.to_dict()}
     return _finish(results, f"afif-{cfg.curvature}", state.counter, reduce_fn, state.theta_hat.device, start,
                    config_dict)

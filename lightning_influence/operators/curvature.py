@@ -51,6 +51,7 @@ from lightning_influence.operators.base import DENSE_MAX_PARAMS, OperatorBase
 from lightning_influence.operators.linearized import LinearizedProducts
 from lightning_influence.params import (
     ParamTree,
+    all_finite,
     derive_seed,
     flatten,
     make_generator,
@@ -286,7 +287,7 @@ class CurvatureOperator(OperatorBase):
         total, count = self.local_matmat(matrix)
         mean = self._global_mean(total.reshape(-1), count, matrix.shape[1]).reshape(total.shape)
         result = mean + self.damping * matrix
-        if self.check_finite and not bool(torch.isfinite(result).all()):
+        if self.check_finite and not all_finite(result):
             self._raise_non_finite(matrix[:, :1])
         return result
 
@@ -308,7 +309,7 @@ class CurvatureOperator(OperatorBase):
             return (matrix * self.matmat(matrix)).sum(0)
         total, count = self._accumulate(lambda i, b: self._batch_quadratic_forms(i, b, matrix), k)
         values = self._global_mean(total, count, k) + self.damping * (matrix * matrix).sum(0)
-        if self.check_finite and not bool(torch.isfinite(values).all()):
+        if self.check_finite and not all_finite(values):
             self._raise_non_finite(matrix[:, :1])
         return values
 
