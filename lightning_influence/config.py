@@ -611,7 +611,8 @@ class CVConfig(Config):
         solver: ``"dense"``, ``"cg"``, ``"pcg"`` (CG preconditioned by one rank-32 sketch of the full-data
             curvature, 126 products once, shared by every fold; same answer and true-residual certificate as CG) or
             ``"auto"`` (dense up to ``dense_max_params`` parameters, ``"pcg"`` above: past the dense limit the
-            fixed sketch cost is repaid by the folds' shorter solves, see ``tests/test_cv_pcg.py``).
+            fixed sketch cost is repaid by the folds' shorter solves, see ``tests/test_cv_pcg.py``; ``"cg"`` above
+            for a fixed ``damping=0``, which the preconditioner cannot take).
         damping: :math:`\delta \ge 0` added as :math:`\delta I` to :math:`A_k`, or ``"auto"`` (default): per fold, no
             damping when :math:`A_k` is positive definite, else the least damping that makes it so (dense solver:
             :math:`\max(0, -\lambda_{\min}) + 10^{-8}\lambda_{\max}`; CG: none if undamped CG converges within 50

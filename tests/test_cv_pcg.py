@@ -63,3 +63,16 @@ def test_auto_picks_pcg_past_the_dense_limit() -> None:
     dense = approximate_cv(model, task, folds, solver="dense", damping=next(iter(damping)))
     assert abs(auto.estimate - dense.estimate) <= 1e-6 * abs(dense.estimate)
     assert approximate_cv(model, task, folds, dense_max_params=1000).config["solver"] == "dense"
+
+
+def test_auto_with_a_fixed_zero_damping_runs_plain_cg() -> None:
+    # the Nystrom preconditioner needs damping > 0: "auto" past the dense limit falls back to CG, as before "pcg"
+    model, folds = _mlp_problem()
+    task = Classification()
+    # (this MLP's Fisher is singular, so there is no dense damping-0 reference: the explicit CG run is the reference)
+    kw = {"damping": 0.0, "cg_rtol": 1e-12, "cg_max_iter": 50}
+    auto = approximate_cv(model, task, folds, dense_max_params=100, **kw)  # raised ConfigurationError before
+    cg = approximate_cv(model, task, folds, solver="cg", **kw)
+    assert auto.config["solver"] == "cg"
+    assert auto.estimate == cg.estimate
+    assert auto.cost.fisher_product_examples == cg.cost.fisher_product_examples

@@ -65,7 +65,7 @@ from lightning_influence.callbacks._common import (
 from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.config import CVConfig
 from lightning_influence.cv import CVResult, approximate_cv, check_curvature_for_loss, exact_cv, kfold_indices
-from lightning_influence.cv.afif import AUTO_DAMPING_CG_TRIAL, CV_SKETCH
+from lightning_influence.cv.afif import AUTO_DAMPING_CG_TRIAL, CV_SKETCH, matrix_free_solver
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.metrics import CV_REL_ERROR
 from lightning_influence.params import num_parameters, trainable_parameters
@@ -338,23 +338,19 @@ class ApproximateCV(Callback):
         passes = self._projected_passes(p)
         if passes is not None and trainer.is_global_zero:
             warn_projected_cost(
-            f"{_WHO}: {self.folds} folds of {self._iterative_solver(p).upper()} on the {self.config.curvature} "
-            f"curvature of {p} parameters "
+            f"{_WHO}: {self.folds} folds of {matrix_free_solver(self.config).upper()} on the "
+            f"{self.config.curvature} curvature of {p} parameters "
             f"(up to {self._cg_iterations(p)} products per fold)",
             "pass a fixed positive damping (e.g. damping=1e-3 x lambda_max; fewer CG iterations), "
             "config=CVConfig(cg_max_iter=...), fewer folds, or solver='dense' on a model of a few thousand "
             "parameters.", passes=passes, budget=cost_budget(trainer),
             )
 
-    def _iterative_solver(self, p: int) -> str:
-        """``"cg"`` or ``"pcg"``: the matrix-free solver this config runs on ``p`` parameters."""
-        return "cg" if self.config.solver == "cg" else "pcg"
-
     def _cg_iterations(self, p: int) -> int:
         """Most curvature products of one fold's solve (CG under "auto": plus the undamped trial and Lanczos)."""
         cfg = self.config
         limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(p, 1000)
-        if self._iterative_solver(p) == "pcg":
+        if matrix_free_solver(self.config) == "pcg":
             return limit  # one lambda_max for all folds, from the shared sketch: no trial, no Lanczos
         return limit + (AUTO_DAMPING_CG_TRIAL + 20 if cfg.damping == "auto" else 0)
 
@@ -371,7 +367,8 @@ class ApproximateCV(Callback):
         if cfg.solver == "dense" or (cfg.solver == "auto" and p <= cfg.dense_max_params):
             return None
         weight = 4.0 / 3.0 if cfg.curvature == "fisher" else 1.0  # the CV's own count weighs a Fisher product 4/3
-        sketch = CV_SKETCH.iterations * min(CV_SKETCH.block_size, p) if self._iterative_solver(p) == "pcg" else 0
+        pcg = matrix_free_solver(self.config) == "pcg"
+        sketch = CV_SKETCH.iterations * min(CV_SKETCH.block_size, p) if pcg else 0
         return (self.folds * self._cg_iterations(p) * (self.folds - 1) / self.folds + sketch) * weight
 
     @override

@@ -26,7 +26,7 @@ from lightning_influence.solvers.sketch import LowRankSketch, compute_sketch
 from lightning_influence.spectrum import lanczos_lambda_max
 from lightning_influence.tasks import Task
 
-__all__ = ["AUTO_DAMPING_RELATIVE", "approximate_cv", "least_damping"]
+__all__ = ["AUTO_DAMPING_RELATIVE", "approximate_cv", "least_damping", "matrix_free_solver"]
 
 
 @dataclass
@@ -150,14 +150,12 @@ def _operator_metric(state: _Folds, others: list[int], c: float, damping: float)
     batches = [bb for i in used for bb in state.folds[i]]
     op = make_operator(state.cfg.curvature, state.model, state.task, batches, reduce_fn=state.reduce_fn)
     scale = c * sum(state.units[i] for i in used) if state.cfg.downdate else 1.0
-    metric = ScaledOperator(op, scale).with_damping(damping)
-    assert isinstance(metric, ScaledOperator)
-    return metric
+    return _damped(ScaledOperator(op, scale), damping)
 
 
-def _count(state: _Folds, metric: ScaledOperator) -> None:
-    """Add the curvature products of ``metric``'s operator to the pass count."""
-    spent = int(getattr(metric.op, "example_products", 0))
+def _count(state: _Folds, op: Any) -> None:
+    """Add the per-example curvature products ``op`` (or, for a :class:`ScaledOperator`, its operator) has spent."""
+    spent = getattr(op.op if isinstance(op, ScaledOperator) else op, "example_products", 0)
     setattr(state.counter, state.cost_attr, getattr(state.counter, state.cost_attr) + spent)
 
 
@@ -223,9 +221,27 @@ def _full_sketch(state: _Folds) -> LowRankSketch:
         op = make_operator(state.cfg.curvature, state.model, state.task, batches, reduce_fn=state.reduce_fn)
         p = state.theta_hat.numel()
         state.sketch = compute_sketch(op, CV_SKETCH, rank=min(CV_SKETCH.rank, p))
-        cost = state.counter
-        setattr(cost, state.cost_attr, getattr(cost, state.cost_attr) + op.example_products)
+        _count(state, op)
     return state.sketch
+
+
+def matrix_free_solver(cfg: CVConfig) -> str:
+    """``"cg"`` or ``"pcg"``: the solver ``cfg`` runs when the curvature is not dense.
+
+    ``"auto"`` picks ``"pcg"`` unless the damping is a fixed 0 (the Nyström preconditioner needs a positive
+    damping; plain CG then runs as before ``"pcg"`` existed).
+
+    Returns:
+        ``"cg"`` or ``"pcg"``.
+
+    Example::
+
+        >>> matrix_free_solver(CVConfig()), matrix_free_solver(CVConfig(damping=0.0))
+        ('pcg', 'cg')
+    """
+    if cfg.solver == "cg" or (cfg.solver == "auto" and cfg.damping != "auto" and not float(cfg.damping) > 0):
+        return "cg"
+    return "pcg"
 
 
 def _pcg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[ScaledOperator, SolveResult, float]:
@@ -245,7 +261,7 @@ def _pcg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[Sc
         The damped metric, the solve and the damping used.
 
     Raises:
-        ConfigurationError: For a fixed damping <= 0, or if PCG meets non-positive curvature at every damping.
+        ConfigurationError: If PCG meets non-positive curvature at every damping.
     """
     cfg = state.cfg
     sketch = _full_sketch(state)
@@ -254,9 +270,7 @@ def _pcg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[Sc
                            num_products=sketch.num_products, config=sketch.config)
     limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(state.theta_hat.numel(), 1000)
     if cfg.damping != "auto":
-        damping = float(cfg.damping)
-        if not damping > 0:
-            raise ConfigurationError("solver='pcg' needs damping > 0 or 'auto'; use solver='cg' for damping=0.")
+        damping = float(cfg.damping)  # > 0: CVConfig rejects solver="pcg" with a fixed damping <= 0
         sol = preconditioned_cg(op0, b, scaled, damping=damping, rtol=cfg.cg_rtol, max_iter=limit)
         return _damped(op0, damping), sol, damping
     lam_max = float(scaled.eigenvalues[0]) if scaled.rank else 0.0
@@ -301,8 +315,7 @@ def _afif_update(state: _Folds, reg: Regularizer, j: int | None) -> tuple[Tensor
     prox = reg.prox(theta_hat - sol.x.to(theta_hat), metric, x0=theta_hat, tol=cfg.prox_tol,
                     max_iter=cfg.prox_max_iter)
     if not isinstance(metric, Tensor):
-        cost = state.counter
-        setattr(cost, state.cost_attr, getattr(cost, state.cost_attr) + metric.op.example_products)
+        _count(state, metric)
     cert["prox"] = prox.to_dict()
     theta = prox.x.to(theta_hat)
     if not bool(torch.isfinite(theta).all()):
@@ -400,7 +413,7 @@ def approximate_cv(
     p = sum(t.numel() for t in params.values())
     use_dense = cfg.solver == "dense" or (cfg.solver == "auto" and p <= cfg.dense_max_params)
     if cfg.solver == "auto":
-        cfg = cfg.replace(solver="dense" if use_dense else "pcg")
+        cfg = cfg.replace(solver="dense" if use_dense else matrix_free_solver(cfg))
     state = _fold_statistics(model, task, folds, cfg, reduce_fn, num_examples, use_dense)
     shift = torch.zeros_like(state.theta_hat)
     if cfg.center:
