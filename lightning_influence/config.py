@@ -250,7 +250,8 @@ class CGConfig(Config):
     r"""Conjugate gradient on :math:`(G + \lambda I)` (:func:`~lightning_influence.solvers.conjugate_gradient`).
 
     Attributes:
-        rtol: Stop when every column's relative residual is at most this.
+        rtol: Stop when every column's relative residual is at most this (raised to 10 machine epsilons of the
+            solve's dtype, :func:`~lightning_influence.solvers.cg.effective_rtol`: 1.2e-6 in float32).
         max_iter: Most iterations (default ``min(P, 1000)``).
         warn: Warn when the tolerance is not met.
 

@@ -76,3 +76,27 @@ def test_auto_with_a_fixed_zero_damping_runs_plain_cg() -> None:
     assert auto.config["solver"] == "cg"
     assert auto.estimate == cg.estimate
     assert auto.cost.fisher_product_examples == cg.cost.fisher_product_examples
+
+
+def test_float32_auto_damping_is_not_raised_for_the_dtype() -> None:
+    # A float32 solve cannot certify rtol=1e-10 (its true residual stalls near 1e-7..1e-6): CG runs to the
+    # dtype's floor (10 machine epsilons) and says so, instead of reading "not converged" and the auto rule then
+    # raising the damping tenfold twice (what float32 fold solves did before the floor).
+    model, folds = _mlp_problem()
+    task = Classification()
+    model32 = model.float()
+    folds32 = [[(x.float(), y) for x, y in fold] for fold in folds]
+    auto = approximate_cv(model32, task, folds32, dense_max_params=100, cg_rtol=1e-10)
+    assert auto.config["solver"] == "pcg"
+    damping = {f.certificate["damping"] for f in auto.folds}
+    assert len(damping) == 1
+    lam = next(iter(damping))
+    for f in auto.folds:
+        solve = f.certificate["solve"]
+        assert solve["converged"], solve
+        assert solve["info"]["rtol_requested"] == 1e-10
+        assert abs(solve["info"]["rtol"] - 10 * torch.finfo(torch.float32).eps) < 1e-12
+        assert solve["relative_residual"] <= 10 * solve["info"]["rtol"]
+    # ground truth: the float64 dense solve at the same damping; float32 round-off only
+    dense = approximate_cv(model.double(), task, folds, solver="dense", damping=lam)
+    assert abs(auto.estimate - dense.estimate) <= 1e-4 * abs(dense.estimate)

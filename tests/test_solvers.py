@@ -263,3 +263,26 @@ def test_measured_batch_constant_matches_dense_per_example_gnh() -> None:
                 measure_constant=True, constant=0.5, certificate_size=None, steps=3)
     assert res.info["measured_constant"]["constant"] > 0.5
     assert res.info["constant"] == pytest.approx(res.info["measured_constant"]["constant"])
+
+
+def test_cg_tolerance_floor_follows_the_dtype() -> None:
+    # rtol below 10 float32 epsilons is unattainable: float32 CG stops there, converged, and records both
+    # tolerances; float64 keeps the requested one (condition number ~1e3, so float32 can reach the floor).
+    # Ground truth: the float64 dense solve.
+    from lightning_influence.operators import DenseOperator
+    from lightning_influence.solvers.cg import effective_rtol
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.logspace(0, 3, 60, dtype=torch.float64)) @ q.T
+    b = torch.randn(60, generator=g, dtype=torch.float64)
+    exact = torch.linalg.solve(a + 1.0 * torch.eye(60, dtype=torch.float64), b)
+    r64 = conjugate_gradient(DenseOperator(a), b, damping=1.0, rtol=1e-12, max_iter=500)
+    assert r64.info["rtol"] == 1e-12 and r64.converged
+    assert torch.allclose(r64.x, exact, rtol=1e-9, atol=1e-12)
+    r32 = conjugate_gradient(DenseOperator(a.float()), b.float(), damping=1.0, rtol=1e-12, max_iter=500)
+    floor = effective_rtol(1e-12, torch.float32)
+    assert floor == 10 * torch.finfo(torch.float32).eps
+    assert r32.converged and r32.info == {"rtol": floor, "rtol_requested": 1e-12, "damping": 1.0}
+    assert r32.iterations < 500
+    assert float((r32.x.double() - exact).norm() / exact.norm()) < 1e-3

@@ -38,7 +38,7 @@ class SolveResult:
         >>> torch.allclose(res.x, torch.linalg.solve(a + torch.eye(2, dtype=torch.float64), b))
         True
         >>> [round(r, 6) for r in res.history], res.to_dict()["info"]
-        ([1.0, 0.2, 0.0], {'rtol': 1e-10, 'damping': 1.0})
+        ([1.0, 0.2, 0.0], {'rtol': 1e-10, 'rtol_requested': 1e-10, 'damping': 1.0})
     """
 
     x: Tensor
