@@ -609,8 +609,9 @@ class CVConfig(Config):
         curvature: ``"fisher"`` (default), ``"gnh"`` or ``"hessian"`` (Hessian-based approximate CV).
         downdate: Use the fold-downdated curvature :math:`A_k` (default) or the paper's single full-data one.
         fold_objective: ``"mean"`` (default) or ``"weighted"``.
-        solver: ``"dense"``, ``"cg"``, ``"pcg"`` (CG preconditioned by one rank-32 sketch of the full-data
-            curvature, 126 products once, shared by every fold; same answer and true-residual certificate as CG) or
+        solver: ``"dense"``, ``"cg"``, ``"pcg"`` (CG preconditioned by one sketch of the full-data curvature,
+            ``sketch_rank`` 32 by default, 126 products once, shared by every fold; same answer and true-residual
+            certificate as CG) or
             ``"auto"`` (dense up to ``dense_max_params`` parameters, ``"pcg"`` above: past the dense limit the
             fixed sketch cost is repaid by the folds' shorter solves, see ``tests/test_cv_pcg.py``; ``"cg"`` above
             for a fixed ``damping=0``, which the preconditioner cannot take).
@@ -627,11 +628,16 @@ class CVConfig(Config):
         prox_max_iter: FISTA iteration cap of the prox.
         dense_max_params: Largest ``P`` for which ``"auto"`` forms dense matrices.
         center: Subtract the step the full data would still take (for weights that are not a minimiser).
+        sketch_rank: Eigenpairs of ``"pcg"``'s one full-data sketch (clamped to ``P``).
+        sketch_iterations: Krylov blocks of that sketch: it costs ``sketch_iterations * (sketch_rank + 10)``
+            curvature products, once (:meth:`sketch_config`).
 
     Example::
 
         >>> CVConfig(solver="cg").replace(damping=1e-3).damping
         0.001
+        >>> CVConfig().sketch_config().num_products
+        126
     """
 
     curvature: Literal["fisher", "gnh", "hessian"] = "fisher"
@@ -645,6 +651,17 @@ class CVConfig(Config):
     prox_max_iter: int = 10_000
     dense_max_params: int = 2000
     center: bool = False
+    sketch_rank: int = 32
+    sketch_iterations: int = 3
+
+    def sketch_config(self, num_params: int | None = None) -> SketchConfig:
+        """The ``"pcg"`` sketch these fields describe (oversample 10, no trace probes; rank clamped to ``num_params``).
+
+        Returns:
+            A :class:`SketchConfig`.
+        """
+        rank = self.sketch_rank if num_params is None else min(self.sketch_rank, num_params)
+        return SketchConfig(rank=rank, oversample=10, iterations=self.sketch_iterations, trace_probes=0)
 
     def validate(self) -> None:
         """Check every field.
@@ -672,6 +689,7 @@ class CVConfig(Config):
         self._at_least(1, "cg_max_iter", allow_none=True)
         self._at_least(1, "prox_max_iter")
         self._at_least(0, "dense_max_params")
+        self._at_least(1, "sketch_rank", "sketch_iterations")
 
 
 # =================================================================================================== pbrf

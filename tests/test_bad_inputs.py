@@ -90,6 +90,8 @@ ARGUMENT_CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("config-cv-damping", lambda: CVConfig(damping="big").validate(), ConfigurationError,  # type: ignore[arg-type]
      "least damping"),
     ("config-cg-rtol", lambda: CGConfig(rtol=-1.0).validate(), ConfigurationError, "rtol must be > 0"),
+    ("config-cv-sketch-rank", lambda: CVConfig(sketch_rank=0).validate(), ConfigurationError,
+     "sketch_rank must be an integer >= 1"),
     ("config-pbrf-damping", lambda: PBRFConfig(damping=0.0).validate(), ConfigurationError,
      "use the damping of the influence scores"),
 ]

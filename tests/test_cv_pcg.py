@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_influence.config import CVConfig
 from lightning_influence.cv import approximate_cv, kfold_indices, make_fold_batches
-from lightning_influence.cv.afif import CV_SKETCH
 from lightning_influence.tasks import Classification
 
 
@@ -49,7 +49,7 @@ def test_pcg_equals_cg_and_dense_with_fewer_products() -> None:
             assert abs(fp.held_out_loss - fo.held_out_loss) <= 1e-6 * abs(fo.held_out_loss)
     assert pcg.cost.fisher_product_examples < cg.cost.fisher_product_examples
     # the one sketch is counted: 126 products over all 200 examples
-    assert pcg.cost.fisher_product_examples >= CV_SKETCH.num_products * 200
+    assert pcg.cost.fisher_product_examples >= CVConfig().sketch_config(195).num_products * 200
 
 
 def test_auto_picks_pcg_past_the_dense_limit() -> None:
@@ -100,3 +100,18 @@ def test_float32_auto_damping_is_not_raised_for_the_dtype() -> None:
     # ground truth: the float64 dense solve at the same damping; float32 round-off only
     dense = approximate_cv(model.double(), task, folds, solver="dense", damping=lam)
     assert abs(auto.estimate - dense.estimate) <= 1e-4 * abs(dense.estimate)
+
+
+def test_sketch_settings_come_from_the_config() -> None:
+    # CVConfig.sketch_rank / sketch_iterations set pcg's one sketch: its products are counted, the answer is the
+    # same (the preconditioner changes the path, not the solution)
+    model, folds = _mlp_problem()
+    task = Classification()
+    kw = {"solver": "pcg", "damping": 1e-3, "cg_rtol": 1e-12}
+    small = approximate_cv(model, task, folds, sketch_rank=8, sketch_iterations=2, **kw)
+    default = approximate_cv(model, task, folds, **kw)
+    assert CVConfig(sketch_rank=8, sketch_iterations=2).sketch_config(195).num_products == 36
+    assert small.cost.fisher_product_examples >= 36 * 200
+    iters = [sum(f.certificate["solve"]["iterations"] for f in r.folds) for r in (small, default)]
+    assert iters[0] > iters[1]  # a rank-8 sketch preconditions worse than the default rank 32
+    assert abs(small.estimate - default.estimate) <= 1e-6 * abs(default.estimate)

@@ -65,7 +65,7 @@ from lightning_influence.callbacks._common import (
 from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.config import CVConfig
 from lightning_influence.cv import CVResult, approximate_cv, check_curvature_for_loss, exact_cv, kfold_indices
-from lightning_influence.cv.afif import AUTO_DAMPING_CG_TRIAL, CV_SKETCH, matrix_free_solver
+from lightning_influence.cv.afif import AUTO_DAMPING_CG_TRIAL, matrix_free_solver
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.metrics import CV_REL_ERROR
 from lightning_influence.params import num_parameters, trainable_parameters
@@ -358,7 +358,7 @@ class ApproximateCV(Callback):
         """Projected gradient passes over the data of the approximate CV (``None`` on the dense path).
 
         Worst case: every fold's solve at its iteration cap over the remaining ``(k-1)/k`` of the data, plus (pcg)
-        the one full-data sketch of ``CV_SKETCH.num_products`` products.
+        the one full-data sketch of ``config.sketch_config(P).num_products`` products.
 
         Returns:
             The passes, Fisher products weighted 4/3 as in the CV's own count.
@@ -368,7 +368,7 @@ class ApproximateCV(Callback):
             return None
         weight = 4.0 / 3.0 if cfg.curvature == "fisher" else 1.0  # the CV's own count weighs a Fisher product 4/3
         pcg = matrix_free_solver(self.config) == "pcg"
-        sketch = CV_SKETCH.iterations * min(CV_SKETCH.block_size, p) if pcg else 0
+        sketch = cfg.sketch_config(p).num_products if pcg else 0
         return (self.folds * self._cg_iterations(p) * (self.folds - 1) / self.folds + sketch) * weight
 
     @override

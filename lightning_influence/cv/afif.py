@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.config import CVConfig, SketchConfig
+from lightning_influence.config import CVConfig
 from lightning_influence.cv.folds import Batches, _local_examples, _validate_common, check_curvature_for_loss
 from lightning_influence.cv.results import CVResult, FoldResult, PassCount, _finish
 from lightning_influence.distributed import ReduceFn, reduce_packed
@@ -209,18 +209,13 @@ def _cg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[Sca
     return metric, sol, damping
 
 
-#: ``solver="pcg"``: the one full-data sketch every fold's solve is preconditioned with (block Krylov, rank 32,
-#: 3 blocks of 42 products = 126 curvature products in all, no trace probes; rank clamped to ``P``).
-CV_SKETCH = SketchConfig(rank=32, oversample=10, iterations=3, trace_probes=0)
-
-
 def _full_sketch(state: _Folds) -> LowRankSketch:
     """The sketch of the full-data mean curvature, computed once (its products go into the pass count)."""
     if state.sketch is None:
         batches = [bb for fold in state.folds for bb in fold]
         op = make_operator(state.cfg.curvature, state.model, state.task, batches, reduce_fn=state.reduce_fn)
         p = state.theta_hat.numel()
-        state.sketch = compute_sketch(op, CV_SKETCH, rank=min(CV_SKETCH.rank, p))
+        state.sketch = compute_sketch(op, state.cfg.sketch_config(p))
         _count(state, op)
     return state.sketch
 
