@@ -48,7 +48,7 @@ def test_pcg_equals_cg_and_dense_with_fewer_products() -> None:
         for fp, fo in zip(pcg.folds, other.folds, strict=True):
             assert abs(fp.held_out_loss - fo.held_out_loss) <= 1e-6 * abs(fo.held_out_loss)
     assert pcg.cost.fisher_product_examples < cg.cost.fisher_product_examples
-    # the one sketch is counted: 126 products over all 200 examples
+    # the one sketch is counted: its products over all 200 examples
     assert pcg.cost.fisher_product_examples >= CVConfig().sketch_config(195).num_products * 200
 
 
@@ -113,5 +113,5 @@ def test_sketch_settings_come_from_the_config() -> None:
     assert CVConfig(sketch_rank=8, sketch_iterations=2).sketch_config(195).num_products == 36
     assert small.cost.fisher_product_examples >= 36 * 200
     iters = [sum(f.certificate["solve"]["iterations"] for f in r.folds) for r in (small, default)]
-    assert iters[0] > iters[1]  # a rank-8 sketch preconditions worse than the default rank 32
+    assert iters[0] > iters[1]  # a rank-8 sketch preconditions worse than the default rank 64
     assert abs(small.estimate - default.estimate) <= 1e-6 * abs(default.estimate)
