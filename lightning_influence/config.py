@@ -657,6 +657,14 @@ class CVConfig(Config):
     sketch_rank: int = 64
     sketch_iterations: int = 3
 
+    def cg_limit(self, num_params: int) -> int:
+        """Most CG/PCG iterations of one fold's solve: ``cg_max_iter``, or CG's own default ``min(P, 1000)``.
+
+        Returns:
+            The iteration cap.
+        """
+        return self.cg_max_iter if self.cg_max_iter is not None else min(num_params, 1000)
+
     def sketch_config(self, num_params: int | None = None) -> SketchConfig:
         """The ``"pcg"`` sketch these fields describe (oversample 10, no trace probes; rank clamped to ``num_params``).
 

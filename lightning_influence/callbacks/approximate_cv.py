@@ -349,7 +349,7 @@ class ApproximateCV(Callback):
     def _cg_iterations(self, p: int) -> int:
         """Most curvature products of one fold's solve (CG under "auto": plus the undamped trial and Lanczos)."""
         cfg = self.config
-        limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(p, 1000)
+        limit = cfg.cg_limit(p)
         if matrix_free_solver(self.config) == "pcg":
             return limit  # one lambda_max for all folds, from the shared sketch: no trial, no Lanczos
         return limit + (AUTO_DAMPING_CG_TRIAL + 20 if cfg.damping == "auto" else 0)

@@ -182,7 +182,7 @@ def _cg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[Sca
     if cfg.damping != "auto":
         metric = _operator_metric(state, others, c, float(cfg.damping))
         return metric, conjugate_gradient(metric, b, rtol=cfg.cg_rtol, max_iter=cfg.cg_max_iter), float(cfg.damping)
-    limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(state.theta_hat.numel(), 1000)
+    limit = cfg.cg_limit(state.theta_hat.numel())
     damping, sol = 0.0, None
     for attempt in range(4):
         metric = _operator_metric(state, others, c, damping)
@@ -263,7 +263,7 @@ def _pcg_step(state: _Folds, others: list[int], c: float, b: Tensor) -> tuple[Sc
     op0 = _operator_metric(state, others, c, 0.0)
     scaled = LowRankSketch(sketch.eigenvalues * op0.scale, sketch.eigenvectors, sketch.tail_eigenvalue * op0.scale,
                            num_products=sketch.num_products, config=sketch.config)
-    limit = cfg.cg_max_iter if cfg.cg_max_iter is not None else min(state.theta_hat.numel(), 1000)
+    limit = cfg.cg_limit(state.theta_hat.numel())
     if cfg.damping != "auto":
         damping = float(cfg.damping)  # > 0: CVConfig rejects solver="pcg" with a fixed damping <= 0
         sol = preconditioned_cg(op0, b, scaled, damping=damping, rtol=cfg.cg_rtol, max_iter=limit)
