@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -43,11 +44,24 @@ from lightning_influence.data import prepare_batch
 from lightning_influence.distributed import ReduceFn, reduce_packed
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.params import ParamTree, flatten, num_parameters, trainable_parameters, unflatten
+from lightning_influence.per_sample import HookPlan, UnsupportedModel, hook_plan, per_sample_gradients
 from lightning_influence.tasks import Task
 
 __all__ = ["Evaluator", "Normalization", "curvature_mode"]
 
 Normalization = str  # "sum" (default) or "mean" over an example's units
+PER_EXAMPLE_METHODS = ("auto", "vmap")
+
+# model -> {plan key: hook path agrees with vmap}; checked once per model and parameter set, forgotten with the model
+_HOOKS_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], bool]] = weakref.WeakKeyDictionary()
+
+
+def _plan_key(plan: HookPlan | None) -> tuple[str, ...]:
+    return () if plan is None else tuple(f"{m}.{a}" for m, slots in plan.slots.items() for a, _, _ in slots)
+
+
+def _rows(inputs: Any, rows: slice) -> Any:
+    return tree_map(lambda t: t[rows] if isinstance(t, Tensor) else t, inputs)
 
 
 @contextlib.contextmanager
@@ -89,9 +103,13 @@ class Evaluator:
         params: The point to evaluate at (default: the model's trainable parameters, detached).
         input_dtype: Cast floating inputs of every batch to this dtype (``None`` keeps them).
         reduce_fn: Sums a flat tensor over ranks, for the ``global_*`` methods (``None`` on one process).
+        per_example: How :meth:`per_example` differentiates: ``"auto"`` uses layer hooks
+            (:mod:`lightning_influence.per_sample`: one batched forward + backward) when every trainable parameter
+            belongs to a supported layer and a one-time check against ``vmap`` on the first two examples agrees,
+            ``vmap(grad(...))`` otherwise; ``"vmap"`` always uses ``vmap``.
 
     Raises:
-        ConfigurationError: If the model has no trainable parameter.
+        ConfigurationError: If the model has no trainable parameter, or for an unknown ``per_example``.
 
     Example::
 
@@ -103,9 +121,12 @@ class Evaluator:
 
     def __init__(
         self, model: nn.Module, task: Task, *, params: ParamTree | None = None, input_dtype: torch.dtype | None = None,
-        reduce_fn: ReduceFn | None = None,
+        reduce_fn: ReduceFn | None = None, per_example: str = "auto",
     ) -> None:
+        if per_example not in PER_EXAMPLE_METHODS:
+            raise ConfigurationError(f"per_example must be one of {PER_EXAMPLE_METHODS}, got {per_example!r}.")
         self.model, self.task, self.reduce_fn = model, task, reduce_fn
+        self.per_example_method = per_example
         self.params: ParamTree = trainable_parameters(model) if params is None else params
         first = next(iter(self.params.values()))
         self.device, self.dtype = first.device, first.dtype
@@ -302,9 +323,56 @@ class Evaluator:
             return self._per_example(batch, normalization)
 
     def _per_example(self, batch: Any, normalization: Normalization) -> tuple[Tensor, Tensor]:
+        inputs, targets = self.task.split(batch)
+        plan = hook_plan(self.model, self.params) if self.per_example_method != "vmap" else None
+        verified = _HOOKS_VERIFIED.get(self.model, {}).get(_plan_key(plan)) if plan is not None else False
+        if plan is not None and verified is not False:
+            try:
+                grads, losses = self._hooked(plan, inputs, targets, normalization)
+            except UnsupportedModel:
+                _HOOKS_VERIFIED.setdefault(self.model, {})[_plan_key(plan)] = False
+            else:
+                if verified is None:
+                    # First use on this model: the hooks must see every use of every parameter, and examples must not
+                    # interact. Check the batch's largest row against plain autograd on that example alone (a verdict
+                    # is kept only when that row is not zero, e.g. a sequence with no counted token).
+                    i = int(grads.norm(dim=1).argmax())
+                    ref = self._one_gradient(_rows(inputs, slice(i, i + 1)), targets[i : i + 1], normalization)
+                    tol = 1e-4 if grads.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-9
+                    verified = bool(torch.allclose(grads[i], ref, rtol=tol, atol=tol * float(ref.abs().max())))
+                    if float(ref.abs().max()) > 0 or not verified:
+                        _HOOKS_VERIFIED.setdefault(self.model, {})[_plan_key(plan)] = verified
+                if verified:
+                    self.gradient_examples += int(targets.shape[0])
+                    return grads, losses
+        return self._vmapped(inputs, targets, normalization)
+
+    def _batch_losses(self, params: ParamTree, inputs: Any, targets: Tensor, normalization: Normalization) -> Tensor:
+        """Per-example losses ``(batch,)`` of one batched forward at ``params``."""
+        task = self.task
+        out, y = task.targets(task.outputs(task.forward(self.model, params, inputs)), targets)
+        total, counts = task.loss.per_example(out, y)
+        return total / counts.clamp_min(1).to(total.dtype) if normalization == "mean" else total
+
+    def _one_gradient(self, inputs: Any, targets: Tensor, normalization: Normalization) -> Tensor:
+        """Flat gradient of one example's loss by plain autograd (the hook path's reference)."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
+        grads = torch.autograd.grad(self._batch_losses(leaves, inputs, targets, normalization).sum(),
+                                    list(leaves.values()), allow_unused=True)
+        return torch.cat([(torch.zeros_like(v) if g is None else g).reshape(-1)
+                          for g, v in zip(grads, leaves.values(), strict=True)])
+
+    def _hooked(self, plan: HookPlan, inputs: Any, targets: Tensor, normalization: Normalization
+                ) -> tuple[Tensor, Tensor]:
+        """One batched forward + backward with layer hooks (:mod:`lightning_influence.per_sample`)."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
+        return per_sample_gradients(
+            self.model, plan, lambda: self._batch_losses(leaves, inputs, targets, normalization),
+            int(targets.shape[0]), self.dtype, self.device)
+
+    def _vmapped(self, inputs: Any, targets: Tensor, normalization: Normalization) -> tuple[Tensor, Tensor]:
         # grad_and_value: each example's loss comes out of its own gradient's forward pass, so a chunk costs one
         # forward + backward per example and no separate no-grad forward of the batch.
-        inputs, targets = self.task.split(batch)
         fn = grad_and_value(self._example_loss(normalization))
         names = list(self.params)
         self.gradient_examples += int(targets.shape[0])
