@@ -17,7 +17,10 @@ in batches of 64. Gradient-equivalent passes count one per-example gradient or o
 as one pass. Peak RSS is the process's high-water mark after each model (``ru_maxrss``).
 
 Run: ``python benchmarks/bench_scale.py [--quick]`` (quick: smaller N, sample, queries and rank; the ResNet is
-measured with sketch + lowrank + a capped pcg only). Prints a table, then one JSON line with ``pcg_speedup``,
+measured with sketch + lowrank + a capped pcg only). ``--n/--queries/--pool/--rank/--chunk/--methods`` override
+the chosen specs, e.g. the ResNet's scoring cost at 100 queries without the capped pcg:
+``--quick --models resnet18 --n 640 --queries 100 --chunk 32 --methods lowrank``. Prints a table, then one JSON
+line with ``pcg_speedup``,
 ``scoring_epochs``, ``sketch_products`` (dicts per model) and the rows.
 """
 
@@ -233,6 +236,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", default="mlp_1e5,cnn_1e6,resnet18,digits")
+    for key in ("n", "queries", "pool", "rank", "chunk"):
+        parser.add_argument(f"--{key}", type=int, default=None, help=f"override every model's {key}")
+    parser.add_argument("--methods", default=None, help="override every model's methods (comma-separated)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"{'model':>9} {'method':>8} {'P':>9} {'wall':>9} {'products':>11} {'gr-ep':>8} {'t-ep':>8} {'iter':>5} "
@@ -242,6 +248,10 @@ def main() -> None:
     for name, spec in specs(args.quick).items():
         if name not in args.models.split(","):
             continue
+        spec.update({k: getattr(args, k) for k in ("n", "queries", "pool", "rank", "chunk")
+                     if getattr(args, k) is not None})
+        if args.methods:
+            spec["methods"] = tuple(args.methods.split(","))
         r, info = bench_model(name, spec, args)
         rows += r
         infos[name] = info

@@ -50,16 +50,29 @@ ProgressFn = Callable[[str, int, int], None]
 
 # ========================================================================================= influence
 def _query_gradients(run: _Run, query: DataSource) -> tuple[Tensor, Tensor]:
-    """All query gradients ``(k, P)`` (every rank computes them) and their losses."""
-    parts, losses = [], []
-    for _, g, loss in iter_per_example_gradients(
+    """All query gradients as the solve's right-hand sides ``(P, k)`` (every rank computes them) and their losses.
+
+    Written chunk by chunk into one ``(P, k)`` matrix: no list of chunks, concatenation or transposed copy (at
+    100 queries of an 11M-parameter model each of those is another 4.4 GB).
+
+    Returns:
+        ``(B, losses)``.
+    """
+    B: Tensor | None = None
+    losses: list[Tensor] = []
+    k, start = query.global_size, 0
+    for idx, g, loss in iter_per_example_gradients(
         run.model, run.task, query.dataset, query.indices, chunk_size=run.cfg.chunk_size,
         collate_fn=query.collate_fn, normalization=run.cfg.normalization, dtype=run.cfg.torch_dtype(),
     ):
-        parts.append(g)
+        if B is None:
+            B = torch.empty(g.shape[1], k, dtype=g.dtype, device=g.device)
+        B[:, start : start + idx.numel()] = g.T
+        start += idx.numel()
         losses.append(loss)
     run.counters["example_gradients"] += query.global_size / run.world_size  # computed on every rank: count once
-    return torch.cat(parts, 0), torch.cat(losses)
+    assert B is not None  # _prepare_run rejects an empty query set
+    return B, torch.cat(losses)
 
 
 @dataclass
@@ -124,8 +137,8 @@ def _stream_scores(
     proj = None if run.cfg.projection_dim is None else RandomProjection(
         P, run.cfg.projection_dim, run.cfg.projection_kind, seed=run.cfg.seed)
     XT = X.T if proj is None else proj(X.T.contiguous())  # (k, P) or projected (k, projection_dim)
-    # lowrank self-influence: scores and sketch coefficients in one matmul per chunk (one read of the gradients)
-    W = (torch.cat([X, inverse.state["sketch"].eigenvectors.to(X)], 1)
+    # lowrank self-influence: the chunk's sketch coefficients V^T g come with its scores (no (P, k + r) copy of [X, V])
+    V = (inverse.state["sketch"].eigenvectors.to(X)
          if run.cfg.solver == "lowrank" and run.cfg.self_influence and proj is None else None)
     coefficients = None
     for c in range(math.ceil(n / chunk)):
@@ -143,11 +156,9 @@ def _stream_scores(
                 run.model, run.task, run.train.dataset, train_indices[mine], chunk_size=mine.numel(),
                 collate_fn=run.train.collate_fn, normalization=run.cfg.normalization, dtype=run.cfg.torch_dtype())))
             run.counters["example_gradients"] += mine.numel()
-            if W is not None:
-                C_all = G_local @ W
-                out.scores[:, mine], coefficients = -C_all[:, :k].T, C_all[:, k:]
-            else:
-                out.scores[:, mine] = -(XT @ (G_local if proj is None else proj(G_local)).T)
+            out.scores[:, mine] = -(XT @ (G_local if proj is None else proj(G_local)).T)
+            if V is not None:
+                coefficients = G_local @ V
             out.losses[mine] = loss_local
         if run.cfg.self_influence:
             _chunk_self_influence(run, inverse, out, pos, mine, G_local, coefficients)
@@ -365,9 +376,10 @@ def influence_scores(
     _warn_costly(run, query.global_size, int(t_idx.numel()))
     damping = _resolve_damping(run, spectrum)
     opened, done = _open_store(store, run, query, t_idx, spectrum)
-    Q, query_losses = _query_gradients(run, query)
+    B, query_losses = _query_gradients(run, query)
     inverse = _build_inverse(run, spectrum, sketch)
-    X, res = inverse(Q.T.contiguous())  # (P, k)
+    X, res = inverse(B)  # (P, k)
+    del B
     out = _stream_scores(run, inverse, X, t_idx, progress, opened, done)
     scores, self_inf, self_bound, losses, grads_total, products_total = reduce_packed(
         [out.scores, out.self_influence, out.self_influence_bound, out.losses, run.counters["example_gradients"],

@@ -163,7 +163,8 @@ def preconditioned_cg(
 
 def _lowrank_apply(sketch: LowRankSketch, B: Tensor, damping: float) -> Tensor:
     evals, V = _cast(sketch, B)
-    return B / damping + V @ ((1.0 / (evals + damping) - 1.0 / damping).unsqueeze(1) * (V.T @ B))
+    # One (P, k) allocation: the low-rank part, then B / damping added in place.
+    return (V @ ((1.0 / (evals + damping) - 1.0 / damping).unsqueeze(1) * (V.T @ B))).add_(B, alpha=1.0 / damping)
 
 
 def _lowrank_residual(op: LinearOperator | None, sketch: LowRankSketch, B: Tensor, X: Tensor, damping: float,
