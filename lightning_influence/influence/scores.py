@@ -52,27 +52,28 @@ ProgressFn = Callable[[str, int, int], None]
 def _query_gradients(run: _Run, query: DataSource) -> tuple[Tensor, Tensor]:
     """All query gradients as the solve's right-hand sides ``(P, k)`` (every rank computes them) and their losses.
 
-    Written chunk by chunk into one ``(P, k)`` matrix: no list of chunks, concatenation or transposed copy (at
-    100 queries of an 11M-parameter model each of those is another 4.4 GB).
+    Stored as a contiguous ``(k, P)`` matrix, one query per row, written chunk by chunk (no list of chunks or
+    concatenation: at 100 queries of an 11M-parameter model each would be another 4.4 GB) and returned as its
+    ``(P, k)`` transpose, a view whose columns are contiguous.
 
     Returns:
         ``(B, losses)``.
     """
-    B: Tensor | None = None
+    Bt: Tensor | None = None
     losses: list[Tensor] = []
-    k, start = query.global_size, 0
+    start = 0
     for idx, g, loss in iter_per_example_gradients(
         run.model, run.task, query.dataset, query.indices, chunk_size=run.cfg.chunk_size,
         collate_fn=query.collate_fn, normalization=run.cfg.normalization, dtype=run.cfg.torch_dtype(),
     ):
-        if B is None:
-            B = torch.empty(g.shape[1], k, dtype=g.dtype, device=g.device)
-        B[:, start : start + idx.numel()] = g.T
+        if Bt is None:
+            Bt = torch.empty(query.global_size, g.shape[1], dtype=g.dtype, device=g.device)
+        Bt[start : start + idx.numel()] = g
         start += idx.numel()
         losses.append(loss)
     run.counters["example_gradients"] += query.global_size / run.world_size  # computed on every rank: count once
-    assert B is not None  # _prepare_run rejects an empty query set
-    return B, torch.cat(losses)
+    assert Bt is not None  # _prepare_run rejects an empty query set
+    return Bt.T, torch.cat(losses)
 
 
 @dataclass
@@ -378,7 +379,9 @@ def influence_scores(
     opened, done = _open_store(store, run, query, t_idx, spectrum)
     B, query_losses = _query_gradients(run, query)
     inverse = _build_inverse(run, spectrum, sketch)
-    X, res = inverse(B)  # (P, k)
+    # lowrank works on the column-major right-hand sides as they are (its answer is column-major too); the other
+    # solvers take the row-major (P, k) block they were written for.
+    X, res = inverse(B if run.cfg.solver == "lowrank" else B.contiguous())  # (P, k)
     del B
     out = _stream_scores(run, inverse, X, t_idx, progress, opened, done)
     scores, self_inf, self_bound, losses, grads_total, products_total = reduce_packed(
