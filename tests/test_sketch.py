@@ -129,6 +129,22 @@ def test_lowrank_residual_is_the_true_residual_of_the_low_rank_solution() -> Non
     assert lowrank_solve(full, B, damping=lam, operator=op).relative_residual <= 1e-8
 
 
+def test_lowrank_solve_is_the_same_for_row_and_column_major_right_hand_sides() -> None:
+    """influence_scores passes query gradients as a (P, k) view of a (k, P) matrix; results may not depend on it."""
+    op = _problem()[1]
+    lam, P, r = 1e-2, op.num_params, 8
+    sk = compute_sketch(op, rank=r, oversample=4, iterations=3, trace_probes=0)
+    rows = torch.randn(5, P, generator=torch.Generator().manual_seed(4), dtype=F64)
+    V = sk.eigenvectors
+    L = (V * (1.0 / (sk.eigenvalues + lam))) @ V.T + (torch.eye(P, dtype=F64) - V @ V.T) / lam  # dense float64
+    for kw in ({}, {"operator": op, "residual_columns": 3}):
+        col_major, row_major = lowrank_solve(sk, rows.T, damping=lam, **kw), lowrank_solve(
+            sk, rows.T.contiguous(), damping=lam, **kw)
+        torch.testing.assert_close(col_major.x, L @ rows.T, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(row_major.x, col_major.x, rtol=1e-12, atol=1e-14)
+        assert abs(col_major.relative_residual - row_major.relative_residual) <= 1e-10 * row_major.relative_residual
+
+
 def test_lowrank_self_influence_error_is_within_the_discarded_spectrum_bound() -> None:
     op, mu, evecs = _spread_op()
     lam, r = 1e-2, 12
