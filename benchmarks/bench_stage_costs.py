@@ -177,8 +177,11 @@ def _fit(make: Any, train: Any, val: Any, callbacks: list[Any]) -> float:
     return time.perf_counter() - start
 
 
-def callback_costs(name: str, which: list[str]) -> list[dict[str, Any]]:
-    """Each callback at its defaults after one training epoch; the unit is that epoch (time and one pass over N)."""
+def callback_costs(name: str, which: list[str], report_solver: str | None = None) -> list[dict[str, Any]]:
+    """Each callback at its defaults after one training epoch; the unit is that epoch (time and one pass over N).
+
+    ``report_solver`` overrides only the InfluenceReport's solver (``None``: its default).
+    """
     make, train, val, task, query, n = _cnn_setup() if name == "mnist_cnn" else _gpt2_setup()
     epoch = _fit(make, train, val, [])
     rows: list[dict[str, Any]] = [{"model": name, "stage": "train_epoch", "passes": 1.0, "seconds": epoch,
@@ -192,7 +195,7 @@ def callback_costs(name: str, which: list[str]) -> list[dict[str, Any]]:
             rows.append({"model": name, "stage": stage, "passes": cb.last_examples_processed / n,
                          "seconds": cb.measure_seconds, "note": f"{len(cb.history)} measurement(s)"})
             continue
-        report = InfluenceReport(task, query_data=query, progress_bar=False)
+        report = InfluenceReport(task, query_data=query, progress_bar=False, solver=report_solver)
         extra = {"cv": [ApproximateCV(task)], "pbrf": [PBRFValidation(task)]}.get(stage, [])
         _fit(make, train, val, [report, *extra])
         inf = report.result
@@ -200,7 +203,8 @@ def callback_costs(name: str, which: list[str]) -> list[dict[str, Any]]:
         d = inf.diagnostics
         if stage == "report":
             rows.append({"model": name, "stage": stage, "passes": d["gradient_equivalents"] / n,
-                         "seconds": d["seconds"], "note": f"cg iters={inf.solve.get('iterations')}, "
+                         "seconds": d["seconds"], "note": f"{inf.solve.get('method')} "
+                                                          f"iters={inf.solve.get('iterations')}, "
                                                           f"damping={d['damping']['damping']:.3g}"})
         elif stage == "cv":
             res = extra[0].last_result
@@ -226,10 +230,12 @@ def main() -> None:
     parser.add_argument("--callbacks", choices=("mnist_cnn", "gpt2"), default=None,
                         help="instead: each callback at its defaults after one epoch of this example's model")
     parser.add_argument("--stages", default="monitor,report,cv,pbrf", help="with --callbacks: which ones")
+    parser.add_argument("--report-solver", default=None,
+                        help="with --callbacks: InfluenceReport's solver (default: its own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.callbacks is not None:
-        cb_rows = callback_costs(args.callbacks, args.stages.split(","))
+        cb_rows = callback_costs(args.callbacks, args.stages.split(","), args.report_solver)
         print(f"{'model':<10} {'stage':<12} {'passes':>9} {'seconds':>8} {'epochs':>8}  note")
         for r in cb_rows:
             print(f"{r['model']:<10} {r['stage']:<12} {r['passes']:>9.1f} {r['seconds']:>8.2f} {r['epochs']:>8.2f}  "
