@@ -44,12 +44,25 @@ _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *_NORMS)
 
 
 class UnsupportedModel(RuntimeError):
-    """Raised when the hook path cannot compute a model's per-example gradients (the caller uses ``vmap``)."""
+    """Raised when the hook path cannot compute a model's per-example gradients (the caller uses ``vmap``).
+
+    Example::
+
+        >>> issubclass(UnsupportedModel, RuntimeError)
+        True
+    """
 
 
 @dataclass(frozen=True)
 class HookPlan:
-    """Which module owns which trainable parameter, and where its slice of the flat gradient starts."""
+    """Which module owns which trainable parameter, and where its slice of the flat gradient starts.
+
+    Example::
+
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> hook_plan(lin, dict(lin.named_parameters())).slots
+        {'': (('weight', 0, 6), ('bias', 6, 2))}
+    """
 
     #: module name -> ((attribute, flat offset, numel), ...) for its trainable ``weight``/``bias``
     slots: Mapping[str, tuple[tuple[str, int, int], ...]]
