@@ -52,12 +52,12 @@ __all__ = ["Evaluator", "Normalization", "curvature_mode"]
 Normalization = str  # "sum" (default) or "mean" over an example's units
 PER_EXAMPLE_METHODS = ("auto", "vmap")
 
-# model -> {plan key: hook path agrees with vmap}; checked once per model and parameter set, forgotten with the model
+# model -> {plan key: hook path agrees with autograd}; checked once per model and parameter set, forgotten with it
 _HOOKS_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], bool]] = weakref.WeakKeyDictionary()
 
 
-def _plan_key(plan: HookPlan | None) -> tuple[str, ...]:
-    return () if plan is None else tuple(f"{m}.{a}" for m, slots in plan.slots.items() for a, _, _ in slots)
+def _plan_key(plan: HookPlan) -> tuple[str, ...]:
+    return tuple(f"{m}.{a}" for m, slots in plan.slots.items() for a, _, _ in slots)
 
 
 def _rows(inputs: Any, rows: slice) -> Any:
@@ -105,8 +105,8 @@ class Evaluator:
         reduce_fn: Sums a flat tensor over ranks, for the ``global_*`` methods (``None`` on one process).
         per_example: How :meth:`per_example` differentiates: ``"auto"`` uses layer hooks
             (:mod:`lightning_influence.per_sample`: one batched forward + backward) when every trainable parameter
-            belongs to a supported layer and a one-time check against ``vmap`` on the first two examples agrees,
-            ``vmap(grad(...))`` otherwise; ``"vmap"`` always uses ``vmap``.
+            belongs to a supported layer and a one-time check (the batch's largest row against plain autograd on
+            that example alone) agrees, ``vmap(grad(...))`` otherwise; ``"vmap"`` always uses ``vmap``.
 
     Raises:
         ConfigurationError: If the model has no trainable parameter, or for an unknown ``per_example``.
@@ -292,15 +292,9 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------- per-example
     def _example_loss(self, normalization: Normalization) -> Callable[..., Tensor]:
-        task, model = self.task, self.model
-
         def loss_one(p: ParamTree, inputs: tuple[Any, ...], targets: Tensor) -> Tensor:
             inputs1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, inputs)
-            out, y = task.targets(task.outputs(task.forward(model, p, inputs1)), targets.unsqueeze(0))
-            total = task.loss.unit_losses(out, y).sum()
-            if normalization == "mean":
-                total = total / task.loss.unit_mask(out, y).sum().clamp_min(1).to(total.dtype)
-            return total
+            return self._batch_losses(p, inputs1, targets.unsqueeze(0), normalization).sum()
 
         return loss_one
 
@@ -325,12 +319,15 @@ class Evaluator:
     def _per_example(self, batch: Any, normalization: Normalization) -> tuple[Tensor, Tensor]:
         inputs, targets = self.task.split(batch)
         plan = hook_plan(self.model, self.params) if self.per_example_method != "vmap" else None
-        verified = _HOOKS_VERIFIED.get(self.model, {}).get(_plan_key(plan)) if plan is not None else False
-        if plan is not None and verified is not False:
+        if plan is None:
+            return self._vmapped(inputs, targets, normalization)
+        verdicts, key = _HOOKS_VERIFIED.setdefault(self.model, {}), _plan_key(plan)
+        verified = verdicts.get(key)
+        if verified is not False:
             try:
                 grads, losses = self._hooked(plan, inputs, targets, normalization)
             except UnsupportedModel:
-                _HOOKS_VERIFIED.setdefault(self.model, {})[_plan_key(plan)] = False
+                verdicts[key] = False
             else:
                 if verified is None:
                     # First use on this model: the hooks must see every use of every parameter, and examples must not
@@ -341,7 +338,7 @@ class Evaluator:
                     tol = 1e-4 if grads.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-9
                     verified = bool(torch.allclose(grads[i], ref, rtol=tol, atol=tol * float(ref.abs().max())))
                     if float(ref.abs().max()) > 0 or not verified:
-                        _HOOKS_VERIFIED.setdefault(self.model, {})[_plan_key(plan)] = verified
+                        verdicts[key] = verified
                 if verified:
                     self.gradient_examples += int(targets.shape[0])
                     return grads, losses

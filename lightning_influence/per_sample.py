@@ -69,15 +69,9 @@ class HookPlan:
     num_params: int
 
 
-def _conv_ok(m: nn.Module) -> bool:
-    if not isinstance(m, (nn.Conv1d, nn.Conv2d)) or m.padding_mode != "zeros":
-        return False
-    return not isinstance(m.padding, str) or m.padding == "valid"
-
-
 def _module_ok(m: nn.Module) -> bool:
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        return _conv_ok(m)
+        return m.padding_mode == "zeros" and (not isinstance(m.padding, str) or m.padding == "valid")
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         # Eval mode on running statistics only: batch statistics couple the examples of a batch.
         return not m.training and m.running_mean is not None and m.running_var is not None
@@ -198,11 +192,10 @@ def _norm(m: nn.Module, x: Tensor, d: Tensor, out: Out) -> None:
     k = len(m.normalized_shape) if isinstance(m, nn.LayerNorm) else 0
     shape = (b, -1, *x.shape[x.ndim - k:]) if k else (b, x.shape[1], -1)
     dim = 1 if k else 2
-    if "weight" in out:
-        torch.sum((d * _normalised(m, x)).reshape(shape), dim, out=out["weight"].reshape(out["weight"].shape[0], -1)
-                  if not k else out["weight"])
+    if "weight" in out:  # out views are (b, C) per channel, or (b, *normalized_shape)
+        torch.sum((d * _normalised(m, x)).reshape(shape), dim, out=out["weight"])
     if "bias" in out:
-        torch.sum(d.reshape(shape), dim, out=out["bias"].reshape(out["bias"].shape[0], -1) if not k else out["bias"])
+        torch.sum(d.reshape(shape), dim, out=out["bias"])
 
 
 def _embedding(m: nn.Embedding, x: Tensor, d: Tensor, out: Out) -> None:
