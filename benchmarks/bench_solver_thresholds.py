@@ -42,9 +42,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n-train", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--hiddens", default=None, help="comma-separated hidden widths (default 2,5,10,20,40,80,150)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    hiddens = [2, 10, 30] if args.quick else [2, 5, 10, 20, 40]
+    hiddens = [2, 10, 30] if args.quick else [2, 5, 10, 20, 40, 80, 150]
+    if args.hiddens:
+        hiddens = [int(h) for h in args.hiddens.split(",")]
     n = 200 if args.quick else args.n_train
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 64, generator=g, dtype=torch.float64)

@@ -425,7 +425,9 @@ class InfluenceConfig(Config):
             needs at most about :math:`\sqrt{1000} \approx 32` times :math:`\log(1/\text{rtol})` iterations).
         solver: ``"cg"``, ``"lissa"``, ``"exact"``, ``"pcg"`` (CG preconditioned by the low-rank sketch: the exact
             answer, certified), ``"lowrank"`` (the sketch's approximate inverse: no products per query) or
-            ``"auto"`` (``"exact"`` up to :data:`AUTO_EXACT_MAX_PARAMS` parameters, else ``"pcg"``).
+            ``"auto"`` (default: ``"exact"`` up to :data:`AUTO_EXACT_MAX_PARAMS` parameters, ``"pcg"`` past
+            ``DENSE_MAX_PARAMS``, in between whichever of the two a FLOP count projects to be cheaper for this model,
+            curvature sample and number of queries; the choice is in ``result.diagnostics["solver_choice"]``).
         curvature: ``"gnh"`` (default), ``"expected_fisher"``, ``"sampled_fisher"``, ``"finite_difference_gnh"``
             or ``"hessian"`` (may be indefinite; for comparison).
         batch_size: Examples per batch of the fixed-sample curvature operator (CG, certificate, spectrum).
@@ -479,7 +481,7 @@ class InfluenceConfig(Config):
 
     damping: float | Literal["auto"] = "auto"
     damping_fraction: float = 1e-3
-    solver: SolverName = "cg"
+    solver: SolverName = "auto"
     curvature: CurvatureKind = "gnh"
     batch_size: int = 256
     chunk_size: int = 64

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad_and_value, vmap
+from torch.func import grad_and_value, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
@@ -135,6 +135,7 @@ class Evaluator:
         self.forward_examples = 0
         self.gradient_examples = 0
         self._vectorised_grads = True
+        self._vectorised_jacobians = True
 
     # -------------------------------------------------------------------------------------------- basics
     @property
@@ -192,6 +193,46 @@ class Evaluator:
 
         _, aligned = self.task.targets(torch.empty(0), targets)
         return f, aligned
+
+    def output_jacobian(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Aligned outputs, targets and their Jacobian ``(*outputs.shape, P)`` of one prepared batch, per example.
+
+        One ``jacrev`` per example, vectorised over the batch (``vmap``): about ``D`` gradients per example for
+        ``D`` outputs each. A Jacobian of the batched outputs would instead differentiate each of the batch's
+        ``B D`` outputs through the whole batch, ``B`` times the work (measured on the 9k-parameter MNIST CNN:
+        512 examples took 304 s that way). Models whose examples cannot be separated (``vmap`` fails, or the
+        per-example outputs differ from the batched ones) take the batched Jacobian.
+
+        Returns:
+            ``(outputs, targets, J)``, detached.
+        """
+        f, aligned = self.output_fn(batch)
+        with torch.no_grad():
+            outputs = f(self.params)
+        names = list(self.params)
+        if self._vectorised_jacobians:
+            inputs, targets = self.task.split(batch)
+            task = self.task
+
+            def out_one(p: ParamTree, x1: Any, y1: Tensor) -> tuple[Tensor, Tensor]:
+                inputs1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x1)
+                out, _ = task.targets(task.outputs(task.forward(self.model, p, inputs1)), y1.unsqueeze(0))
+                return out, out
+
+            try:
+                jac, outs = vmap(jacrev(out_one, has_aux=True), in_dims=(None, 0, 0))(self.params, inputs, targets)
+            except Exception:  # pragma: no cover - depends on the user's model (data-dependent control flow, ...)
+                self._vectorised_jacobians = False
+            else:
+                if outs.numel() == outputs.numel() and torch.allclose(
+                        outs.reshape(outputs.shape), outputs, rtol=1e-4, atol=1e-6 * float(outputs.abs().max())):
+                    b = outs.shape[0]
+                    J = torch.cat([jac[k].reshape(b, outs[0].numel(), -1) for k in names], -1)
+                    return outputs, aligned, J.reshape(*outputs.shape, -1).detach()
+                self._vectorised_jacobians = False  # examples interact or are aligned across the batch
+        jac = jacrev(f, chunk_size=64)(self.params)
+        J = torch.cat([jac[k].reshape(*outputs.shape, -1) for k in names], -1).detach()
+        return outputs, aligned, J
 
     def outputs(self, batch: Any, params: ParamTree | None = None, *, validate: bool = True) -> tuple[Tensor, Tensor]:
         """Aligned ``(outputs, targets)`` of a prepared batch at ``params`` (default :attr:`params`).

@@ -337,10 +337,14 @@ def test_auto_damping_is_a_fraction_of_lambda_max_measured_on_the_spot() -> None
     model, task, (x, y) = _tiny_problem()
     G = GNHOperator(model, task, make_batches(torch.utils.data.TensorDataset(x, y), batch_size=8)).dense()
     lam_max = float(torch.linalg.eigvalsh(G)[-1])
-    r = influence_scores(model, task, (x, y), (x, y), query_indices=range(3))  # all defaults: CG, damping="auto"
+    r = influence_scores(model, task, (x, y), (x, y), query_indices=range(3))  # defaults: auto solver and damping
     used = r.diagnostics["damping"]
-    assert used["rule"] == "auto" and used["source"] == "lanczos"
+    # the exact solver (auto's pick on this tiny model) reads lambda_max off its dense matrix: no curvature pass
+    assert r.diagnostics["solver"] == "exact" and used["rule"] == "auto" and used["source"] == "lanczos_dense"
     assert used["lambda_max"] == pytest.approx(lam_max, rel=1e-3)
+    cg = influence_scores(model, task, (x, y), (x, y), query_indices=range(3), solver="cg")
+    assert cg.diagnostics["damping"]["source"] == "lanczos"
+    assert cg.diagnostics["damping"]["lambda_max"] == pytest.approx(lam_max, rel=1e-3)
     assert used["damping"] == pytest.approx(1e-3 * used["lambda_max"])
     assert r.config["damping"] == used["damping"] and r.config["damping_rule"] == "auto"
     assert r.metrics()["influence/damping"] == used["damping"]
@@ -356,3 +360,32 @@ def test_auto_damping_is_a_fraction_of_lambda_max_measured_on_the_spot() -> None
         InfluenceConfig(damping_fraction=0.0).validate()
     with pytest.raises(ConfigurationError, match="'auto'"):
         InfluenceConfig(damping="big").validate()  # type: ignore[arg-type]
+
+
+def _auto_case(kind: str) -> tuple[nn.Module, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    if kind == "conv":  # 2,650 parameters, ~0.7 MFLOP per example: each product column costs a lot per parameter
+        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 16, 3, padding=1), nn.Tanh(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        x = torch.randn(64, 1, 12, 12, generator=g, dtype=torch.float64)
+    else:  # 3,010 parameters, ~6 kFLOP per example
+        model = nn.Sequential(nn.Linear(64, 40), nn.Tanh(), nn.Linear(40, 10))
+        x = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    return model.double(), x, torch.randint(0, 10, (64,), generator=g)
+
+
+@pytest.mark.parametrize(("kind", "queries", "expected"), [("conv", 16, "exact"), ("mlp", 1, "pcg")])
+def test_auto_solver_picks_the_cheaper_of_exact_and_pcg_by_projected_flops(kind: str, queries: int,
+                                                                           expected: str) -> None:
+    torch.manual_seed(0)
+    model, x, y = _auto_case(kind)
+    task = Classification()
+    r = influence_scores(model, task, (x, y), (x[:queries], y[:queries]), damping=0.1)  # solver="auto" by default
+    choice = r.diagnostics["solver_choice"]
+    assert r.diagnostics["solver"] == choice["solver"] == expected and choice["rule"] == "projected FLOPs"
+    assert choice["forward_flops_per_example"] > 0 and choice["outputs_per_example"] == 10
+    assert (choice["exact_flops"] <= choice["iterative_flops"]) == (expected == "exact")
+    other = influence_scores(model, task, (x, y), (x[:queries], y[:queries]), damping=0.1,
+                             solver="cg" if expected == "exact" else "exact", cg_rtol=1e-10)
+    scale = float(other.scores.abs().max())
+    assert float((r.scores - other.scores).abs().max()) <= 1e-5 * scale  # either way the same, certified answer

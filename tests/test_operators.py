@@ -329,3 +329,21 @@ def test_stock_transformer_layer_supports_forward_mode() -> None:
     assert _rel(op.matvec(v), expected @ v) <= 1e-10
     assert abs(float(op.quadratic_form(v)) - float(v @ expected @ v)) <= 1e-10 * float(v @ expected @ v)
     assert torch.backends.mha.get_fastpath_enabled()  # global switch restored
+
+
+@pytest.mark.parametrize("case", ["cnn", "lm", "binary"])
+def test_output_jacobian_is_per_example_and_equals_the_batched_jacobian(case: str) -> None:
+    """dense()'s Jacobian: one jacrev per example (vmapped), not the batched one, and the same numbers to round-off."""
+    from lightning_influence.evaluator import Evaluator, curvature_mode
+
+    model, task, data = CASES[case]()
+    ev = Evaluator(model, task)
+    batch = ev.prepare(data[0])
+    with curvature_mode(model):
+        outputs, _, J = ev.output_jacobian(batch)
+        f, _ = ev.output_fn(batch)
+        jac = jacrev(f)(ev.params)
+    assert ev._vectorised_jacobians  # the per-example path ran; it did not fall back
+    ref = torch.cat([jac[k].reshape(*outputs.shape, -1) for k in ev.params], -1)
+    assert J.shape == (*outputs.shape, ev.num_params) and ref.abs().max() > 0
+    assert torch.allclose(J, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))

@@ -99,7 +99,9 @@ class InfluenceReport(Callback):
         query_data: ``"val"`` (default), ``"train"`` or a map-style dataset.
         query_indices: Which queries of ``query_data`` (default: all, capped by ``max_queries``).
         train_data: ``"train"`` (default) or a map-style dataset; its GNH is the curvature.
-        solver: ``"cg"``, ``"lissa"`` or ``"exact"`` (``None``: the config's, ``"cg"`` by default).
+        solver: ``"auto"``, ``"cg"``, ``"pcg"``, ``"lowrank"``, ``"lissa"`` or ``"exact"`` (``None``: the config's,
+            ``"auto"`` by default: the exact dense solve or PCG, whichever a FLOP count projects to be cheaper; see
+            :class:`~lightning_influence.influence.InfluenceConfig`).
         damping: :math:`\lambda > 0` or ``"auto"`` (``None``: the config's, ``"auto"`` by default:
             ``damping_fraction = 1e-3`` times :math:`\lambda_{\max}`, taken from the ``CurvatureMonitor``'s last
             spectrum when there is one, else measured by a short Lanczos run). The value used is logged as

@@ -370,12 +370,13 @@ def influence_scores(
     cfg = InfluenceConfig.resolve(config, **overrides)
     start = time.perf_counter()
     run, query, t_idx = _prepare_run(
-        model, task, train_data, query_data, _resolve_solver(cfg, model), train_indices=train_indices,
+        model, task, train_data, query_data, cfg, train_indices=train_indices,
         query_indices=query_indices, curvature_indices=curvature_indices, collate_fn=collate_fn,
         query_collate_fn=query_collate_fn, reduce_fn=reduce_fn, rank=rank, world_size=world_size,
     )
-    _warn_costly(run, query.global_size, int(t_idx.numel()))
+    solver_choice = _resolve_solver(run, query.global_size, spectrum)  # solver="auto": exact or pcg, by FLOPs
     damping = _resolve_damping(run, spectrum)
+    _warn_costly(run, query.global_size, int(t_idx.numel()), chosen=solver_choice is not None)
     opened, done = _open_store(store, run, query, t_idx, spectrum)
     B, query_losses = _query_gradients(run, query)
     inverse = _build_inverse(run, spectrum, sketch)
@@ -407,6 +408,7 @@ def influence_scores(
         "curvature_indices": None if curvature_indices is None else run.pool.indices.tolist(),
         "spectrum": res.info.get("spectrum") or inverse.state.get("spectrum"),
         "solver": run.cfg.solver,
+        "solver_choice": solver_choice,
         "damping": damping,
     }
     if opened is not None:

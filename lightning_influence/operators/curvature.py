@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwad
-from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from lightning_influence.data import DataSource
 from lightning_influence.distributed import ReduceFn, reduce_packed
@@ -348,7 +348,7 @@ class CurvatureOperator(OperatorBase):
             The dense ``(P, P)`` matrix :math:`A`.
 
         Raises:
-            ConfigurationError: If ``P`` exceeds 5,000 (use the matrix-free products instead).
+            ConfigurationError: If ``P`` exceeds ``DENSE_MAX_PARAMS`` (12,000; use the matrix-free products instead).
         """
         if self.num_params > DENSE_MAX_PARAMS:
             raise ConfigurationError(f"dense() on {self.num_params} parameters would be too large; use matvec().")
@@ -452,21 +452,16 @@ class _OutputSpaceOperator(CurvatureOperator):
             The symmetric ``(P, P)`` matrix.
 
         Raises:
-            ConfigurationError: If ``P`` exceeds 5,000 or the sample has no counted unit.
+            ConfigurationError: If ``P`` exceeds ``DENSE_MAX_PARAMS`` (12,000) or the sample has no counted unit.
         """
         p = self.num_params
         if p > DENSE_MAX_PARAMS:
             raise ConfigurationError(f"dense() on {p} parameters would be too large; use matvec() or solver='cg'.")
-        names = list(self.params)
 
         def per_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
-            f, targets = self.evaluator.output_fn(batch)
-            with torch.no_grad():
-                outputs = f(self.params)
+            outputs, targets, J = self.evaluator.output_jacobian(batch)  # J: (*out, P), one jacrev per example
             self.task.loss.validate(outputs, targets)
             self._before_map(i, outputs, targets)
-            jac = jacrev(f, chunk_size=64)(self.params)
-            J = torch.cat([jac[k].reshape(*outputs.shape, -1) for k in names], -1).detach()  # (*out, P)
             CJ = vmap(lambda j: self._output_map(i, outputs, targets, j), in_dims=-1, out_dims=-1)(J)
             return J.reshape(-1, p).T @ CJ.reshape(-1, p), self._units(outputs, targets)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from lightning_influence.operators.curvature import local_curvature_matmat
 from lightning_influence.solvers.cg import conjugate_gradient
-from lightning_influence.solvers.dense import dense_solve
+from lightning_influence.solvers.dense import dense_solve, positive_definite_factor
 from lightning_influence.solvers.lissa import lissa
 from lightning_influence.solvers.pcg import (
     lowrank_self_influence,
@@ -52,5 +52,6 @@ __all__ = [
     "lowrank_solve",
     "measure_batch_constant",
     "nystrom_preconditioner",
+    "positive_definite_factor",
     "preconditioned_cg",
 ]

@@ -11,7 +11,32 @@ from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.operators.base import LinearOperator, as_matrix
 from lightning_influence.solvers.result import SolveResult
 
-__all__ = ["dense_solve"]
+__all__ = ["dense_solve", "positive_definite_factor"]
+
+
+def positive_definite_factor(A: Tensor) -> Tensor | None:
+    r"""Lower Cholesky factor of a symmetric matrix that is numerically positive definite, else ``None``.
+
+    Numerically: the factorisation succeeds and every pivot :math:`L_{ii}^2` (each bounds the smallest eigenvalue
+    from above) exceeds :math:`P\,\epsilon \max(1, \max_i A_{ii})`, so a singular PSD matrix whose factorisation
+    survives on rounding is refused too.
+
+    Returns:
+        ``L`` with :math:`A = L L^\top`, or ``None``.
+
+    Example::
+
+        >>> positive_definite_factor(torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+        tensor([[2., 0.],
+                [0., 1.]], dtype=torch.float64)
+        >>> positive_definite_factor(torch.ones(2, 2, dtype=torch.float64)) is None   # singular
+        True
+    """
+    L, info = torch.linalg.cholesky_ex(A)
+    floor = max(float(A.diagonal().max()), 1.0) * A.shape[0] * torch.finfo(A.dtype).eps
+    if int(info) != 0 or float(L.diagonal().min()) ** 2 <= floor:
+        return None
+    return L
 
 
 def dense_solve(op: LinearOperator | Tensor, b: Tensor, *, damping: float = 0.0) -> SolveResult:
@@ -40,8 +65,8 @@ def dense_solve(op: LinearOperator | Tensor, b: Tensor, *, damping: float = 0.0)
         A = dense()
     A = 0.5 * (A + A.T) + damping * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     B, squeeze = as_matrix(b.to(A.dtype))
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
+    L = positive_definite_factor(A)
+    if L is not None:
         X = torch.cholesky_solve(B, L)
     else:
         evals, evecs = torch.linalg.eigh(A)
