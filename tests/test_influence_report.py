@@ -270,3 +270,37 @@ def test_auto_damping_follows_the_curvature_monitor(tmp_path: Path) -> None:
     assert used["damping"] == pytest.approx(1e-3 * monitor.latest.lambda_max)
     assert float(trainer.callback_metrics["influence/damping"]) == pytest.approx(used["damping"])
     assert cb.result.self_influence is None
+
+
+def test_projected_cost_warns_before_the_first_step_and_curvature_sample_sets_the_curvature(tmp_path: Path) -> None:
+    from lightning_influence.callbacks._common import sample_indices
+
+    task = Classification()
+    report = InfluenceReport(task, solver="cg", damping=1e-2, max_queries=5, curvature_sample=64, store=False,
+                             progress_bar=False)
+    steps: list[int] = []
+
+    class _Step(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            steps.append(1)
+
+    module, data = DigitsModule(), DigitsData()
+    trainer = _trainer(tmp_path, [report, _Step()], max_epochs=1)
+    with pytest.warns(UserWarning, match=r"InfluenceReport: solver='cg' for 5 queries.* curvature of 64 examples"
+                                         r".*projected about .* gradient passes.*curvature_sample=<n>"):
+        trainer.fit(module, datamodule=data)
+    assert steps  # it warned, then trained
+    cost, result = report.projected, report.result
+    assert result is not None and cost["solver"] == "cg" and cost["passes"] > 10  # the budget of a 1-epoch fit
+    train_set, val_set = data.train_dataloader().dataset, data.val_dataloader().dataset
+    assert result.diagnostics["curvature_examples"] == 64
+    expected = sample_indices(len(train_set), 64, report.seed, "curvature")
+    assert result.diagnostics["curvature_indices"] == expected.tolist()
+    # the projection is CG's worst case: the products CG really took stay below it
+    flops = cost["scoring_flops"] / (3 * (result.scores.shape[1] + result.scores.shape[0]))
+    assert 0 < result.diagnostics["example_curvature_products"] <= cost["solve_flops"] / (4 * flops)
+    # and the curvature is that sample: influence_scores on those examples gives the same scores
+    again = influence_scores(module, task, train_set, val_set, train_indices=result.train_indices,
+                             query_indices=result.query_indices, curvature_indices=expected, solver="cg",
+                             damping=1e-2)
+    assert torch.allclose(again.scores, result.scores, rtol=1e-10, atol=1e-12 * float(result.scores.abs().max()))

@@ -31,14 +31,16 @@ from lightning_influence.callbacks._common import (
     output_dir,
     publish,
     resolve_config,
+    resolve_data,
     sample_indices,
+    unwrap_module,
 )
 from lightning_influence.callbacks._loss import check_loss_matches
 from lightning_influence.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_influence.data import prepare_batch
 from lightning_influence.evaluator import curvature_mode
 from lightning_influence.exceptions import ConfigurationError
-from lightning_influence.influence import InfluenceConfig, InfluenceResult, influence_scores
+from lightning_influence.influence import InfluenceConfig, InfluenceResult, influence_scores, projected_cost
 from lightning_influence.metrics import (
     MEDIA_INFLUENCE_SCORES,
     MEDIA_INFLUENCE_SELF_INFLUENCE,
@@ -47,7 +49,8 @@ from lightning_influence.metrics import (
     MEDIA_INFLUENCE_SUMMARY,
     MEDIA_INFLUENCE_TOP_K,
 )
-from lightning_influence.progress import StageProgress, stage_progress
+from lightning_influence.params import isolated_rng
+from lightning_influence.progress import StageProgress, cost_budget, stage_progress, warn_projected_cost
 from lightning_influence.spectrum import SpectrumSummary
 from lightning_influence.tasks import Task
 
@@ -107,8 +110,10 @@ class InfluenceReport(Callback):
             spectrum when there is one, else measured by a short Lanczos run). The value used is logged as
             ``influence/damping``.
         top_k: Proponents/opponents per query in the report (``None``: the config's, 10 by default).
-        max_train: Score a seeded random subset of this many training examples (default: all). The curvature
-            always uses the whole training set.
+        max_train: Score a seeded random subset of this many training examples (default: all).
+        curvature_sample: Form the curvature from a seeded random subset of this many training examples (default:
+            the whole training set). The setting that makes the solve cheaper on a large training set: the dense
+            exact solve and every curvature product cost in proportion to it.
         max_queries: Cap on the number of queries (seeded random subset, default 100).
         self_influence: Compute self-influence (``None``: the config's, ``False`` by default; for iterative solvers
             it costs ``n_train / n_query`` query solves).
@@ -178,6 +183,7 @@ class InfluenceReport(Callback):
         top_k: int | None = None,
         max_train: int | None = None,
         max_queries: int | None = 100,
+        curvature_sample: int | None = None,
         self_influence: bool | None = None,
         images: bool | None = None,
         progress_bar: bool = True,
@@ -195,6 +201,7 @@ class InfluenceReport(Callback):
         self.query_indices = None if query_indices is None else [int(i) for i in query_indices]
         self.max_train = check_int(_WHO, "max_train", max_train, allow_none=True)
         self.max_queries = check_int(_WHO, "max_queries", max_queries, allow_none=True)
+        self.curvature_sample = check_int(_WHO, "curvature_sample", curvature_sample, allow_none=True)
         if solver is not None:
             check_choice(_WHO, "solver", solver, InfluenceConfig.SOLVERS)
         check_damping(_WHO, "damping", damping, fix=_DAMPING_FIX)
@@ -214,6 +221,8 @@ class InfluenceReport(Callback):
         #: Where ``scores.pt`` was written (all ranks know it; the full result is beside it).
         self.scores_path: Path | None = None
         self._unchecked: list[Any] = []  # data setup() could not resolve yet (checked again in on_train_start)
+        #: The train-start cost projection (:func:`~lightning_influence.influence.projected_cost`; rank 0 only).
+        self.projected: dict[str, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (``ddp_spawn`` starts its workers): a dataset that cannot travel is a clear error here, first."""
@@ -234,19 +243,22 @@ class InfluenceReport(Callback):
         # data passed to fit() directly (unresolvable in setup) and the model on the data: before the first step
         check_before_training(trainer, pl_module, self, self.task, [self.train_data, self.query_data], _WHO)
         self._unchecked = []
+        if trainer.is_global_zero:
+            self._warn_projected_cost(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ctx = RunContext.from_trainer(trainer, pl_module, _WHO)
         train, query = ctx.resolve(self.train_data), ctx.resolve(self.query_data)
         t_idx, q_idx = self._select(len(train.dataset), len(query.dataset), query.source)
+        c_idx = self._curvature_indices(len(train.dataset))
         spectrum = self._monitor_spectrum(trainer)
         store = self._store_dir(trainer)
         bar = self._progress(trainer, len(t_idx))
         try:
             result = influence_scores(
                 ctx.module, self.task, train.dataset, query.dataset, config=self.config, train_indices=t_idx,
-                query_indices=q_idx, spectrum=spectrum, collate_fn=train.collate_fn,
+                query_indices=q_idx, curvature_indices=c_idx, spectrum=spectrum, collate_fn=train.collate_fn,
                 query_collate_fn=query.collate_fn, reduce_fn=ctx.reduce_fn, rank=ctx.rank, world_size=ctx.world_size,
                 progress=bar, store=store,
             )
@@ -264,6 +276,34 @@ class InfluenceReport(Callback):
                             content=lambda d: self._publish(trainer, ctx.module, result, d, train, query, ctx.step))
         assert directory is not None
         self.scores_path = directory / "scores.pt"
+
+    def _curvature_indices(self, n_train: int) -> Tensor | None:
+        """The seeded curvature sample (``None``: the whole training set)."""
+        if self.curvature_sample is None or self.curvature_sample >= n_train:
+            return None
+        return sample_indices(n_train, self.curvature_sample, self.seed, "curvature")
+
+    def _warn_projected_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the first step: warn when the train-end computation projects above the cost budget."""
+        train, query = resolve_data(trainer, self.train_data, _WHO), resolve_data(trainer, self.query_data, _WHO)
+        if train is None or query is None or len(query.dataset) == 0:
+            return
+        t_idx, q_idx = self._select(len(train.dataset), len(query.dataset), query.source)
+        with isolated_rng():
+            cost = projected_cost(
+                unwrap_module(pl_module), self.task, train.dataset, query.dataset, config=self.config,
+                train_indices=t_idx, query_indices=q_idx, curvature_indices=self._curvature_indices(len(train.dataset)),
+                spectrum=self._monitor_spectrum(trainer), collate_fn=train.collate_fn,
+                query_collate_fn=query.collate_fn,
+            )
+        self.projected = cost
+        warn_projected_cost(
+            f"{_WHO}: solver={cost['solver']!r} for {int(q_idx.numel())} queries, {int(t_idx.numel())} scored "
+            f"examples and a curvature of {self.curvature_sample or len(train.dataset)} examples (a FLOP count)",
+            "pass curvature_sample=<n> (a seeded subset of the training set as curvature), fewer queries "
+            "(max_queries), max_train, or solver='lowrank' (a fixed sketch, no products per query).",
+            passes=cost["passes"], budget=cost_budget(trainer), stacklevel=4,
+        )
 
     def _select(self, n_train: int, n_query: int, query_source: str) -> tuple[Tensor, Tensor]:
         """The scored training examples and the queries (seeded, identical on every rank)."""

@@ -55,6 +55,7 @@ from lightning_influence.influence.scores import (
     dense_curvature,
     gradient_dot_scores,
     influence_scores,
+    projected_cost,
     self_influence,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "influence_scores",
     "iter_per_example_gradients",
     "per_example_gradients",
+    "projected_cost",
     "self_influence",
     "top_k",
 ]

@@ -325,21 +325,30 @@ def _resolve_solver(run: _Run, num_queries: int, spectrum: SpectrumSummary | Lis
         choice = {"solver": "pcg", "rule": f"more than {DENSE_MAX_PARAMS} parameters" if p > DENSE_MAX_PARAMS
                   else f"the {cfg.curvature} curvature has no Jacobian-based dense form"}
     else:
-        flops, d = _forward_profile(run.operator())
-        n = run.pool.global_size
-        # damping="auto" fixes lambda / lambda_max; a fixed damping needs a known lambda_max (else assume the same)
-        lam_max = float(spectrum.lambda_max) if isinstance(spectrum, SpectrumSummary) else math.nan
-        fixed = cfg.damping != "auto" and math.isfinite(lam_max) and lam_max > 0
-        kappa = 1.0 + (lam_max / float(cfg.damping) if fixed else 1.0 / cfg.damping_fraction)
-        cap = cfg.cg_max_iter or min(p, 1000)
-        iters = min(cap, math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 / cfg.cg_rtol)))
-        exact = n * (2 * d + 1) * flops + 2.0 * n * d * p * p + p**3 / 3.0
-        iterative = num_queries * iters * n * 4.0 * flops
-        choice = {"solver": "exact" if exact <= iterative else "pcg", "rule": "projected FLOPs",
-                  "exact_flops": exact, "iterative_flops": iterative, "forward_flops_per_example": flops,
-                  "outputs_per_example": d, "cg_iterations_bound": iters}
+        choice = _projected_flops(run, num_queries, spectrum)
+        choice = {"solver": "exact" if choice["exact_flops"] <= choice["iterative_flops"] else "pcg",
+                  "rule": "projected FLOPs", **choice}
     run.cfg = cfg.replace(solver=choice["solver"])
     return choice
+
+
+def _projected_flops(run: _Run, num_queries: int, spectrum: SpectrumSummary | LissaSettings | None
+                     ) -> dict[str, Any]:
+    """The FLOP projections of :func:`_resolve_solver` (exact and iterative solve) and what they were built from."""
+    cfg = run.cfg
+    p = num_parameters(trainable_parameters(run.model))
+    flops, d = _forward_profile(run.operator())
+    n = run.pool.global_size
+    # damping="auto" fixes lambda / lambda_max; a fixed damping needs a known lambda_max (else assume the same)
+    lam_max = float(spectrum.lambda_max) if isinstance(spectrum, SpectrumSummary) else math.nan
+    fixed = cfg.damping != "auto" and math.isfinite(lam_max) and lam_max > 0
+    kappa = 1.0 + (lam_max / float(cfg.damping) if fixed else 1.0 / cfg.damping_fraction)
+    cap = cfg.cg_max_iter or min(p, 1000)
+    iters = min(cap, math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 / cfg.cg_rtol)))
+    return {"exact_flops": n * (2 * d + 1) * flops + 2.0 * n * d * p * p + p**3 / 3.0,
+            "iterative_flops": num_queries * iters * n * 4.0 * flops,
+            "sketch_flops": cfg.sketch_config().num_products * n * 4.0 * flops,
+            "forward_flops_per_example": flops, "outputs_per_example": d, "cg_iterations_bound": iters}
 
 
 def _build_inverse(
