@@ -35,7 +35,6 @@ model's per-module training flags are restored afterwards.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,7 +47,7 @@ from lightning_influence.data import DataSource
 from lightning_influence.distributed import ReduceFn, reduce_packed
 from lightning_influence.evaluator import Evaluator, curvature_mode
 from lightning_influence.exceptions import ConfigurationError, NonFiniteError
-from lightning_influence.operators.base import DENSE_MAX_PARAMS, OperatorBase
+from lightning_influence.operators.base import DENSE_MAX_PARAMS, OperatorBase, symmetric_gram
 from lightning_influence.operators.linearized import LinearizedProducts
 from lightning_influence.params import (
     ParamTree,
@@ -464,44 +463,11 @@ class _OutputSpaceOperator(CurvatureOperator):
             self.task.loss.validate(outputs, targets)
             self._before_map(i, outputs, targets)
             CJ = vmap(lambda j: self._output_map(i, outputs, targets, j), in_dims=-1, out_dims=-1)(J)
-            return _symmetric_gram(J.reshape(-1, p), CJ.reshape(-1, p)), self._units(outputs, targets)
+            return symmetric_gram(J.reshape(-1, p), CJ.reshape(-1, p)), self._units(outputs, targets)
 
         total, count = self._accumulate(per_batch, p * p)
         G = self._global_mean(total, count, p).reshape(p, p)
         return 0.5 * (G + G.T) + self.damping * torch.eye(p, dtype=G.dtype, device=G.device)
-
-
-#: Column block of :func:`_symmetric_gram` (large enough for BLAS efficiency, small enough to skip most blocks).
-_GRAM_BLOCK = 1536
-
-
-def _symmetric_gram(X: Tensor, Y: Tensor) -> Tensor:
-    r""":math:`X^\top Y` for a product known to be symmetric (:math:`Y = XC` with :math:`C` symmetric).
-
-    Computed from its upper column blocks only: about half the FLOPs of one matmul for a wide ``X`` (measured: 27 %
-    less time than one matmul at 2,560 x 9,098, one thread).
-
-    Returns:
-        The ``(P, P)`` product.
-
-    Example::
-
-        >>> X = torch.randn(6, 5000, dtype=torch.float64); C = torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
-        >>> torch.allclose(_symmetric_gram(X, C @ X), X.T @ C @ X)
-        True
-    """
-    p = X.shape[1]
-    if p <= _GRAM_BLOCK:
-        return X.T @ Y
-    out = torch.empty(p, p, dtype=X.dtype, device=X.device)
-    blocks = list(itertools.pairwise([*range(0, p, _GRAM_BLOCK), p]))
-    for i, (a, b) in enumerate(blocks):
-        for c, d in blocks[i:]:
-            block = X[:, a:b].T @ Y[:, c:d]
-            out[a:b, c:d] = block
-            if c != a:
-                out[c:d, a:b] = block.T
-    return out
 
 
 class GNHOperator(LinearizedProducts, _OutputSpaceOperator):
