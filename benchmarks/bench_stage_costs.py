@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 import warnings
 from typing import Any
@@ -164,7 +165,10 @@ def _gpt2_setup() -> tuple[Any, Any, Any, Task, Any, int]:
 
 def _fit(make: Any, train: Any, val: Any, callbacks: list[Any]) -> float:
     L.seed_everything(0, verbose=False)
+    # a fresh root per fit: the report's score store must not resume from an earlier run's chunks
+    root = tempfile.mkdtemp(prefix="bench_stage_costs_")
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        default_root_dir=root,
                         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                         limit_val_batches=1.0 if val is not None else 0, callbacks=callbacks)
     start = time.perf_counter()
