@@ -289,13 +289,19 @@ class InfluenceReport(Callback):
         if train is None or query is None or len(query.dataset) == 0:
             return
         t_idx, q_idx = self._select(len(train.dataset), len(query.dataset), query.source)
-        with isolated_rng():
-            cost = projected_cost(
-                unwrap_module(pl_module), self.task, train.dataset, query.dataset, config=self.config,
-                train_indices=t_idx, query_indices=q_idx, curvature_indices=self._curvature_indices(len(train.dataset)),
-                spectrum=self._monitor_spectrum(trainer), collate_fn=train.collate_fn,
-                query_collate_fn=query.collate_fn,
-            )
+        try:
+            with isolated_rng():
+                cost = projected_cost(
+                    unwrap_module(pl_module), self.task, train.dataset, query.dataset, config=self.config,
+                    train_indices=t_idx, query_indices=q_idx,
+                    curvature_indices=self._curvature_indices(len(train.dataset)),
+                    spectrum=self._monitor_spectrum(trainer), collate_fn=train.collate_fn,
+                    query_collate_fn=query.collate_fn,
+                )
+        except Exception as err:  # pragma: no cover - advisory only: the data were checked just before
+            rank_zero_warn(f"{_WHO}: could not project the train-end cost ({type(err).__name__}: {err}); training "
+                           "goes on, the report runs at train end as configured.")
+            return
         self.projected = cost
         warn_projected_cost(
             f"{_WHO}: solver={cost['solver']!r} for {int(q_idx.numel())} queries, {int(t_idx.numel())} scored "
