@@ -63,6 +63,10 @@ def main() -> None:
     if trainer.is_global_zero:
         print(f"world size {trainer.world_size} (pid {os.getpid()}): trace {summary.trace:.4g}, "
               f"lambda_max {summary.lambda_max:.4g}; report {out['report']}")
+    # Lightning leaves the gloo process group alive; destroying it here joins gloo's threads before the interpreter
+    # exits (otherwise an exit can abort with "terminate called without an active exception", status -6).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
