@@ -289,12 +289,12 @@ class InfluenceReport(Callback):
         if train is None or query is None or len(query.dataset) == 0:
             return
         t_idx, q_idx = self._select(len(train.dataset), len(query.dataset), query.source)
+        c_idx = self._curvature_indices(len(train.dataset))
         try:
             with isolated_rng():
                 cost = projected_cost(
                     unwrap_module(pl_module), self.task, train.dataset, query.dataset, config=self.config,
-                    train_indices=t_idx, query_indices=q_idx,
-                    curvature_indices=self._curvature_indices(len(train.dataset)),
+                    train_indices=t_idx, query_indices=q_idx, curvature_indices=c_idx,
                     spectrum=self._monitor_spectrum(trainer), collate_fn=train.collate_fn,
                     query_collate_fn=query.collate_fn,
                 )
@@ -305,7 +305,8 @@ class InfluenceReport(Callback):
         self.projected = cost
         warn_projected_cost(
             f"{_WHO}: solver={cost['solver']!r} for {int(q_idx.numel())} queries, {int(t_idx.numel())} scored "
-            f"examples and a curvature of {self.curvature_sample or len(train.dataset)} examples (a FLOP count)",
+            f"examples and a curvature of {len(train.dataset) if c_idx is None else int(c_idx.numel())} examples "
+            "(a FLOP count)",
             "pass curvature_sample=<n> (a seeded subset of the training set as curvature), fewer queries "
             "(max_queries), max_train, or solver='lowrank' (a fixed sketch, no products per query).",
             passes=cost["passes"], budget=cost_budget(trainer), stacklevel=4,

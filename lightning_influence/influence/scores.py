@@ -28,7 +28,6 @@ from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence.gradients import iter_per_example_gradients, per_example_gradients
 from lightning_influence.influence.inverse import (
     _build_inverse,
-    _forward_profile,
     _Inverse,
     _projected_flops,
     _resolve_damping,
@@ -452,7 +451,7 @@ def projected_cost(
     :func:`~lightning_influence.influence.inverse._resolve_solver`). ``passes`` divides the total by one gradient
     pass over the training set (``3F`` times its size). An estimate, not a bound: CG's iteration count is its
     worst case, PCG and LiSSA are counted as CG, and dense BLAS runs at more FLOPs per second than per-example
-    products do (measured on the MNIST CNN: 140 s for a projection of about 600 passes of a 1.25 s epoch).
+    products do (measured on the MNIST CNN: 991 passes projected for a run of 65.6 s, 88 epochs of 0.75 s).
 
     Returns:
         ``{"solver", "passes", "flops", "solve_flops", "scoring_flops", "solver_choice"}`` (the solver after
@@ -477,7 +476,7 @@ def projected_cost(
     choice = _resolve_solver(run, k, spectrum)
     est = _projected_flops(run, k, spectrum) if choice is None or "exact_flops" not in choice else choice
     solver = run.cfg.solver
-    flops = est["forward_flops_per_example"] or float(_forward_profile(run.operator())[0])
+    flops = est["forward_flops_per_example"]
     solve = {"exact": est["exact_flops"], "lowrank": est["sketch_flops"],
              "pcg": est["sketch_flops"] + est["iterative_flops"]}.get(solver, est["iterative_flops"])
     if cfg.self_influence and solver not in ("exact", "lowrank"):
