@@ -221,9 +221,12 @@ def callback_costs(name: str, which: list[str], report_solver: str | None = None
         else:
             res = extra[0].result
             solves = [s for c in res.certificates for s in c.get("solves", [])]
-            passes = sum(s.get("evaluations", 0) + s.get("products", 0) for s in solves)
+            precond = res.config.get("preconditioner")
+            setup = precond.get("products", 0) if isinstance(precond, dict) else 0
+            passes = setup + sum(s.get("evaluations", 0) + s.get("products", 0) for s in solves)
             rows.append({"model": name, "stage": stage, "passes": passes, "seconds": res.config["seconds"],
-                         "note": f"{len(res.certificates)} pairs, {len(solves)} solves"})
+                         "note": f"{len(res.certificates)} pairs, {len(solves)} solves, preconditioner "
+                                 f"{precond.get('kind') if isinstance(precond, dict) else precond} ({setup} products)"})
         print(f"  {rows[-1]}", flush=True)
     for r in rows:
         r["epochs"] = r["seconds"] / epoch

@@ -719,6 +719,13 @@ class PBRFConfig(Config):
         max_iter: Most optimiser iterations per solve.
         history_size: L-BFGS memory.
         cg_rtol: Relative residual of the inner CG solves (``newton_cg``).
+        preconditioner: Of those inner solves, built once at :math:`\hat\theta` and reused by every Newton step of
+            every solve: ``"dense"`` (the Cholesky factor of the dense damped data GNH, updated per example by its
+            own rank-``D`` term), ``"sketch"`` (the Nyström preconditioner of a low-rank sketch, as
+            ``solver="pcg"``), ``"none"`` (plain CG) or ``"auto"`` (default: dense up to ``DENSE_MAX_PARAMS``
+            parameters, the sketch above). The Newton steps are CG's own answer either way (same tolerance, true
+            residual); only the iteration count changes.
+        sketch_rank: Eigenpairs of the ``"sketch"`` preconditioner (clamped to ``P``).
         normalization: ``"sum"`` (default) or ``"mean"`` (match the influence scores being validated).
         warn: Warn (with the residual) when a solve does not converge.
 
@@ -736,6 +743,8 @@ class PBRFConfig(Config):
     max_iter: int = 500
     history_size: int = 50
     cg_rtol: float = 1e-8
+    preconditioner: Literal["auto", "dense", "sketch", "none"] = "auto"
+    sketch_rank: int = 64
     normalization: Normalization = "sum"
     warn: bool = True
 
@@ -766,8 +775,9 @@ class PBRFConfig(Config):
             raise ConfigurationError(f"max_iter must be >= 1, got {self.max_iter}.")
         if self.normalization not in ("sum", "mean"):
             raise ConfigurationError(f"normalization must be 'sum' or 'mean', got {self.normalization!r}.")
-        self._at_least(1, "history_size")
+        self._at_least(1, "history_size", "sketch_rank")
         self._positive("cg_rtol")
+        self._choice("preconditioner", ("auto", "dense", "sketch", "none"))
         self._choice("dtype", ("float64", "float32", "float16", "bfloat16"))
 
     def torch_dtype(self) -> torch.dtype:
