@@ -187,10 +187,11 @@ def test_digits_exact_cg_and_lissa_influence_track_pbrf_at_one_over_n(digits_pro
 
 
 def test_preconditioned_newton_steps_give_the_same_responses_in_fewer_products(digits_problem) -> None:
-    """The inner-CG preconditioner built once at theta_hat (dense factor, or sketch) changes only the cost.
+    """The preconditioner built once at theta_hat (dense factor: chord steps; or sketch) changes only the cost.
 
     Each solve stops at the same relative gradient norm, so the responses agree to the solve tolerance; the
-    products of every Newton step drop (the damped GNH of the digits MLP is ill-conditioned).
+    data passes drop: the dense factor takes chord steps (one gradient each, no product), the sketch preconditions
+    each Newton step's CG (the damped GNH of the digits MLP is ill-conditioned).
     """
     model, (xtr, ytr), (xq, yq) = digits_problem
     examples = [(xtr[i : i + 1], ytr[i : i + 1]) for i in (0, 40, 80)]
@@ -199,7 +200,7 @@ def test_preconditioned_newton_steps_give_the_same_responses_in_fewer_products(d
         pbrf = PBRF(model, Classification(), [(xtr, ytr)], damping=3e-2, preconditioner=kind)
         resp, results = pbrf.responses(examples, queries=[(xq, yq)])
         assert all(r.converged for r in results), (kind, [r.relative_grad_norm for r in results])
-        products = sum(s.products for r in results for s in r.solves)
+        products = sum(s.products + s.evaluations for r in results for s in r.solves)  # data passes
         out[kind] = (resp, products, pbrf.to_dict()["preconditioner"])
     ref, plain, info = out["none"]
     assert info == "none"
@@ -208,8 +209,8 @@ def test_preconditioned_newton_steps_give_the_same_responses_in_fewer_products(d
         assert info["kind"] == kind and info["products"] > 0
         assert torch.allclose(resp, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max())), (kind, resp, ref)
         assert products < plain, (kind, products, plain)
-    print("PBRF products by preconditioner:", {k: v[1] for k, v in out.items()})
-    assert out["dense"][1] < plain / 4, {k: v[1] for k, v in out.items()}
+    print("PBRF data passes by preconditioner:", {k: v[1] for k, v in out.items()})
+    assert out["dense"][1] < plain / 8, {k: v[1] for k, v in out.items()}
     with pytest.raises(ConfigurationError, match="preconditioner"):
         PBRF(model, Classification(), [(xtr, ytr)], damping=1e-3, preconditioner="lu")
 

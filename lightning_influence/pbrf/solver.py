@@ -31,6 +31,9 @@ __all__ = ["PBRF", "pbrf_response"]
 
 #: Most outputs of one training example for which the dense preconditioner takes its term in (Woodbury).
 WOODBURY_MAX_OUTPUTS = 256
+#: A chord step (the dense factor at theta_hat as the Newton matrix) is kept while it cuts the gradient norm at
+#: least this much; the first one that does not hands over to Newton-CG steps.
+CHORD_MIN_DECREASE = 0.5
 
 OptimizerName = Literal["lbfgs", "newton_cg"]
 
@@ -322,15 +325,30 @@ class PBRF:
 
         return apply
 
-    def _newton_cg(self, example: Any, signed_eps: float, g0norm: float) -> tuple[Tensor, int, int, int]:
+    def _newton_cg(self, example: Any, signed_eps: float, grad0: Tensor) -> tuple[Tensor, int, int, int, Tensor]:
+        """Gauss-Newton steps from theta_hat (``grad0``: the objective's gradient there); chord steps first.
+
+        Returns:
+            ``(theta, iterations, evaluations, products, gradient at theta)``.
+        """
         precond = self._preconditioner()
         if precond is not None and self._dense_precond:
             precond = self._with_example(precond, example, signed_eps)
-        theta = self.theta_hat.clone()
-        _, grad = self.objective(theta, example, signed_eps)
-        gnorm = float(grad.norm())
-        evals, products, it = 1, 0, 0
+        theta, grad = self.theta_hat.clone(), grad0
+        g0norm = gnorm = float(grad.norm())
+        evals, products, it = 0, 0, 0
+        chord = precond is not None and self._dense_precond
         while it < self.max_iter and gnorm > self.tol * g0norm:
+            if chord:  # the factor at theta_hat as the Newton matrix: a step for one gradient, no product
+                assert precond is not None
+                candidate = theta - precond(grad.unsqueeze(1)).squeeze(1).to(theta)
+                _, g_new = self.objective(candidate, example, signed_eps)
+                evals += 1
+                if float(g_new.norm()) <= CHORD_MIN_DECREASE * gnorm:
+                    theta, grad, gnorm = candidate, g_new, float(g_new.norm())
+                    it += 1
+                    continue
+                chord = False  # too slow from here (the curvature moved): Newton-CG steps to the end
             at = self._tree(theta)
             data_op = GNHOperator(self.model, self.task, self.data, reduce_fn=self.reduce_fn, params=at)
             ex_op = GNHOperator(self.model, self.task, [example], params=at)
@@ -354,7 +372,7 @@ class PBRF:
             it += 1
             if not accepted:
                 break
-        return theta, it, evals, products
+        return theta, it, evals, products, grad
 
     def solve(self, example: Any, sign: int, epsilon: float | None = None) -> tuple[Tensor, SolveRecord]:
         r"""Minimise :math:`F_{\pm\epsilon}` from :math:`\hat\theta`.
@@ -381,15 +399,19 @@ class PBRF:
         if g0norm == 0.0:
             rec = SolveRecord(sign, 0, 1, 0.0, 0.0, 0.0, True, 0.0)
             return self.theta_hat.clone(), rec
-        run = self._lbfgs if self.optimizer == "lbfgs" else self._newton_cg
-        theta, iters, evals, products = run(example, sign * eps, g0norm)
-        _, g = self.objective(theta, example, sign * eps)
+        if self.optimizer == "lbfgs":
+            theta, iters, evals, products = self._lbfgs(example, sign * eps, g0norm)
+            _, g = self.objective(theta, example, sign * eps)
+            evals += 2
+        else:  # the gradients at theta_hat and at the end are the method's own
+            theta, iters, evals, products, g = self._newton_cg(example, sign * eps, g0)
+            evals += 1
         gnorm = float(g.norm())
         rel = gnorm / g0norm
         rec = SolveRecord(
             sign=sign,
             iterations=iters,
-            evaluations=evals + 2,
+            evaluations=evals,
             initial_grad_norm=g0norm,
             grad_norm=gnorm,
             relative_grad_norm=rel,
