@@ -182,10 +182,11 @@ def _fit(make: Any, train: Any, val: Any, callbacks: list[Any]) -> float:
 
 
 def callback_costs(name: str, which: list[str], report_solver: str | None = None,
-                   curvature_sample: int | None = None) -> list[dict[str, Any]]:
+                   curvature_sample: int | None = None, cv_dense_max_params: int | None = None) -> list[dict[str, Any]]:
     """Each callback at its defaults after one training epoch; the unit is that epoch (time and one pass over N).
 
-    ``report_solver`` / ``curvature_sample`` override only the InfluenceReport's (``None``: its defaults).
+    ``report_solver`` / ``curvature_sample`` override only the InfluenceReport's, ``cv_dense_max_params`` only
+    ApproximateCV's (``None``: their defaults).
     """
     make, train, val, task, query, n = _cnn_setup() if name == "mnist_cnn" else _gpt2_setup()
     epoch = _fit(make, train, val, [])
@@ -202,7 +203,8 @@ def callback_costs(name: str, which: list[str], report_solver: str | None = None
             continue
         report = InfluenceReport(task, query_data=query, progress_bar=False, solver=report_solver,
                                  curvature_sample=curvature_sample)
-        extra = {"cv": [ApproximateCV(task)], "pbrf": [PBRFValidation(task)]}.get(stage, [])
+        extra = {"cv": [ApproximateCV(task, dense_max_params=cv_dense_max_params)],
+                 "pbrf": [PBRFValidation(task)]}.get(stage, [])
         _fit(make, train, val, [report, *extra])
         inf = report.result
         assert inf is not None
@@ -243,13 +245,15 @@ def main() -> None:
     parser.add_argument("--stages", default="monitor,report,cv,pbrf", help="with --callbacks: which ones")
     parser.add_argument("--report-solver", default=None,
                         help="with --callbacks: InfluenceReport's solver (default: its own)")
+    parser.add_argument("--cv-dense-max-params", type=int, default=None,
+                        help="with --callbacks: ApproximateCV's dense_max_params (default: its own)")
     parser.add_argument("--report-curvature-sample", type=int, default=None,
                         help="with --callbacks: InfluenceReport's curvature_sample (default: all training examples)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.callbacks is not None:
         cb_rows = callback_costs(args.callbacks, args.stages.split(","), args.report_solver,
-                                 args.report_curvature_sample)
+                                 args.report_curvature_sample, args.cv_dense_max_params)
         print(f"{'model':<10} {'stage':<12} {'passes':>9} {'seconds':>8} {'epochs':>8}  note")
         for r in cb_rows:
             print(f"{r['model']:<10} {r['stage']:<12} {r['passes']:>9.1f} {r['seconds']:>8.2f} {r['epochs']:>8.2f}  "
