@@ -133,7 +133,6 @@ class PBRF:
         #: Objective/gradient evaluations so far (each is one data pass and one reduction).
         self.evaluations = 0
         self._precond: Callable[[Tensor], Tensor] | None = None
-        self._dense_precond = False
         #: What the inner-CG preconditioner is and cost (``{}`` until the first ``newton_cg`` step builds it).
         self.preconditioner_info: dict[str, Any] = {}
 
@@ -274,12 +273,10 @@ class PBRF:
             A.diagonal().add_(self.damping)
             L = positive_definite_factor(A)
             del A
-            outputs = max(1, self._ref[0][0].numel()) if self._ref and self._ref[0].numel() else 1
             if L is not None:
                 factor = L
                 self._precond = lambda R: torch.cholesky_solve(R.to(factor.dtype), factor)
-                self._dense_precond = True
-                info = {"kind": "dense", "products": outputs}
+                info = {"kind": "dense", "products": self._ref[0][0].numel() if self._ref and len(self._ref[0]) else 1}
             else:  # rounding made it fail (low precision): the sketch needs no factorisation
                 kind, info = "sketch", {"dense_failed": True}
         if kind == "sketch":
@@ -332,12 +329,12 @@ class PBRF:
             ``(theta, iterations, evaluations, products, gradient at theta)``.
         """
         precond = self._preconditioner()
-        if precond is not None and self._dense_precond:
+        chord = precond is not None and self.preconditioner_info.get("kind") == "dense"  # chord steps need the factor
+        if chord and precond is not None:
             precond = self._with_example(precond, example, signed_eps)
         theta, grad = self.theta_hat.clone(), grad0
         g0norm = gnorm = float(grad.norm())
         evals, products, it = 0, 0, 0
-        chord = precond is not None and self._dense_precond
         while it < self.max_iter and gnorm > self.tol * g0norm:
             if chord:  # the factor at theta_hat as the Newton matrix: a step for one gradient, no product
                 assert precond is not None
