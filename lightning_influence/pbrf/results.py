@@ -23,7 +23,10 @@ class SolveRecord:
         relative_grad_norm: ``grad_norm / initial_grad_norm`` (0 when the example has zero gradient).
         converged: ``relative_grad_norm <= tol``.
         shift_norm: :math:`\|\theta_{\pm\epsilon} - \hat\theta\|`.
-        products: Gauss-Newton products used (``newton_cg`` only).
+        products: Data curvature products used (``newton_cg`` only; each a pass over the data).
+        example_products: One-example Hessian products (``newton_cg``: the example's term of each Newton
+            matrix, and the whole of the steps with the data curvature frozen at :math:`\hat\theta`; each costs
+            about ``1/N`` of a pass).
 
     Example::
 
@@ -54,6 +57,7 @@ class SolveRecord:
     converged: bool
     shift_norm: float
     products: int = 0
+    example_products: int = 0
 
 
 @dataclass

@@ -16,8 +16,8 @@ from lightning_influence.data import DataSource, prepare_batch
 from lightning_influence.distributed import ReduceFn, reduce_packed
 from lightning_influence.evaluator import Evaluator, curvature_mode
 from lightning_influence.exceptions import ConfigurationError, DivergenceError, NonFiniteError
-from lightning_influence.operators import GNHOperator, SumOperator
-from lightning_influence.operators.base import DENSE_MAX_PARAMS
+from lightning_influence.operators import GNHOperator, HessianOperator, SumOperator
+from lightning_influence.operators.base import DENSE_MAX_PARAMS, FunctionOperator, OperatorBase
 from lightning_influence.params import ParamTree, flatten, trainable_parameters
 from lightning_influence.pbrf.objective import Measurement, copy_model, query_loss_measurement, stable_bregman
 from lightning_influence.pbrf.results import PBRFResult, SolveRecord
@@ -34,6 +34,9 @@ WOODBURY_MAX_OUTPUTS = 256
 #: A chord step (the dense factor at theta_hat as the Newton matrix) is kept while it cuts the gradient norm at
 #: least this much; the first one that does not hands over to Newton-CG steps.
 CHORD_MIN_DECREASE = 0.5
+#: Most Gauss-Newton steps of a solve once its objective is found not convex (the exact Newton matrix indefinite):
+#: descent steps that converge linearly at best, so their cost is capped; the solve is then reported unconverged.
+NONCONVEX_MAX_STEPS = 25
 
 OptimizerName = Literal["lbfgs", "newton_cg"]
 
@@ -132,7 +135,10 @@ class PBRF:
         self.epsilon = float(cfg.epsilon) if cfg.epsilon is not None else 1.0 / self.num_units
         #: Objective/gradient evaluations so far (each is one data pass and one reduction).
         self.evaluations = 0
+        #: ``newton_cg`` solves whose objective was found not convex (its Newton matrix indefinite).
+        self.nonconvex = 0
         self._precond: Callable[[Tensor], Tensor] | None = None
+        self._factor: Tensor | None = None  # the dense preconditioner's Cholesky factor, once built
         #: What the inner-CG preconditioner is and cost (``{}`` until the first ``newton_cg`` step builds it).
         self.preconditioner_info: dict[str, Any] = {}
 
@@ -249,7 +255,7 @@ class PBRF:
     def _preconditioner(self) -> Callable[[Tensor], Tensor] | None:
         r"""The inner-CG preconditioner, built once at :math:`\hat\theta` on the data (``config.preconditioner``).
 
-        Every Newton operator :math:`G(\theta) \pm \epsilon G_m(\theta) + \lambda I` of every solve stays within
+        The data part :math:`G(\theta) + \lambda I` of every Newton matrix of every solve stays within
         :math:`O(\epsilon)` of :math:`G(\hat\theta) + \lambda I` (the PBO's minimiser moves by :math:`O(\epsilon)`),
         so one factor of the latter serves them all: measured on the MNIST CNN and the HF GPT-2 example in
         ``docs/performance.md``. ``"dense"`` costs one Jacobian per example and output (:meth:`GNHOperator.dense`)
@@ -274,7 +280,7 @@ class PBRF:
             L = positive_definite_factor(A)
             del A
             if L is not None:
-                factor = L
+                factor = self._factor = L
                 self._precond = lambda R: torch.cholesky_solve(R.to(factor.dtype), factor)
                 info = {"kind": "dense", "products": self._ref[0][0].numel() if self._ref and len(self._ref[0]) else 1}
             else:  # rounding made it fail (low precision): the sketch needs no factorisation
@@ -286,16 +292,33 @@ class PBRF:
         self.preconditioner_info = {**info, "seconds": time.perf_counter() - start}
         return self._precond
 
-    def _with_example(self, base: Callable[[Tensor], Tensor], example: Any, signed_eps: float
+    def _example_weight(self, example: Any, signed_eps: float) -> float:
+        r"""The weight of the example's mean-loss curvature in the objective's Hessian.
+
+        The objective's example term is :math:`\pm\epsilon` times the example's summed loss (``normalization="sum"``)
+        or its mean over units (``"mean"``); the curvature operators average over the example's units, so the
+        weight is :math:`\pm\epsilon\,T_m` (``T_m`` counted units) or :math:`\pm\epsilon`.
+
+        Returns:
+            The weight.
+        """
+        if self.normalization != "sum":
+            return signed_eps
+        with torch.no_grad(), curvature_mode(self.model):
+            out, y = self._outputs(example, None)
+            units = float(self.task.loss.unit_mask(out, y).sum())
+        return signed_eps * units
+
+    def _with_example(self, base: Callable[[Tensor], Tensor], example: Any, weight: float
                       ) -> Callable[[Tensor], Tensor]:
-        r"""The dense preconditioner updated by the example's own term, :math:`(A + s\epsilon G_m)^{-1}` (Woodbury).
+        r"""The dense preconditioner updated by the example's Gauss-Newton term, :math:`(A + w G_m)^{-1}` (Woodbury).
 
         :math:`G_m = Q C Q^\top` lives in the span of the example's output Jacobian (:math:`D` columns, orthonormal
         ``Q``, ``C`` from :math:`D` one-example products), so with :math:`A^{-1}` the data factor
         :math:`(A + QC'Q^\top)^{-1} = A^{-1} - A^{-1}Q\,C'(I + Q^\top A^{-1} Q C')^{-1}Q^\top A^{-1}`,
-        :math:`C' = s\epsilon C` (singular ``C`` is fine). Without it the rank-:math:`D` term alone costs PCG
-        about :math:`D` extra iterations per Newton step. ``base`` is returned as is for an example with more than
-        :data:`WOODBURY_MAX_OUTPUTS` outputs or a singular update.
+        :math:`C' = w C` (singular ``C`` is fine). ``base`` is returned as is for an example with more than
+        :data:`WOODBURY_MAX_OUTPUTS` outputs, or when the update would not keep the preconditioner positive definite
+        (a downweighted example whose term is larger than the damped data curvature in its span).
 
         Returns:
             The updated preconditioner.
@@ -308,13 +331,15 @@ class PBRF:
             return base
         Q, _ = torch.linalg.qr(W)
         C = Q.T @ ex_op.matmat(Q)
-        Cp = signed_eps * 0.5 * (C + C.T)
+        Cp = weight * 0.5 * (C + C.T)
         AQ = base(Q)
-        core = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device) + Cp @ (Q.T @ AQ)
-        try:
-            inner = torch.linalg.solve(core, Cp)  # (I + C' Q^T A^-1 Q)^-1 C' = C' (I + Q^T A^-1 Q C')^-1
-        except RuntimeError:  # pragma: no cover - singular update: keep the data factor alone
+        S = 0.5 * (Q.T @ AQ + AQ.T @ Q)  # Q^T A^-1 Q, positive definite
+        R, info = torch.linalg.cholesky_ex(S)
+        # A + Q C' Q^T is positive definite iff I + R^T C' R is (R R^T = S)
+        if int(info) != 0 or float(torch.linalg.eigvalsh(R.T @ Cp @ R).min()) <= -0.5:
             return base
+        core = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device) + Cp @ (Q.T @ AQ)
+        inner = torch.linalg.solve(core, Cp)  # (I + C' Q^T A^-1 Q)^-1 C' = C' (I + Q^T A^-1 Q C')^-1
 
         def apply(R: Tensor) -> Tensor:
             X = base(R)
@@ -322,54 +347,86 @@ class PBRF:
 
         return apply
 
-    def _newton_cg(self, example: Any, signed_eps: float, grad0: Tensor) -> tuple[Tensor, int, int, int, Tensor]:
-        """Gauss-Newton steps from theta_hat (``grad0``: the objective's gradient there); chord steps first.
+    def _newton_cg(self, example: Any, signed_eps: float, value0: Tensor, grad0: Tensor
+                   ) -> tuple[Tensor, int, int, int, int, Tensor]:
+        r"""Newton steps from theta_hat (``value0``, ``grad0``: the objective and its gradient there).
+
+        The Newton matrix is the objective's Hessian but for the data term's residual curvature (zero at
+        :math:`\hat\theta`): the damped data GNH plus the example's *exact* loss Hessian, weighted as the objective
+        weighs the example (:meth:`_example_weight`); an example that is badly fit has most of its curvature outside
+        its Gauss-Newton part. When that matrix is not positive definite (the PBO is not convex there: a large
+        weight, a small damping) the example's Gauss-Newton term replaces its Hessian (descent steps, at most
+        :data:`NONCONVEX_MAX_STEPS`; counted in :attr:`nonconvex`, named by the warning of an unconverged solve).
+        Steps are accepted by an Armijo decrease of the objective
+        (halving up to 20 times). With the dense factor the data GNH is first frozen at :math:`\hat\theta` (steps
+        that cost one-example products and one gradient, no data product) while each halves the gradient norm;
+        then Newton-CG over the data. Each inner CG stops at the residual the step needs (an inexact-Newton forcing
+        term, :math:`\max(\text{cg\_rtol}, \text{tol}\,\|g_0\|/(2\|g_k\|))`).
 
         Returns:
-            ``(theta, iterations, evaluations, products, gradient at theta)``.
+            ``(theta, iterations, evaluations, data products, example products, gradient at theta)``.
         """
         precond = self._preconditioner()
-        chord = precond is not None and self.preconditioner_info.get("kind") == "dense"  # chord steps need the factor
-        if chord and precond is not None:
-            precond = self._with_example(precond, example, signed_eps)
-        theta, grad = self.theta_hat.clone(), grad0
+        factor = self._factor
+        weight = self._example_weight(example, signed_eps)
+        if factor is not None and precond is not None:
+            precond = self._with_example(precond, example, weight)
+        frozen, gn_steps = factor is not None, 0
+        frozen_data = None if factor is None else FunctionOperator(
+            lambda v: factor @ (factor.T @ v.to(factor.dtype)), self.num_params, self.dtype, self.device)
+        theta, value, grad = self.theta_hat.clone(), value0, grad0
         g0norm = gnorm = float(grad.norm())
-        evals, products, it = 0, 0, 0
+        evals, products, ex_products, it = 0, 0, 0, 0
         while it < self.max_iter and gnorm > self.tol * g0norm:
-            if chord:  # the factor at theta_hat as the Newton matrix: a step for one gradient, no product
-                assert precond is not None
-                candidate = theta - precond(grad.unsqueeze(1)).squeeze(1).to(theta)
-                _, g_new = self.objective(candidate, example, signed_eps)
-                evals += 1
-                if float(g_new.norm()) <= CHORD_MIN_DECREASE * gnorm:
-                    theta, grad, gnorm = candidate, g_new, float(g_new.norm())
-                    it += 1
-                    continue
-                chord = False  # too slow from here (the curvature moved): Newton-CG steps to the end
+            rtol = max(self.cg_rtol, 0.5 * self.tol * g0norm / gnorm)
             at = self._tree(theta)
-            data_op = GNHOperator(self.model, self.task, self.data, reduce_fn=self.reduce_fn, params=at)
-            ex_op = GNHOperator(self.model, self.task, [example], params=at)
-            combined = SumOperator([data_op, ex_op], [1.0, signed_eps])
-            try:
-                sol = conjugate_gradient(combined, -grad, damping=self.damping, rtol=self.cg_rtol, warn=False,
-                                         preconditioner=precond)
-            except ConfigurationError:  # -eps * G_m made the model indefinite: drop it
-                sol = conjugate_gradient(data_op, -grad, damping=self.damping, rtol=self.cg_rtol, warn=False,
-                                         preconditioner=precond)
-            products += sol.num_products
+            data: OperatorBase
+            if frozen:
+                assert frozen_data is not None
+                data, damping = frozen_data, 0.0  # the damping is in the factor
+            else:
+                data = GNHOperator(self.model, self.task, self.data, reduce_fn=self.reduce_fn, params=at)
+                damping = self.damping
+            sol = None
+            if gn_steps == 0:
+                try:
+                    sol = conjugate_gradient(SumOperator([data, HessianOperator(self.model, self.task, [example],
+                                                                                params=at)], [1.0, weight]),
+                                             -grad, damping=damping, rtol=rtol, warn=False, preconditioner=precond)
+                except ConfigurationError:  # not convex here: Gauss-Newton terms (descent steps) from now on
+                    self.nonconvex += 1
+            if sol is None:
+                if gn_steps >= NONCONVEX_MAX_STEPS:
+                    break
+                gn_steps += 1
+                ex_gnh = GNHOperator(self.model, self.task, [example], params=at)
+                try:
+                    sol = conjugate_gradient(SumOperator([data, ex_gnh], [1.0, weight]), -grad, damping=damping,
+                                             rtol=rtol, warn=False, preconditioner=precond)
+                except ConfigurationError:  # a downweighted example's term alone made it indefinite
+                    sol = conjugate_gradient(data, -grad, damping=damping, rtol=rtol, warn=False,
+                                             preconditioner=precond)
+            ex_products += sol.num_products
+            products += 0 if frozen else sol.num_products
             step, accepted = sol.x, False
             for _ in range(20):
                 candidate = theta + step
-                _, g_new = self.objective(candidate, example, signed_eps)
+                v_new, g_new = self.objective(candidate, example, signed_eps)
                 evals += 1
-                if float(g_new.norm()) < gnorm:
-                    theta, grad, gnorm, accepted = candidate, g_new, float(g_new.norm()), True
+                if float(v_new) <= float(value) + 1e-4 * float(grad @ step):  # Armijo: a sufficient decrease
+                    new_norm = float(g_new.norm())
+                    frozen = frozen and new_norm <= CHORD_MIN_DECREASE * gnorm
+                    theta, value, grad, gnorm, accepted = candidate, v_new, g_new, new_norm, True
+                    break
+                if frozen:  # the frozen data curvature is too far off here: Newton-CG over the data from here
                     break
                 step = 0.5 * step
             it += 1
             if not accepted:
-                break
-        return theta, it, evals, products, grad
+                if not frozen:
+                    break
+                frozen = False
+        return theta, it, evals, products, ex_products, grad
 
     def solve(self, example: Any, sign: int, epsilon: float | None = None) -> tuple[Tensor, SolveRecord]:
         r"""Minimise :math:`F_{\pm\epsilon}` from :math:`\hat\theta`.
@@ -391,17 +448,18 @@ class PBRF:
         if sign not in (1, -1):
             raise ConfigurationError(f"sign must be +1 or -1, got {sign}.")
         example = prepare_batch(example, self.device, self.dtype)
-        _, g0 = self.objective(self.theta_hat, example, sign * eps)
+        f0, g0 = self.objective(self.theta_hat, example, sign * eps)
         g0norm = float(g0.norm())
         if g0norm == 0.0:
             rec = SolveRecord(sign, 0, 1, 0.0, 0.0, 0.0, True, 0.0)
             return self.theta_hat.clone(), rec
         if self.optimizer == "lbfgs":
             theta, iters, evals, products = self._lbfgs(example, sign * eps, g0norm)
+            ex_products = 0
             _, g = self.objective(theta, example, sign * eps)
             evals += 2
         else:  # the gradients at theta_hat and at the end are the method's own
-            theta, iters, evals, products, g = self._newton_cg(example, sign * eps, g0)
+            theta, iters, evals, products, ex_products, g = self._newton_cg(example, sign * eps, f0, g0)
             evals += 1
         gnorm = float(g.norm())
         rel = gnorm / g0norm
@@ -415,6 +473,7 @@ class PBRF:
             converged=rel <= self.tol,
             shift_norm=float((theta - self.theta_hat).norm()),
             products=products,
+            example_products=ex_products,
         )
         return theta, rec
 
@@ -489,11 +548,15 @@ class PBRF:
             seconds=time.perf_counter() - start,
         )
         if not converged and self.warn:
+            why = "" if not self.nonconvex else (
+                f" {self.nonconvex} solve(s) so far met an objective that is not convex (the example's loss "
+                "Hessian, weighted by epsilon, outweighs the damped data curvature): raise damping or lower epsilon."
+            )
             warnings.warn(
                 f"PBRF ({self.optimizer}) did not converge: relative gradient norm {result.relative_grad_norm:.3g} "
                 f"(gradient norm {result.grad_norm:.3g}) > tol={self.tol} after {result.iterations} iterations "
                 f"(epsilon={eps}, damping={self.damping}). Raise max_iter or damping, or switch the "
-                "optimizer ('newton_cg' / 'lbfgs'); the response is reported but less trustworthy.",
+                "optimizer ('newton_cg' / 'lbfgs'); the response is reported but less trustworthy." + why,
                 RuntimeWarning,
                 stacklevel=2,
             )
