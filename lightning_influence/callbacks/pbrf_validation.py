@@ -73,7 +73,9 @@ _ADD_REPORT = "add InfluenceReport(...) before PBRFValidation in callbacks"
 
 #: ``num_train`` above which PBRFValidation warns of its cost before training starts.
 PBRF_WARN_PAIRS = 50
-#: Gradient passes over the training data assumed per PBO solve in the projected cost (20-100 measured typical).
+#: Gradient passes over the training data assumed per PBO solve in the projected cost (measured: 5 float64 passes
+#: per solve with the dense factor on the MNIST CNN, each about 3 float32 passes, plus the factor's build; more for a
+#: non-convex objective or past DENSE_MAX_PARAMS: docs/performance.md).
 PBRF_PASSES_PER_SOLVE = 50
 
 
