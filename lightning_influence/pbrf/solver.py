@@ -37,6 +37,8 @@ CHORD_MIN_DECREASE = 0.5
 #: Most Gauss-Newton steps of a solve once its objective is found not convex (the exact Newton matrix indefinite):
 #: descent steps that converge linearly at best, so their cost is capped; the solve is then reported unconverged.
 NONCONVEX_MAX_STEPS = 25
+#: Most inner CG iterations of such a step over the data (each a data product).
+NONCONVEX_DATA_CG_ITER = 50
 
 OptimizerName = Literal["lbfgs", "newton_cg"]
 
@@ -355,8 +357,10 @@ class PBRF:
         :math:`\hat\theta`): the damped data GNH plus the example's *exact* loss Hessian, weighted as the objective
         weighs the example (:meth:`_example_weight`); an example that is badly fit has most of its curvature outside
         its Gauss-Newton part. When that matrix is not positive definite (the PBO is not convex there: a large
-        weight, a small damping) the example's Gauss-Newton term replaces its Hessian (descent steps, at most
-        :data:`NONCONVEX_MAX_STEPS`; counted in :attr:`nonconvex`, named by the warning of an unconverged solve).
+        weight, a small damping) the example's Gauss-Newton term replaces its Hessian: descent steps, at most
+        :data:`NONCONVEX_MAX_STEPS`, each CG over the data capped at :data:`NONCONVEX_DATA_CG_ITER` products;
+        counted in :attr:`nonconvex`, named by the warning of an
+        unconverged solve.
         Steps are accepted by an Armijo decrease of the objective
         (halving up to 20 times). With the dense factor the data GNH is first frozen at :math:`\hat\theta` (steps
         that cost one-example products and one gradient, no data product) while each halves the gradient norm;
@@ -399,13 +403,14 @@ class PBRF:
                 if gn_steps >= NONCONVEX_MAX_STEPS:
                     break
                 gn_steps += 1
+                cap = None if frozen else NONCONVEX_DATA_CG_ITER  # over the data: a bounded CG
                 ex_gnh = GNHOperator(self.model, self.task, [example], params=at)
                 try:
                     sol = conjugate_gradient(SumOperator([data, ex_gnh], [1.0, weight]), -grad, damping=damping,
-                                             rtol=rtol, warn=False, preconditioner=precond)
+                                             rtol=rtol, warn=False, preconditioner=precond, max_iter=cap)
                 except ConfigurationError:  # a downweighted example's term alone made it indefinite
                     sol = conjugate_gradient(data, -grad, damping=damping, rtol=rtol, warn=False,
-                                             preconditioner=precond)
+                                             preconditioner=precond, max_iter=cap)
             ex_products += sol.num_products
             products += 0 if frozen else sol.num_products
             step, accepted = sol.x, False
