@@ -359,3 +359,41 @@ def test_sharded_pbrf_equals_single_process() -> None:
         # one reduction for the unit count, then exactly one per objective evaluation and per GNH product
         assert world.calls[rank] == reductions + 1
     assert torch.equal(out[0][0], out[1][0])  # every rank took the same steps
+
+
+def _fd_objective_hessian(pbrf: PBRF, example, signed_eps: float, h: float = 1e-5) -> torch.Tensor:
+    """The PBO's Hessian at theta_hat by central differences of its gradient (independent of the Newton matrix)."""
+    theta, P = pbrf.theta_hat, pbrf.num_params
+    cols = []
+    for i in range(P):
+        e = torch.zeros(P, dtype=theta.dtype)
+        e[i] = h
+        cols.append((pbrf.objective(theta + e, example, signed_eps)[1]
+                     - pbrf.objective(theta - e, example, signed_eps)[1]) / (2 * h))
+    H = torch.stack(cols, 1)
+    return 0.5 * (H + H.T)
+
+
+def test_nonconvex_objective_is_detected_reported_and_never_worse_than_theta_hat() -> None:
+    """An untrained tanh MLP, small damping, large epsilon: the PBO's Hessian at theta_hat is indefinite (checked by
+    finite differences); newton_cg must say so, stop, and return a point no worse (by gradient norm) than theta_hat.
+    A small epsilon with more damping is convex there and converges without the fallback."""
+    x, y = _toy_classification()
+    model = tiny_mlp(dtype=torch.float64)
+    example = (x[:1], y[:1])
+    for eps, damping, convex in [(0.5, 1e-4, False), (1e-3, 1e-2, True)]:
+        pbrf = PBRF(model, Classification(), [(x, y)], damping=damping, epsilon=eps, tol=1e-6)
+        for sign in (1, -1):
+            lo = float(torch.linalg.eigvalsh(_fd_objective_hessian(pbrf, example, sign * eps)).min())
+            assert (lo > 0) == convex, (eps, sign, lo)
+        before = pbrf.nonconvex
+        if convex:
+            res = pbrf.response(example, queries=[(x[:3], y[:3])])
+            assert res.converged and pbrf.nonconvex == before == 0, [r.relative_grad_norm for r in res.solves]
+            continue
+        with pytest.warns(RuntimeWarning, match="not convex"):
+            res = pbrf.response(example, queries=[(x[:3], y[:3])])
+        assert pbrf.nonconvex == before + 2 == pbrf.to_dict()["nonconvex_solves"] and not res.converged
+        for rec in res.solves:
+            assert not rec.converged and rec.relative_grad_norm <= 1.0 + 1e-12
+            assert rec.iterations <= 26  # NONCONVEX_MAX_STEPS Gauss-Newton steps at most, past the first Newton try

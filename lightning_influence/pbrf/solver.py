@@ -36,6 +36,8 @@ WOODBURY_MAX_OUTPUTS = 256
 CHORD_MIN_DECREASE = 0.5
 #: Most Gauss-Newton steps of a solve once its objective is found not convex (the exact Newton matrix indefinite):
 #: descent steps that converge linearly at best, so their cost is capped; the solve is then reported unconverged.
+#: A step whose Armijo-accepted point has a larger gradient norm ends them sooner (descent away from any stationary
+#: point: on the GPT-2 example 25 such steps had taken the relative gradient norm to 95).
 NONCONVEX_MAX_STEPS = 25
 #: Most inner CG iterations of such a step over the data (each a data product).
 NONCONVEX_DATA_CG_ITER = 50
@@ -358,8 +360,9 @@ class PBRF:
         weighs the example (:meth:`_example_weight`); an example that is badly fit has most of its curvature outside
         its Gauss-Newton part. When that matrix is not positive definite (the PBO is not convex there: a large
         weight, a small damping) the example's Gauss-Newton term replaces its Hessian: descent steps, at most
-        :data:`NONCONVEX_MAX_STEPS`, each CG over the data capped at :data:`NONCONVEX_DATA_CG_ITER` products;
-        counted in :attr:`nonconvex`, named by the warning of an
+        :data:`NONCONVEX_MAX_STEPS`, each CG over the data capped at :data:`NONCONVEX_DATA_CG_ITER` products,
+        ended by the first step that would raise the gradient norm (so the returned point is never worse than
+        :math:`\hat\theta` by that measure); counted in :attr:`nonconvex`, named by the warning of an
         unconverged solve.
         Steps are accepted by an Armijo decrease of the objective
         (halving up to 20 times). With the dense factor the data GNH is first frozen at :math:`\hat\theta` (steps
@@ -420,6 +423,8 @@ class PBRF:
                 evals += 1
                 if float(v_new) <= float(value) + 1e-4 * float(grad @ step):  # Armijo: a sufficient decrease
                     new_norm = float(g_new.norm())
+                    if gn_steps and new_norm > gnorm:  # descent away from a stationary point: none near, stop
+                        break
                     frozen = frozen and new_norm <= CHORD_MIN_DECREASE * gnorm
                     theta, value, grad, gnorm, accepted = candidate, v_new, g_new, new_norm, True
                     break
@@ -602,6 +607,7 @@ class PBRF:
             "normalization": self.normalization,
             "num_params": self.num_params,
             "preconditioner": dict(self.preconditioner_info) or self.config.preconditioner,
+            "nonconvex_solves": self.nonconvex,
         }
 
 
