@@ -397,3 +397,22 @@ def test_nonconvex_objective_is_detected_reported_and_never_worse_than_theta_hat
         for rec in res.solves:
             assert not rec.converged and rec.relative_grad_norm <= 1.0 + 1e-12
             assert rec.iterations <= 26  # NONCONVEX_MAX_STEPS Gauss-Newton steps at most, past the first Newton try
+
+
+@pytest.mark.parametrize("normalization", ["sum", "mean"])
+def test_objective_at_theta_hat_equals_the_full_evaluation(normalization: str) -> None:
+    """The solve's start (value 0, gradient +-eps grad l_m) costs no data pass yet equals the full objective."""
+    x, y = _toy_classification()
+    model = tiny_mlp(dtype=torch.float64)
+    pbrf = PBRF(model, Classification(), [(x[:30], y[:30]), (x[30:], y[30:])], damping=1e-2, epsilon=0.3,
+                normalization=normalization)
+    example = (x[5:7], y[5:7])
+    for signed in (0.3, -0.3):
+        before = pbrf.evaluations
+        v0, g0 = pbrf.objective_at_theta_hat(example, signed)
+        assert pbrf.evaluations == before  # no data pass counted
+        v, g = pbrf.objective(pbrf.theta_hat, example, signed)
+        assert abs(float(v0) - float(v)) < 1e-14 and float(g0.norm()) > 0
+        torch.testing.assert_close(g0, g, rtol=1e-10, atol=1e-14)
+        full = loss_gradient(model, Classification(), [example]) * (2 if normalization == "sum" else 1)
+        torch.testing.assert_close(g0, signed * full, rtol=1e-8, atol=1e-12)

@@ -219,6 +219,27 @@ class PBRF:
             )
         return value, grad
 
+    def objective_at_theta_hat(self, example: Any, signed_epsilon: float) -> tuple[Tensor, Tensor]:
+        r"""The objective's value and gradient at :math:`\hat\theta`, from the example alone (no data pass).
+
+        There the Bregman term and its gradient vanish (the divergence of the outputs from themselves) as do the
+        proximity and the example's loss difference, so :math:`F = 0` and :math:`\nabla F = \pm\epsilon\,
+        \nabla\ell_m(\hat\theta)`. Equal to :meth:`objective` at ``theta_hat`` (a test checks it) without its data
+        pass or reduction; every rank holds the example, so every rank gets the same answer.
+
+        Returns:
+            ``(value, gradient)`` as detached tensors.
+
+        Raises:
+            NonFiniteError: If the example's loss gradient is not finite.
+        """
+        theta = self.theta_hat.detach().requires_grad_(True)
+        with curvature_mode(self.model):
+            grad = torch.autograd.grad(signed_epsilon * self._example_loss(example, self._tree(theta)), theta)[0]
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteError("the training example's loss gradient at the trained weights is not finite.")
+        return torch.zeros((), dtype=self.dtype, device=self.device), grad.detach()
+
     # ------------------------------------------------------------------------------------------ solves
     def _lbfgs(self, example: Any, signed_eps: float, g0norm: float) -> tuple[Tensor, int, int, int]:
         theta = self.theta_hat.clone().requires_grad_(True)
@@ -458,19 +479,18 @@ class PBRF:
         if sign not in (1, -1):
             raise ConfigurationError(f"sign must be +1 or -1, got {sign}.")
         example = prepare_batch(example, self.device, self.dtype)
-        f0, g0 = self.objective(self.theta_hat, example, sign * eps)
+        f0, g0 = self.objective_at_theta_hat(example, sign * eps)
         g0norm = float(g0.norm())
         if g0norm == 0.0:
-            rec = SolveRecord(sign, 0, 1, 0.0, 0.0, 0.0, True, 0.0)
+            rec = SolveRecord(sign, 0, 0, 0.0, 0.0, 0.0, True, 0.0)
             return self.theta_hat.clone(), rec
         if self.optimizer == "lbfgs":
             theta, iters, evals, products = self._lbfgs(example, sign * eps, g0norm)
             ex_products = 0
             _, g = self.objective(theta, example, sign * eps)
-            evals += 2
-        else:  # the gradients at theta_hat and at the end are the method's own
-            theta, iters, evals, products, ex_products, g = self._newton_cg(example, sign * eps, f0, g0)
             evals += 1
+        else:  # the gradient at the end is the method's own
+            theta, iters, evals, products, ex_products, g = self._newton_cg(example, sign * eps, f0, g0)
         gnorm = float(g.norm())
         rel = gnorm / g0norm
         rec = SolveRecord(
