@@ -720,8 +720,8 @@ class PBRFConfig(Config):
         history_size: L-BFGS memory.
         cg_rtol: Relative residual of the inner CG solves (``newton_cg``).
         preconditioner: Of those inner solves, built once at :math:`\hat\theta` and reused by every Newton step of
-            every solve: ``"dense"`` (the Cholesky factor of the dense damped data GNH, updated per example by its
-            own rank-``D`` term), ``"sketch"`` (the Nyström preconditioner of a low-rank sketch, as
+            every solve: ``"dense"`` (the Cholesky factor of the dense damped data GNH, assembled in float32 and
+            factored in the solve's dtype, updated per example by its own rank-``D`` term), ``"sketch"`` (the Nyström preconditioner of a low-rank sketch, as
             ``solver="pcg"``), ``"none"`` (plain CG) or ``"auto"`` (default: dense up to ``DENSE_MAX_PARAMS``
             parameters, the sketch above). The Newton steps are CG's own answer either way (same tolerance, true
             residual); only the iteration count changes.

@@ -283,8 +283,8 @@ class PBRF:
         The data part :math:`G(\theta) + \lambda I` of every Newton matrix of every solve stays within
         :math:`O(\epsilon)` of :math:`G(\hat\theta) + \lambda I` (the PBO's minimiser moves by :math:`O(\epsilon)`),
         so one factor of the latter serves them all: measured on the MNIST CNN and the HF GPT-2 example in
-        ``docs/performance.md``. ``"dense"`` costs one Jacobian per example and output (:meth:`GNHOperator.dense`)
-        plus a Cholesky factor; ``"sketch"`` ``iterations * (sketch_rank + 10)`` products; both counted in
+        ``docs/performance.md``. ``"dense"`` costs one Jacobian per example and output (:meth:`GNHOperator.dense`, in
+        float32) plus a Cholesky factor; ``"sketch"`` ``iterations * (sketch_rank + 10)`` products; both counted in
         :attr:`preconditioner_info` (``products``, in data products as a ``SolveRecord`` counts them).
 
         Returns:
