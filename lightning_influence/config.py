@@ -721,8 +721,8 @@ class PBRFConfig(Config):
         cg_rtol: Relative residual of the inner CG solves (``newton_cg``).
         preconditioner: Of those inner solves, built once at :math:`\hat\theta` and reused by every Newton step of
             every solve: ``"dense"`` (the Cholesky factor of the dense damped data GNH, assembled in float32 and
-            factored in the solve's dtype, updated per example by its own rank-``D`` term), ``"sketch"`` (the Nyström preconditioner of a low-rank sketch, as
-            ``solver="pcg"``), ``"none"`` (plain CG) or ``"auto"`` (default: dense up to ``DENSE_MAX_PARAMS``
+            factored in the solve's dtype, updated per example by its own rank-``D`` term), ``"sketch"`` (the
+            Nyström preconditioner of a low-rank sketch, as ``solver="pcg"``), ``"none"`` (plain CG) or ``"auto"`` (default: dense up to ``DENSE_MAX_PARAMS``
             parameters, the sketch above). The Newton steps are CG's own answer either way (same tolerance, true
             residual); only the iteration count changes.
         sketch_rank: Eigenpairs of the ``"sketch"`` preconditioner (clamped to ``P``).
