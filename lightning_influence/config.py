@@ -722,9 +722,9 @@ class PBRFConfig(Config):
         preconditioner: Of those inner solves, built once at :math:`\hat\theta` and reused by every Newton step of
             every solve: ``"dense"`` (the Cholesky factor of the dense damped data GNH, assembled in float32 and
             factored in the solve's dtype, updated per example by its own rank-``D`` term), ``"sketch"`` (the
-            Nyström preconditioner of a low-rank sketch, as ``solver="pcg"``), ``"none"`` (plain CG) or ``"auto"`` (default: dense up to ``DENSE_MAX_PARAMS``
-            parameters, the sketch above). The Newton steps are CG's own answer either way (same tolerance, true
-            residual); only the iteration count changes.
+            Nyström preconditioner of a low-rank sketch, as ``solver="pcg"``), ``"none"`` (plain CG) or ``"auto"``
+            (default: dense up to ``DENSE_MAX_PARAMS`` parameters, the sketch above). The Newton steps are CG's own
+            answer either way (same tolerance, true residual); only the iteration count changes.
         sketch_rank: Eigenpairs of the ``"sketch"`` preconditioner (clamped to ``P``).
         normalization: ``"sum"`` (default) or ``"mean"`` (match the influence scores being validated).
         warn: Warn (with the residual) when a solve does not converge.
