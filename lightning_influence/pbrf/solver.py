@@ -304,7 +304,7 @@ class PBRF:
             # dtype: a preconditioner and a frozen Newton matrix, whose rounding the outer steps' exact gradient
             # corrects; the float64 GNH is the fallback should the factorisation fail.
             low = torch.float32 if self.dtype == torch.float64 else self.dtype
-            L = None
+            L, dt = None, low
             for dt in dict.fromkeys([low, self.dtype]):
                 build = op if dt == self.dtype else GNHOperator(copy_model(self.model, dt), self.task, self.data,
                                                                 reduce_fn=self.reduce_fn, dtype=dt)
@@ -313,12 +313,11 @@ class PBRF:
                 L = positive_definite_factor(A)
                 del A, build
                 if L is not None:
-                    info = {"built_in": str(dt).replace("torch.", "")}
                     break
             if L is not None:
                 factor = self._factor = L
                 self._precond = lambda R: torch.cholesky_solve(R.to(factor.dtype), factor)
-                info = {"kind": "dense", **info,
+                info = {"kind": "dense", "built_in": str(dt).replace("torch.", ""),
                         "products": self._ref[0][0].numel() if self._ref and len(self._ref[0]) else 1}
             else:  # rounding made it fail (low precision): the sketch needs no factorisation
                 kind, info = "sketch", {"dense_failed": True}
