@@ -533,6 +533,11 @@ class SpectrumSummary:
         lambda_method: ``"lanczos"`` or ``"sketch"``.
         lambda_converged: Whether Lanczos met its tolerance.
         num_units: Units (examples or tokens) in the sample.
+        lanczos_start: How Lanczos started: ``"warm"`` (the ``start`` given), ``"gradient"`` (the sample's loss
+            gradient, :attr:`~lightning_influence.config.SpectrumConfig.lanczos_start`), ``"random"`` (including a
+            gradient that was zero or not finite), or ``""`` for the sketch.
+        start_gradients: Gradient passes over the sample spent on the start (1 for ``"gradient"``, else 0; not
+            in ``num_products``).
         ritz_vector: Lanczos's unit top Ritz vector (warm start of the next measurement; not in :meth:`to_dict`).
 
     Example::
@@ -556,6 +561,8 @@ class SpectrumSummary:
     lambda_method: str
     lambda_converged: bool
     num_units: float
+    lanczos_start: str = ""
+    start_gradients: int = 0
     ritz_vector: Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -595,13 +602,15 @@ def estimate_spectrum(
     training set LiSSA will sample from) caps the recommended LiSSA batch. The estimators' settings come from
     ``config`` (:class:`~lightning_influence.config.SpectrumConfig`), with keyword ``overrides`` of single fields
     (``trace_probes=8``, ``lanczos_iter=8``, ``seed=...``). ``start`` warm-starts Lanczos (e.g. the previous
-    summary's :attr:`~SpectrumSummary.ritz_vector`).
+    summary's :attr:`~SpectrumSummary.ritz_vector`); without it Lanczos starts as ``lanczos_start`` says (a seeded
+    random vector, or the operator's ``loss_gradient()``).
 
     Returns:
         A :class:`SpectrumSummary` with the estimates, the recommended LiSSA settings and the cost.
 
     Raises:
-        ConfigurationError: For an unknown setting or a damped operator.
+        ConfigurationError: For an unknown setting, a damped operator, or ``lanczos_start="gradient"`` on an
+            operator without ``loss_gradient()``.
         NonFiniteError: If the curvature is not finite or ``lambda_max <= 0``.
 
     Example::
@@ -613,11 +622,24 @@ def estimate_spectrum(
     cfg = SpectrumConfig.resolve(config, **overrides)
     if getattr(op, "damping", 0.0):
         raise ConfigurationError("estimate_spectrum expects an undamped operator; pass damping here instead.")
+    gradient = getattr(op, "loss_gradient", None)
+    use_gradient = cfg.lambda_method == "lanczos" and cfg.lanczos_start == "gradient" and start is None
+    if use_gradient and not callable(gradient):
+        raise ConfigurationError(
+            f"lanczos_start='gradient' needs an operator with a loss_gradient() method (every CurvatureOperator has "
+            f"one); {type(op).__name__} has none. Use lanczos_start='random' or pass start=..."
+        )
     clock = time.perf_counter()
+    how = "warm" if start is not None else "random"
     if cfg.lambda_method == "lanczos":
+        if use_gradient and callable(gradient):
+            start = gradient()
+            norm = float(start.norm())  # NaN/Inf anywhere reaches the norm
+            how, start = ("gradient", start) if math.isfinite(norm) and norm > 0 else ("random", None)
         eig = lanczos_lambda_max(op, cfg.lanczos_iter, tol=cfg.lanczos_tol, seed=derive_seed(cfg.seed, "lanczos"),
                                  start=start)
     else:
+        how = ""
         eig = sketch_lambda_max(op, cfg.sketch_dim, seed=derive_seed(cfg.seed, "sketch"))
     deflate = eig.basis if cfg.trace_deflation else None
     tr = hutchinson_trace(op, cfg.trace_probes, max_probes=cfg.trace_max_probes, rtol=cfg.trace_rtol, seed=cfg.seed,
@@ -639,5 +661,7 @@ def estimate_spectrum(
         lambda_method=eig.method,
         lambda_converged=eig.converged,
         num_units=float(units) if units else float("nan"),
+        lanczos_start=how,
+        start_gradients=int(use_gradient),
         ritz_vector=eig.vector,
     )

@@ -89,6 +89,9 @@ def test_logged_values_match_direct_spectrum_on_checkpoint_weights_and_tensorboa
     # steps 3, 6 by cadence; 4, 8 by checkpoint; nothing measured twice
     assert monitor.measured_steps == [3, 4, 6, 8]
     assert [r["trigger"] for r in monitor.history] == ["step", "checkpoint", "step", "checkpoint"]
+    # the first measurement starts Lanczos at the sample's loss gradient (one gradient pass), the later ones warm
+    starts_used = [(r["lanczos_start"], r["start_gradients"]) for r in monitor.history]
+    assert starts_used == [("gradient", 1)] + [("warm", 0)] * 3
 
     files = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert len(files) == 2
@@ -183,7 +186,7 @@ def test_epoch_cadence_on_the_val_set_and_on_a_user_dataset(tmp_path: Path) -> N
     idx = global_sample_indices(12, 5, seed=1)
     op = GNHOperator(model, user.task, make_batches(user_set, idx, user.batch_size))
     direct = estimate_spectrum(op, damping=user.damping, trace_probes=4, lanczos_iter=6, lanczos_tol=user.lanczos_tol,
-                               seed=1, dataset_size=12)
+                               seed=1, dataset_size=12, lanczos_start="gradient")
     assert user.history[0]["trace"] == pytest.approx(direct.trace, rel=1e-10)  # measured on the final weights
 
 
@@ -453,7 +456,8 @@ def test_spectrum_config_defaults_overrides_and_report_entry(tmp_path: Path) -> 
     from lightning_influence.config import SpectrumConfig
 
     default = CurvatureMonitor(Classification())
-    assert default.config == SpectrumConfig(trace_probes=4, lanczos_iter=8, lanczos_tol=3e-2, linearization="never")
+    assert default.config == SpectrumConfig(trace_probes=4, lanczos_iter=8, lanczos_tol=3e-2, lanczos_start="gradient",
+                                            linearization="never")
     given = CurvatureMonitor(Classification(), config=SpectrumConfig(lanczos_iter=20, seed=2))
     assert (given.lanczos_iter, given.trace_probes, given.seed) == (20, SpectrumConfig().trace_probes, 2)
     explicit = CurvatureMonitor(Classification(), config=SpectrumConfig(lanczos_iter=20), trace_probes=5, seed=7)

@@ -90,6 +90,21 @@ def test_resumed_run_warm_starts_from_the_checkpointed_vector(tmp_path: Path) ->
     assert row["num_products"] >= row["trace_probes"] + 1 and row["seconds"] > 0
 
 
+def test_train_start_warm_up_counts_in_the_overhead_and_leaves_training_alone(tmp_path: Path) -> None:
+    pl.seed_everything(3)
+    plain = TinyClassifier(shuffle=False)
+    _trainer(tmp_path / "off", max_steps=2, enable_checkpointing=False).fit(plain)
+    pl.seed_everything(3)
+    watched = TinyClassifier(shuffle=False)
+    monitor = CurvatureMonitor(Classification(), every_n_epochs=100, on_checkpoint=False,
+                               **SMALL)  # type: ignore[arg-type]
+    _trainer(tmp_path / "on", max_steps=2, callbacks=[monitor], enable_checkpointing=False).fit(watched)
+    assert monitor.history == []  # nothing measured in two steps, yet the warm-up ran at train start
+    assert monitor.measure_seconds > 0 and monitor.overhead > 0
+    for a, b in zip(plain.parameters(), watched.parameters(), strict=True):
+        assert torch.equal(a, b)  # RNG-isolated, no .grad written: training is bit-identical
+
+
 # ------------------------------------------------------------------------------------ cached linearisation
 def _bn_cnn() -> tuple[torch.nn.Module, Any, list]:
     g = torch.Generator().manual_seed(2)

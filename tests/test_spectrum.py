@@ -187,3 +187,57 @@ def test_estimate_spectrum_deflates_by_default_and_can_be_switched_off(
     assert deflated.trace == pytest.approx(expected.value, rel=1e-12)
     assert deflated.trace_stderr < plain.trace_stderr
     assert deflated.num_products == 6 + eig.num_products  # the deflation costs no product
+
+
+def _wide_mlp_case() -> tuple[torch.nn.Module, Classification, list]:
+    """P = 451 parameters, 24 examples of 3 classes: a GNH of rank at most 48, most of R^P its null space."""
+    g = torch.Generator().manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).to(DT)
+    x = torch.randn(24, 10, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (24,), generator=g)
+    return model, Classification(), [(x[:16], y[:16]), (x[16:], y[16:])]
+
+
+def test_gradient_start_is_the_loss_gradient_in_the_range_and_exact() -> None:
+    from lightning_influence.operators import loss_gradient
+
+    model, task, data = _wide_mlp_case()
+    op = GNHOperator(model, task, data)
+    dense = op.dense()
+    exact = float(torch.linalg.eigvalsh(dense)[-1])
+    grad = op.loss_gradient()
+    assert torch.allclose(grad, loss_gradient(model, task, data), rtol=1e-12, atol=0)
+    # the gradient J^T r lies in the GNH's range; a random start lies almost wholly in its null space
+    in_range = torch.linalg.lstsq(dense, grad.unsqueeze(1)).solution.squeeze(1)
+    assert torch.allclose(dense @ in_range, grad, atol=1e-10 * float(grad.norm()))
+    first_gradient = lanczos_lambda_max(op, 1, start=grad).value
+    first_random = lanczos_lambda_max(op, 1, seed=derive_seed(0, "lanczos")).value
+    assert first_gradient > 10 * first_random, (first_gradient, first_random)
+    summary = estimate_spectrum(op, trace_probes=2, lanczos_iter=30, lanczos_tol=1e-6, lanczos_start="gradient")
+    assert (summary.lanczos_start, summary.start_gradients) == ("gradient", 1)
+    assert abs(summary.lambda_max - exact) <= 1e-6 * exact and summary.lambda_max <= exact * (1 + 1e-10)
+    direct = lanczos_lambda_max(op, 30, tol=1e-6, start=grad)
+    assert summary.lambda_max == direct.value and summary.num_products == 2 + direct.num_products
+    warm = estimate_spectrum(op, trace_probes=2, lanczos_start="gradient", start=summary.ritz_vector)
+    assert (warm.lanczos_start, warm.start_gradients) == ("warm", 0)
+    assert estimate_spectrum(op, trace_probes=2).lanczos_start == "random"  # SpectrumConfig's default
+
+
+def test_zero_gradient_falls_back_to_the_random_start_and_dense_operators_refuse() -> None:
+    from lightning_influence.tasks import Regression
+
+    g = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).to(DT)
+    x = torch.randn(9, 3, generator=g, dtype=DT)
+    with torch.no_grad():
+        y = model(x)  # a perfect fit: the loss gradient is exactly zero, the GNH is not
+    op = GNHOperator(model, Regression(), [(x, y)])
+    assert float(op.loss_gradient().abs().max()) == 0.0
+    fallback = estimate_spectrum(op, trace_probes=2, lanczos_start="gradient")
+    plain = estimate_spectrum(op, trace_probes=2)
+    assert (fallback.lanczos_start, fallback.start_gradients) == ("random", 1)
+    assert fallback.lambda_max == plain.lambda_max and fallback.trace == plain.trace
+    with pytest.raises(ConfigurationError, match="loss_gradient"):
+        estimate_spectrum(DenseOperator(torch.eye(3, dtype=DT)), lanczos_start="gradient")
+    with pytest.raises(ConfigurationError, match="lanczos_start"):
+        estimate_spectrum(op, lanczos_start="gradients")

@@ -84,6 +84,10 @@ def _default_config() -> SpectrumConfig:
     """The estimator settings when no config is given.
 
     4 deflated trace probes, at most 8 Lanczos products stopping at a 3 % Ritz residual, streamed products.
+    The first measurement (no Ritz vector to warm-start from) starts Lanczos at the sample's loss gradient
+    (``lanczos_start="gradient"``: one gradient pass; a random start spends its first product reaching the GNH's
+    range and misconverged more often at this tolerance). The process's one-time forward-mode AD set-up is paid at
+    train start on two examples (:meth:`CurvatureMonitor._warm_up`), not in the first measurement.
     Cheaper than ``SpectrumConfig()``'s, since the monitor measures during training. Streaming rather than a cached
     linearisation: building one costs 5-10 streamed products (measured on the MNIST CNNs of
     ``benchmarks/bench_monitor_overhead.py``), more than a warm-started measurement's few products save.
@@ -91,7 +95,8 @@ def _default_config() -> SpectrumConfig:
     Returns:
         The default config.
     """
-    return SpectrumConfig(trace_probes=4, lanczos_iter=8, lanczos_tol=3e-2, linearization="never")
+    return SpectrumConfig(trace_probes=4, lanczos_iter=8, lanczos_tol=3e-2, lanczos_start="gradient",
+                          linearization="never")
 
 
 class CurvatureMonitor(Callback):
@@ -154,8 +159,9 @@ class CurvatureMonitor(Callback):
             a loss name (``"cross_entropy"``, ``"mse"``, ...) builds a plain :class:`~lightning_influence.tasks.Task`.
         config: The estimators' settings (:class:`~lightning_influence.config.SpectrumConfig`: probes, Lanczos,
             ``lambda_method``, the LiSSA constant, seed, ...). Default: ``SpectrumConfig(trace_probes=4,
-            lanczos_iter=8, lanczos_tol=3e-2, linearization="never")``; a config you pass is used as it is (its own
-            defaults for the fields you leave out). ``monitor.config`` is the resolved one, written to the report.
+            lanczos_iter=8, lanczos_tol=3e-2, lanczos_start="gradient", linearization="never")``; a config you
+            pass is used as it is (its own defaults for the fields you leave out). ``monitor.config`` is the
+            resolved one, written to the report.
         dataset: ``"train"`` (default: the dataset behind the Trainer's train dataloader, with its collate
             function), ``"val"``, or a map-style dataset.
         sample_size: Examples in the fixed curvature sample (default ``"auto"``: 64, or the whole dataset when it is
@@ -449,7 +455,24 @@ class CurvatureMonitor(Callback):
         source.batches()  # collated once, RNG-isolated (a dataset's augmentations must not advance training's RNG)
         probe_batch = source.collate(shard.global_indices[: min(2, shard.global_size)], batch_size=2)
         self._check_task(ctx.module, probe_batch[0], data.source)
+        self._warm_up(ctx.module, probe_batch[0])
         self._data, self._dataset_len, self.shard, self._source = data, n, shard, source
+
+    def _warm_up(self, module: torch.nn.Module, batch: Any) -> None:
+        """Pay the process's one-time set-up of forward-mode AD and ``vmap`` on the 2-example probe batch.
+
+        The first dual-tensor product of a process costs about two more training steps than the next ones on the
+        1.2M-parameter CNN of ``benchmarks/bench_monitor_overhead.py``, whatever the batch size; one product and
+        one 2-probe block on two examples pay it at train start instead of inside the first measurement. Local
+        (no collective), RNG-isolated, no ``.grad`` written; its seconds count in :attr:`overhead`.
+        """
+        clock = time.perf_counter()
+        with isolated_rng(), torch.inference_mode(False), torch.enable_grad(), _no_autocast(module):
+            op = GNHOperator(module, self.task, [batch], dtype=self._input_dtype(module), linearization="never")
+            directions = torch.ones(op.num_params, 2, dtype=op.param_dtype, device=op.device)
+            op.matmat(directions[:, :1])
+            op.quadratic_forms(directions)
+        self.measure_seconds += time.perf_counter() - clock
 
     def _check_task(self, module: torch.nn.Module, batch: Any, source: str) -> None:
         param = next((p for p in module.parameters() if p.requires_grad), None)

@@ -203,6 +203,20 @@ class CurvatureOperator(OperatorBase):
         new.evaluator = self.evaluator.at(theta)
         return new
 
+    def loss_gradient(self) -> Tensor:
+        r"""Flat gradient of the mean loss over the operator's sample at its parameters (all ranks, one reduction).
+
+        One forward and one backward pass per batch, no product. For the GNH and Fisher family it is
+        :math:`J^\top r`, a vector in the operator's range: :func:`~lightning_influence.spectrum.estimate_spectrum`
+        starts Lanczos there with ``lanczos_start="gradient"``.
+
+        Returns:
+            The gradient ``(P,)`` in the parameters' dtype.
+        """
+        grad = self.evaluator.mean_gradient(self.data, self.reduce_fn)
+        self._examples_processed += sum(self.task.batch_size(b) for b in self.data)
+        return grad
+
     # --------------------------------------------------------------------------------------- the loop
     def _accumulate(self, per_batch: PerBatch, size: int) -> tuple[Tensor, Tensor]:
         """Local sum over this rank's batches of ``per_batch(i, batch)`` (``size`` numbers) and the unit count.
