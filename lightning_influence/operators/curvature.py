@@ -204,18 +204,13 @@ class CurvatureOperator(OperatorBase):
         return new
 
     def loss_gradient(self) -> Tensor:
-        r"""Flat gradient of the mean loss over the operator's sample at its parameters (all ranks, one reduction).
-
-        One forward and one backward pass per batch, no product. For the GNH and Fisher family it is
-        :math:`J^\top r`, a vector in the operator's range: :func:`~lightning_influence.spectrum.estimate_spectrum`
-        starts Lanczos there with ``lanczos_start="gradient"``.
+        r"""One gradient pass over the sample (all ranks): Lanczos's start under ``lanczos_start="gradient"``.
 
         Returns:
-            The gradient ``(P,)`` in the parameters' dtype.
+            The mean loss's flat gradient ``(P,)``, :math:`J^\top r`: in the GNH's range.
         """
-        grad = self.evaluator.mean_gradient(self.data, self.reduce_fn)
         self._examples_processed += sum(self.task.batch_size(b) for b in self.data)
-        return grad
+        return self.evaluator.mean_gradient(self.data, self.reduce_fn)
 
     # --------------------------------------------------------------------------------------- the loop
     def _accumulate(self, per_batch: PerBatch, size: int) -> tuple[Tensor, Tensor]:
@@ -722,9 +717,7 @@ def loss_gradient(model: nn.Module, task: Task, data: DataSource | Sequence[Any]
 
         >>> from lightning_influence.tasks import Regression
         >>> m = torch.nn.Linear(1, 1, bias=False)
-        >>> torch.nn.init.ones_(m.weight)
-        Parameter containing:
-        tensor([[1.]], requires_grad=True)
+        >>> _ = torch.nn.init.ones_(m.weight)
         >>> loss_gradient(m, Regression(), [(torch.ones(1, 1), torch.zeros(1, 1))])
         tensor([1.])
     """
