@@ -358,13 +358,19 @@ def _tridiagonal(alphas: Tensor, betas: Tensor) -> Tensor:
     return t
 
 
+def _usable_start(start: Tensor | None, n: int) -> bool:
+    """Whether ``start`` can start Lanczos: length ``n``, finite (NaN/Inf anywhere reaches the norm), non-zero."""
+    if start is None or start.numel() != n:
+        return False
+    norm = float(start.norm())
+    return math.isfinite(norm) and norm > 0
+
+
 def _start_vector(n: int, dtype: torch.dtype, device: torch.device, seed: int, start: Tensor | None) -> Tensor:
-    """Unit start vector: ``start`` when usable (length ``n``, finite, non-zero), else a seeded Gaussian."""
-    if start is not None and start.numel() == n:
-        q = start.detach().reshape(-1).to(device=device, dtype=dtype)
-        norm = float(q.norm())
-        if math.isfinite(norm) and norm > 0:
-            return q / norm
+    """Unit start vector: ``start`` when usable (:func:`_usable_start`), else a seeded Gaussian."""
+    q = None if start is None else start.detach().reshape(-1).to(device=device, dtype=dtype)
+    if q is not None and _usable_start(q, n):
+        return q / q.norm()
     q = probe(n, make_generator(seed), kind="gaussian", dtype=dtype).to(device)
     return q / q.norm()
 
@@ -536,8 +542,8 @@ class SpectrumSummary:
         lanczos_start: How Lanczos started: ``"warm"`` (the ``start`` given), ``"gradient"`` (the sample's loss
             gradient, :attr:`~lightning_influence.config.SpectrumConfig.lanczos_start`), ``"random"`` (including a
             gradient that was zero or not finite), or ``""`` for the sketch.
-        start_gradients: Gradient passes over the sample spent on the start (1 for ``"gradient"``, else 0; not
-            in ``num_products``).
+        start_gradients: Gradient passes over the sample spent on the start (1 whenever ``lanczos_start="gradient"``
+            computed one, also when it fell back to ``"random"``; else 0; not in ``num_products``).
         ritz_vector: Lanczos's unit top Ritz vector (warm start of the next measurement; not in :meth:`to_dict`).
 
     Example::
@@ -634,8 +640,7 @@ def estimate_spectrum(
     if cfg.lambda_method == "lanczos":
         if use_gradient and callable(gradient):
             start = gradient()
-            norm = float(start.norm())  # NaN/Inf anywhere reaches the norm
-            how, start = ("gradient", start) if math.isfinite(norm) and norm > 0 else ("random", None)
+            how = "gradient" if _usable_start(start, op.num_params) else "random"  # lanczos falls back the same way
         eig = lanczos_lambda_max(op, cfg.lanczos_iter, tol=cfg.lanczos_tol, seed=derive_seed(cfg.seed, "lanczos"),
                                  start=start)
     else:
