@@ -20,6 +20,7 @@ from lightning_influence.losses import GaussianNLL
 from lightning_influence.params import flatten, trainable_parameters
 from lightning_influence.regularizers import L1, ElasticNet, mask_from_module
 from lightning_influence.tasks import Regression, Task
+from tests.helpers.lightning_models import JoiningDDPSpawn
 
 N, D = 90, 4
 
@@ -181,7 +182,7 @@ def test_ddp_parity(tmp_path: Path) -> None:
     """World size 2 (uneven shards: fold sizes 30 over 2 ranks, 90 examples) equals the serial result."""
     cb = ApproximateCV(Regression(), folds=4, report=True)  # 4 folds of 23/23/22/22 examples: uneven splits
     module = LassoModule()
-    trainer = _trainer(tmp_path, [cb], max_epochs=2, strategy="ddp_spawn", devices=2)
+    trainer = _trainer(tmp_path, [cb], max_epochs=2, strategy=JoiningDDPSpawn(), devices=2)
     trainer.fit(module)
     # ddp_spawn returns the weights and callback_metrics to this process
     serial = _direct(module.net, module.regularizer, folds=4)

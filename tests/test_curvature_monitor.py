@@ -21,7 +21,7 @@ from lightning_influence.exceptions import BatchFormatError
 from lightning_influence.operators import GNHOperator, make_batches
 from lightning_influence.spectrum import estimate_spectrum, lissa_settings
 from lightning_influence.tasks import Classification, Task
-from tests.helpers.lightning_models import TinyClassifier
+from tests.helpers.lightning_models import JoiningDDPSpawn, TinyClassifier
 
 TAGS = (
     "curvature/trace",
@@ -424,7 +424,7 @@ def test_ddp_spawn_matches_single_process_with_uneven_shards(tmp_path: Path) -> 
     out = tmp_path / "ddp"
     out.mkdir()
     ddp_trainer = _trainer(out, max_steps=1, logger=False, limit_val_batches=0, enable_checkpointing=False,
-                           strategy="ddp_spawn", devices=2, callbacks=[_ShardRecorder(str(out), **kwargs)])
+                           strategy=JoiningDDPSpawn(), devices=2, callbacks=[_ShardRecorder(str(out), **kwargs)])
     ddp_trainer.fit(TinyClassifier(lr=0.0, n=16))
 
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]

@@ -18,6 +18,7 @@ from lightning_influence.callbacks.influence_report import InfluenceReport
 from lightning_influence.influence import InfluenceConfig, InfluenceResult, influence_scores
 from lightning_influence.tasks import Classification
 from tests.helpers.data import digits_tensors
+from tests.helpers.lightning_models import JoiningDDPSpawn
 
 F64 = torch.float64
 
@@ -173,7 +174,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
         root = tmp_path / f"d{devices}"
         kwargs: dict[str, Any] = {"devices": devices, "max_steps": 2}
         if devices == 2:
-            kwargs["strategy"] = "ddp_spawn"
+            kwargs["strategy"] = JoiningDDPSpawn()
         trainer = _trainer(root, _parity_callbacks(), **kwargs)
         trainer.fit(DigitsModule(lr=0.0), datamodule=DigitsData())  # lr=0: both runs score the same weights
         results[devices] = {sub: InfluenceReport.load_result(root / sub) for sub in ("inf_cg", "inf_lissa")}

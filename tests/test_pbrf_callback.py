@@ -17,6 +17,7 @@ from lightning_influence.callbacks.pbrf_validation import PBRFValidation, correl
 from lightning_influence.pbrf import PBRF
 from lightning_influence.tasks import Classification
 from tests.helpers.data import digits_tensors
+from tests.helpers.lightning_models import JoiningDDPSpawn
 
 DAMPING = 3e-2
 
@@ -214,7 +215,7 @@ def test_non_convergence_is_flagged_in_metrics_and_verdict(tmp_path: Path) -> No
 @pytest.mark.timeout(180)
 def test_two_process_ddp_table_equals_one_process(tmp_path: Path) -> None:
     tables = {}
-    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+    for devices, strategy in ((1, "auto"), (2, JoiningDDPSpawn())):
         callbacks, _ = _callbacks(num_train=3, num_queries=8)
         trainer = _trainer(tmp_path / f"w{devices}", callbacks, accelerator="cpu", devices=devices, strategy=strategy)
         trainer.fit(PretrainedDigits())

@@ -12,7 +12,7 @@ import torch
 from lightning_influence.callbacks._common import make_reduce_fn, rank_world
 from lightning_influence.influence import influence_scores
 from lightning_influence.tasks import Classification
-from tests.helpers.lightning_models import TinyClassifier
+from tests.helpers.lightning_models import JoiningDDPSpawn, TinyClassifier
 
 #: 15 training examples over 2 ranks: shards of 8 and 7.
 KW: dict[str, Any] = {"damping": 1e-2, "sketch_rank": 6, "sketch_oversample": 4, "sketch_iterations": 3,
@@ -50,8 +50,8 @@ def test_ddp_spawn_sketch_pcg_lowrank_equal_single_process(tmp_path: Path) -> No
     model = TinyClassifier(lr=0.0, n=16)
     data = model.train_set.tensors
     single = _run(model.net, (data[0][:15], data[1][:15]))
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy=JoiningDDPSpawn(),
+                         max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                          callbacks=[_InfluenceAtFitStart(str(tmp_path))])
     trainer.fit(TinyClassifier(lr=0.0, n=16))

@@ -18,7 +18,7 @@ from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence import InfluenceConfig, influence_scores
 from lightning_influence.influence.store import ScoreStore, StoreError, load_store
 from lightning_influence.tasks import Classification, Regression
-from tests.helpers.lightning_models import TinyClassifier
+from tests.helpers.lightning_models import JoiningDDPSpawn, TinyClassifier
 
 F64 = torch.float64
 N_TRAIN, CHUNK = 23, 4  # 6 chunks, the last one short
@@ -183,7 +183,7 @@ def test_a_complete_chunk_with_a_missing_or_truncated_file_is_recomputed(tmp_pat
 def _fit(root: Path, devices: int, **cb_kwargs: Any) -> L.Trainer:
     cb = InfluenceReport(Classification(), solver="cg", damping=1e-2, max_queries=4, progress_bar=False,
                          config=InfluenceConfig(chunk_size=4, cg_rtol=1e-12, self_influence=True), **cb_kwargs)
-    kwargs: dict[str, Any] = {"strategy": "ddp_spawn"} if devices == 2 else {}
+    kwargs: dict[str, Any] = {"strategy": JoiningDDPSpawn()} if devices == 2 else {}
     trainer = L.Trainer(default_root_dir=root, max_steps=1, accelerator="cpu", devices=devices, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         limit_val_batches=0, callbacks=[cb], **kwargs)

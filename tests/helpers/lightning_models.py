@@ -11,11 +11,29 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.helpers.models import bn_dropout_net, tiny_mlp
+
+
+class JoiningDDPSpawn(DDPStrategy):
+    """``strategy="ddp_spawn"`` whose workers destroy the gloo process group at teardown.
+
+    Lightning leaves the group alive; a worker that then exits can abort in gloo's thread teardown ("terminate called
+    without an active exception", SIGABRT), a flake seen under load. ``examples/ddp_cpu.py`` does the same by hand.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(start_method="spawn")
+
+    def teardown(self) -> None:
+        super().teardown()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def synthetic_classification(n: int = 32, in_features: int = 4, classes: int = 3, seed: int = 0,
