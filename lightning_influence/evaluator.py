@@ -339,12 +339,16 @@ class Evaluator:
 
         return loss_one
 
-    def per_example(self, batch: Any, normalization: Normalization = "sum") -> tuple[Tensor, Tensor]:
+    def per_example(self, batch: Any, normalization: Normalization = "sum", out: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
         """Per-example flat gradients ``(c, P)`` and losses ``(c,)`` of one prepared batch (``vmap`` over examples).
 
         ``normalization="sum"`` differentiates each example's summed unit losses (upweighting the whole example in
         the unit-averaged objective); ``"mean"`` its mean over units. Models that ``vmap`` cannot handle fall back
-        to one gradient per example, with a warning.
+        to one gradient per example, with a warning. With ``out`` (a contiguous ``(c, P)`` tensor of the
+        parameters' dtype and device) the gradients are written into it and ``out`` is returned: a buffer reused
+        across batches saves the page faults of a fresh ``(c, P)`` allocation, which on large models cost more
+        than the gradients themselves.
 
         Returns:
             ``(grads, losses)``.
@@ -354,10 +358,20 @@ class Evaluator:
         """
         if normalization not in ("sum", "mean"):
             raise ConfigurationError(f"normalization must be 'sum' or 'mean', got {normalization!r}.")
+        if out is not None and (out.dtype != self.dtype or out.device != self.device or not out.is_contiguous()
+                                or out.shape != (self.batch_size(batch), self.num_params)):
+            raise ConfigurationError(
+                f"out must be a contiguous ({self.batch_size(batch)}, {self.num_params}) {self.dtype} tensor on "
+                f"{self.device}, got {tuple(out.shape)} {out.dtype} on {out.device}.")
         with curvature_mode(self.model):
-            return self._per_example(batch, normalization)
+            grads, losses = self._per_example(batch, normalization, out)
+        if out is not None and grads is not out:  # the vmap path allocates its own
+            out.copy_(grads)
+            grads = out
+        return grads, losses
 
-    def _per_example(self, batch: Any, normalization: Normalization) -> tuple[Tensor, Tensor]:
+    def _per_example(self, batch: Any, normalization: Normalization, out: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
         inputs, targets = self.task.split(batch)
         plan = hook_plan(self.model, self.params) if self.per_example_method != "vmap" else None
         if plan is None:
@@ -366,7 +380,7 @@ class Evaluator:
         verified = verdicts.get(key)
         if verified is not False:
             try:
-                grads, losses = self._hooked(plan, inputs, targets, normalization)
+                grads, losses = self._hooked(plan, inputs, targets, normalization, out)
             except UnsupportedModel:
                 verdicts[key] = False
             else:
@@ -400,13 +414,13 @@ class Evaluator:
         return torch.cat([(torch.zeros_like(v) if g is None else g).reshape(-1)
                           for g, v in zip(grads, leaves.values(), strict=True)])
 
-    def _hooked(self, plan: HookPlan, inputs: Any, targets: Tensor, normalization: Normalization
-                ) -> tuple[Tensor, Tensor]:
+    def _hooked(self, plan: HookPlan, inputs: Any, targets: Tensor, normalization: Normalization,
+                out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One batched forward + backward with layer hooks (:mod:`lightning_influence.per_sample`)."""
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
         return per_sample_gradients(
             self.model, plan, lambda: self._batch_losses(leaves, inputs, targets, normalization),
-            int(targets.shape[0]), self.dtype, self.device)
+            int(targets.shape[0]), self.dtype, self.device, out)
 
     def _vmapped(self, inputs: Any, targets: Tensor, normalization: Normalization) -> tuple[Tensor, Tensor]:
         # grad_and_value: each example's loss comes out of its own gradient's forward pass, so a chunk costs one

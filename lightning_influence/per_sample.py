@@ -221,7 +221,7 @@ def _formula(m: nn.Module) -> Callable[[Any, Tensor, Tensor, Out], None]:
 # ---------------------------------------------------------------------------------------------- driver
 def per_sample_gradients(
     model: nn.Module, plan: HookPlan, loss_fn: Callable[[], Tensor], batch_size: int, dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-example flat gradients ``(batch_size, P)`` and per-example losses of one batched forward.
 
@@ -233,6 +233,9 @@ def per_sample_gradients(
         batch_size: Examples in the batch.
         dtype: Dtype of the gradient matrix.
         device: Its device.
+        out: A contiguous ``(batch_size, P)`` matrix of that dtype and device to write the gradients into (returned
+            as ``grads``). Reusing one buffer across batches saves the first-touch page faults of a fresh
+            allocation, which on a ResNet-18 (11M parameters, 64 examples: 2.9 GB) cost more than the gradients.
 
     Returns:
         ``(grads, losses)``, detached.
@@ -269,14 +272,22 @@ def per_sample_gradients(
     # Every slot is written before it is read: no zero-fill of the (batch, P) matrix (at P = 1e7 that alone costs
     # as much as the per-example products); a module that ran more than once adds its later calls.
     with torch.no_grad():
-        return _assemble(plan, modules, records, deltas, batch_size, dtype, device), losses.detach()
+        return _assemble(plan, modules, records, deltas, batch_size, dtype, device, out), losses.detach()
 
 
 def _assemble(
     plan: HookPlan, modules: Mapping[str, nn.Module], records: list[tuple[str, Tensor, int, Tensor]],
     deltas: tuple[Tensor | None, ...], batch_size: int, dtype: torch.dtype, device: torch.device,
+    out: Tensor | None = None,
 ) -> Tensor:
-    grads = torch.empty(batch_size, plan.num_params, dtype=dtype, device=device)
+    if out is None:
+        grads = torch.empty(batch_size, plan.num_params, dtype=dtype, device=device)
+    elif (out.shape != (batch_size, plan.num_params) or out.dtype != dtype or out.device != device
+          or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous ({batch_size}, {plan.num_params}) {dtype} tensor on {device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    else:
+        grads = out
     written: set[str] = set()
     for (name, x, version, _), delta in zip(records, deltas, strict=True):
         if x._version != version:

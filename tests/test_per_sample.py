@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_influence.evaluator import _HOOKS_VERIFIED, Evaluator, curvature_mode
 from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.influence import iter_per_example_gradients as per_example_iter
 from lightning_influence.influence import per_example_gradients
 from lightning_influence.per_sample import hook_plan
 from lightning_influence.tasks import Classification, LanguageModeling, Task
@@ -201,3 +202,37 @@ def test_streamed_gradients_use_the_hook_path_and_match_vmap_in_float32() -> Non
 def test_unknown_per_example_method_is_a_clear_error() -> None:
     with pytest.raises(ConfigurationError, match="per_example must be one of"):
         Evaluator(nn.Linear(2, 1), Classification(), per_example="loop")
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_gradients_formed_in_a_reused_buffer_equal_fresh_ones(method: str) -> None:
+    # The scoring loop forms every chunk's gradients in one workspace (no page faults of a fresh (chunk, P) matrix):
+    # the rows must be the exact per-example gradients whatever the buffer held before, on both paths.
+    model, task, x, y = _image_case()
+    ev = Evaluator(model, task, per_example=method)
+    ref = _reference(model, task, x, y)
+    buf = torch.full((4, ev.num_params), float("nan"), dtype=F64)  # stale contents must all be overwritten
+    for rows in (slice(0, 4), slice(2, 6)):
+        g, _ = ev.per_example((x[rows], y[rows]), "sum", out=buf)
+        assert g.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(g, ref[rows], rtol=1e-12, atol=1e-12)
+    # Streaming: a workspace of chunk_size rows is overwritten chunk by chunk; a buffer with a row per example is
+    # filled in place.
+    work = torch.full((4, ev.num_params), float("nan"), dtype=F64)
+    for idx, g, _ in per_example_iter(model, task, (x, y), chunk_size=4, out=work):
+        assert g.data_ptr() == work.data_ptr()
+        torch.testing.assert_close(g, ref[idx], rtol=1e-12, atol=1e-12)
+    whole = torch.full((6, ev.num_params), float("nan"), dtype=F64)
+    list(per_example_iter(model, task, (x, y), chunk_size=4, out=whole))
+    torch.testing.assert_close(whole, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_bad_gradient_buffer_is_a_clear_error() -> None:
+    model, task, x, y = _image_case()
+    ev = Evaluator(model, task)
+    for bad in (torch.empty(6, ev.num_params + 1, dtype=F64), torch.empty(6, ev.num_params),
+                torch.empty(ev.num_params, 6, dtype=F64).T):
+        with pytest.raises(ConfigurationError, match="out must be a contiguous"):
+            ev.per_example((x, y), out=bad)
+    with pytest.raises(ConfigurationError, match="needs at least chunk_size=4"):
+        next(per_example_iter(model, task, (x, y), chunk_size=4, out=torch.empty(3, ev.num_params, dtype=F64)))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.data import CollateFn, DataSource, as_dataset, as_indices
 from lightning_influence.distributed import ReduceFn, reduce_packed, shard_indices
+from lightning_influence.evaluator import Evaluator
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.influence.gradients import iter_per_example_gradients, per_example_gradients
 from lightning_influence.influence.inverse import (
@@ -54,27 +55,19 @@ ProgressFn = Callable[[str, int, int], None]
 def _query_gradients(run: _Run, query: DataSource) -> tuple[Tensor, Tensor]:
     """All query gradients as the solve's right-hand sides ``(P, k)`` (every rank computes them) and their losses.
 
-    Stored as a contiguous ``(k, P)`` matrix, one query per row, written chunk by chunk (no list of chunks or
-    concatenation: at 100 queries of an 11M-parameter model each would be another 4.4 GB) and returned as its
-    ``(P, k)`` transpose, a view whose columns are contiguous.
+    Stored as a contiguous ``(k, P)`` matrix, one query per row, each chunk's gradients formed in place in its rows
+    (no list of chunks or concatenation: at 100 queries of an 11M-parameter model each would be another 4.4 GB)
+    and returned as its ``(P, k)`` transpose, a view whose columns are contiguous.
 
     Returns:
         ``(B, losses)``.
     """
-    Bt: Tensor | None = None
-    losses: list[Tensor] = []
-    start = 0
-    for idx, g, loss in iter_per_example_gradients(
-        run.model, run.task, query.dataset, query.indices, chunk_size=run.cfg.chunk_size,
-        collate_fn=query.collate_fn, normalization=run.cfg.normalization, dtype=run.cfg.torch_dtype(),
-    ):
-        if Bt is None:
-            Bt = torch.empty(query.global_size, g.shape[1], dtype=g.dtype, device=g.device)
-        Bt[start : start + idx.numel()] = g
-        start += idx.numel()
-        losses.append(loss)
+    ev = Evaluator(run.model, run.task, input_dtype=run.cfg.torch_dtype())
+    Bt = torch.empty(query.global_size, ev.num_params, dtype=ev.dtype, device=ev.device)
+    losses = [loss for _, _, loss in iter_per_example_gradients(
+        run.model, run.task, query.dataset, query.indices, chunk_size=run.cfg.chunk_size, evaluator=ev,
+        collate_fn=query.collate_fn, normalization=run.cfg.normalization, out=Bt)]
     run.counters["example_gradients"] += query.global_size / run.world_size  # computed on every rank: count once
-    assert Bt is not None  # _prepare_run rejects an empty query set
     return Bt.T, torch.cat(losses)
 
 
@@ -144,6 +137,8 @@ def _stream_scores(
     V = (inverse.state["sketch"].eigenvectors.to(X)
          if run.cfg.solver == "lowrank" and run.cfg.self_influence and proj is None else None)
     coefficients = None
+    ev = Evaluator(run.model, run.task, input_dtype=run.cfg.torch_dtype())
+    workspace: Tensor | None = None  # one (chunk, P) buffer every chunk's gradients are formed in: no page faults
     for c in range(math.ceil(n / chunk)):
         pos = positions[c * chunk : (c + 1) * chunk]
         mine = shard_indices(pos, run.rank, run.world_size, "strided")
@@ -155,13 +150,15 @@ def _stream_scores(
         n_solves = len(out.self_solves)
         G_local = torch.zeros(0, P, dtype=dtype, device=device)
         if mine.numel():
+            if workspace is None:
+                workspace = torch.empty(min(chunk, n), ev.num_params, dtype=ev.dtype, device=ev.device)
             _, G_local, loss_local = next(iter(iter_per_example_gradients(
-                run.model, run.task, run.train.dataset, train_indices[mine], chunk_size=mine.numel(),
-                collate_fn=run.train.collate_fn, normalization=run.cfg.normalization, dtype=run.cfg.torch_dtype())))
+                run.model, run.task, run.train.dataset, train_indices[mine], chunk_size=mine.numel(), evaluator=ev,
+                collate_fn=run.train.collate_fn, normalization=run.cfg.normalization, out=workspace)))
             run.counters["example_gradients"] += mine.numel()
             out.scores[:, mine] = -(XT @ (G_local if proj is None else proj(G_local)).T)
-            if V is not None:
-                coefficients = G_local @ V
+            if V is not None:  # (V^T G^T)^T: 2.6x faster than G @ V for a (P, r) V on one CPU thread
+                coefficients = (V.T @ G_local.T).T
             out.losses[mine] = loss_local
         if run.cfg.self_influence:
             _chunk_self_influence(run, inverse, out, pos, mine, G_local, coefficients)
