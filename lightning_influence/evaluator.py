@@ -44,7 +44,7 @@ from lightning_influence.data import prepare_batch
 from lightning_influence.distributed import ReduceFn, reduce_packed
 from lightning_influence.exceptions import ConfigurationError
 from lightning_influence.params import ParamTree, flatten, num_parameters, trainable_parameters, unflatten
-from lightning_influence.per_sample import HookPlan, UnsupportedModel, hook_plan, per_sample_gradients
+from lightning_influence.per_sample import HookPlan, UnsupportedModel, check_out, hook_plan, per_sample_gradients
 from lightning_influence.tasks import Task
 
 __all__ = ["Evaluator", "Normalization", "curvature_mode"]
@@ -354,15 +354,12 @@ class Evaluator:
             ``(grads, losses)``.
 
         Raises:
-            ConfigurationError: For an unknown ``normalization``.
+            ConfigurationError: For an unknown ``normalization`` or an ``out`` of the wrong shape, dtype or layout.
         """
         if normalization not in ("sum", "mean"):
             raise ConfigurationError(f"normalization must be 'sum' or 'mean', got {normalization!r}.")
-        if out is not None and (out.dtype != self.dtype or out.device != self.device or not out.is_contiguous()
-                                or out.shape != (self.batch_size(batch), self.num_params)):
-            raise ConfigurationError(
-                f"out must be a contiguous ({self.batch_size(batch)}, {self.num_params}) {self.dtype} tensor on "
-                f"{self.device}, got {tuple(out.shape)} {out.dtype} on {out.device}.")
+        if out is not None:
+            check_out(out, self.batch_size(batch), self.num_params, self.dtype, self.device)
         with curvature_mode(self.model):
             grads, losses = self._per_example(batch, normalization, out)
         if out is not None and grads is not out:  # the vmap path allocates its own

@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HookPlan", "UnsupportedModel", "hook_plan", "per_sample_gradients"]
+from lightning_influence.exceptions import ConfigurationError
+
+__all__ = ["HookPlan", "UnsupportedModel", "check_out", "hook_plan", "per_sample_gradients"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *_NORMS)
@@ -219,6 +221,22 @@ def _formula(m: nn.Module) -> Callable[[Any, Tensor, Tensor, Out], None]:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def check_out(out: Tensor, batch_size: int, num_params: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Check a gradient buffer: a contiguous ``(batch_size, num_params)`` tensor of ``dtype`` on ``device``.
+
+    Raises:
+        ConfigurationError: Naming the expected and the given shape, dtype and device.
+
+    Example::
+
+        >>> check_out(torch.empty(2, 3), 2, 3, torch.float32, torch.device("cpu"))
+    """
+    if out.shape != (batch_size, num_params) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ConfigurationError(
+            f"out must be a contiguous ({batch_size}, {num_params}) {dtype} tensor on {device}, got "
+            f"{'' if out.is_contiguous() else 'a non-contiguous '}{tuple(out.shape)} {out.dtype} on {out.device}.")
+
+
 def per_sample_gradients(
     model: nn.Module, plan: HookPlan, loss_fn: Callable[[], Tensor], batch_size: int, dtype: torch.dtype,
     device: torch.device, out: Tensor | None = None,
@@ -243,6 +261,7 @@ def per_sample_gradients(
     Raises:
         UnsupportedModel: If a hooked layer's input was modified in place after the layer ran, or the losses are
             not one per example.
+        ConfigurationError: If ``out`` is not such a matrix.
     """
     modules = dict(model.named_modules())
     records: list[tuple[str, Tensor, int, Tensor]] = []  # (module, input, input version, output)
@@ -282,11 +301,8 @@ def _assemble(
 ) -> Tensor:
     if out is None:
         grads = torch.empty(batch_size, plan.num_params, dtype=dtype, device=device)
-    elif (out.shape != (batch_size, plan.num_params) or out.dtype != dtype or out.device != device
-          or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous ({batch_size}, {plan.num_params}) {dtype} tensor on {device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     else:
+        check_out(out, batch_size, plan.num_params, dtype, device)
         grads = out
     written: set[str] = set()
     for (name, x, version, _), delta in zip(records, deltas, strict=True):
