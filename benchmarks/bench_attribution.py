@@ -90,7 +90,21 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     "pcg": {"solver": "pcg"},
     "lowrank": {"solver": "lowrank"},
     "lissa": {"solver": "lissa"},
+    # the rank / curvature-sample trade-off of lowrank (run by name with --methods; "curvature_sample": a seeded
+    # subset of that many training examples forms the curvature, as InfluenceReport's curvature_sample does)
+    "lowrank_r128": {"solver": "lowrank", "sketch_rank": 128},
+    "lowrank_r256_s1000": {"solver": "lowrank", "sketch_rank": 256, "curvature_sample": 1000},
+    # pcg stopped early: LDS is a rank correlation, so a loose residual may keep it at a fraction of the products
+    "pcg_rtol1e-2": {"solver": "pcg", "cg_rtol": 1e-2},
+    "pcg_rtol1e-2_s1000": {"solver": "pcg", "cg_rtol": 1e-2, "curvature_sample": 1000},
+    "pcg_rtol1e-1": {"solver": "pcg", "cg_rtol": 1e-1},
+    # "float32": the scores of a float32 copy of the model and data (the peers compute in float32 too)
+    "pcg_f32_rtol1e-2": {"solver": "pcg", "cg_rtol": 1e-2, "float32": True},
+    "pcg_f32_rtol1e-1": {"solver": "pcg", "cg_rtol": 1e-1, "float32": True},
 }
+#: Estimators of ESTIMATORS run only when named in --methods (the default run keeps its table).
+OPT_IN = {"lowrank_r128", "lowrank_r256_s1000", "pcg_rtol1e-2", "pcg_rtol1e-2_s1000", "pcg_rtol1e-1",
+          "pcg_f32_rtol1e-2", "pcg_f32_rtol1e-1"}
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits_lr": {"data": "digits", "model": "lr", "n_train": 1000, "hidden": 0, "retrain_iter": 100},
@@ -421,9 +435,14 @@ def run_setting(name: str, spec: dict[str, Any], args: argparse.Namespace, peers
     common = {"damping": lam, "chunk_size": 256, "batch_size": 1024}
     wanted = None if args.methods is None else set(args.methods.split(","))
     for method, overrides in ESTIMATORS.items():
-        if wanted is not None and method not in wanted:
+        if (method not in wanted) if wanted is not None else (method in OPT_IN):
             continue
         row = Row(method)
+        overrides = dict(overrides)
+        sample = overrides.pop("curvature_sample", None)
+        f32 = overrides.pop("float32", False)
+        m_, x_, xq_ = (copy.deepcopy(model).float(), x.float(), xq.float()) if f32 else (model, x, xq)
+        curv = None if sample is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed + 3))[:sample]
         try:
             InfluenceConfig(**{**common, **overrides}).validate()
         except ConfigurationError as err:
@@ -433,9 +452,10 @@ def run_setting(name: str, spec: dict[str, Any], args: argparse.Namespace, peers
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                res = influence_scores(model, task, (x, y), (xq, yq), self_influence=False, **common, **overrides)
+                res = influence_scores(m_, task, (x_, y), (xq_, yq), self_influence=False, curvature_indices=curv,
+                                       **common, **overrides)
             row.seconds, row.grad_equiv = res.diagnostics["seconds"], res.diagnostics["gradient_equivalents"]
-            scores = res.scores
+            scores = res.scores.double()
             row.note = f"{res.solve.get('iterations')} it, residual {float(res.solve.get('relative_residual', 0)):.1e}"
         except ConfigurationError as err:
             if method == "exact" and spec["model"] == "lr":
