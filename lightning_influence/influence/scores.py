@@ -541,7 +541,9 @@ def _gradient_similarity(
     if cosine:
         Q = Q / Q.norm(dim=1, keepdim=True).clamp_min(1e-300)
     cols = []
-    for _, G, _ in iter_per_example_gradients(model, task, train_data, train_indices, **kw):
+    n = DataSource(as_dataset(train_data, "train_data"), train_indices, batch_size=chunk_size).global_size
+    workspace = torch.empty(min(chunk_size, max(n, 1)), Q.shape[1], dtype=Q.dtype, device=Q.device)  # see scale.md
+    for _, G, _ in iter_per_example_gradients(model, task, train_data, train_indices, out=workspace, **kw):
         if cosine:
             G = G / G.norm(dim=1, keepdim=True).clamp_min(1e-300)
         cols.append(-(Q @ G.T))
