@@ -101,10 +101,16 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     # "float32": the scores of a float32 copy of the model and data (the peers compute in float32 too)
     "pcg_f32_rtol1e-2": {"solver": "pcg", "cg_rtol": 1e-2, "float32": True},
     "pcg_f32_rtol1e-1": {"solver": "pcg", "cg_rtol": 1e-1, "float32": True},
+    # lowrank with the tail weighted 1/(mu_{r+1} + lambda) instead of 1/lambda (InfluenceConfig.lowrank_tail)
+    "lowrank_ritz": {"solver": "lowrank", "lowrank_tail": "ritz"},
+    "lowrank_ritz_r64": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 64},
+    "lowrank_ritz_r128": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 128},
+    "lowrank_ritz_r128_f32": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 128, "float32": True},
 }
 #: Estimators of ESTIMATORS run only when named in --methods (the default run keeps its table).
 OPT_IN = {"lowrank_r128", "lowrank_r256_s1000", "pcg_rtol1e-2", "pcg_rtol1e-2_s1000", "pcg_rtol1e-1",
-          "pcg_f32_rtol1e-2", "pcg_f32_rtol1e-1"}
+          "pcg_f32_rtol1e-2", "pcg_f32_rtol1e-1", "lowrank_ritz", "lowrank_ritz_r64", "lowrank_ritz_r128",
+          "lowrank_ritz_r128_f32"}
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits_lr": {"data": "digits", "model": "lr", "n_train": 1000, "hidden": 0, "retrain_iter": 100},

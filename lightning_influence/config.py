@@ -472,6 +472,8 @@ class InfluenceConfig(Config):
         sketch_oversample: Extra sketch columns beyond ``sketch_rank``.
         sketch_iterations: Krylov depth / power iterations of the sketch.
         sketch_trace_probes: Hutchinson probes for the sketch's captured trace fraction.
+        lowrank_tail: ``"lowrank"``'s weight on the directions the sketch leaves out: ``"damping"``
+            :math:`1/\lambda` (default) or ``"ritz"`` :math:`1/(\mu_{r+1}+\lambda)` (``solvers.lowrank_solve``).
         projection_dim: Project training and query gradients to this many dimensions with a seeded random
             matrix before the dot products of the scores (``None``: no projection; see
             :class:`~lightning_influence.influence.RandomProjection`).
@@ -517,6 +519,7 @@ class InfluenceConfig(Config):
     sketch_oversample: int = 10
     sketch_iterations: int = 3
     sketch_trace_probes: int = 16
+    lowrank_tail: Literal["damping", "ritz"] = "damping"
     projection_dim: int | None = None
     projection_kind: Literal["rademacher", "gaussian"] = "rademacher"
     seed: int = 0
@@ -558,14 +561,11 @@ class InfluenceConfig(Config):
         if self.solver in ("pcg", "lowrank", "auto") and self.damping != "auto" and not self.damping > 0:
             raise ConfigurationError(f"solver={self.solver!r} needs damping > 0, got {self.damping}.")
         if self.projection_dim is not None and (isinstance(self.projection_dim, bool) or self.projection_dim < 1):
-            raise ConfigurationError(
-                f"projection_dim must be a positive number of dimensions (or None for no projection), got "
-                f"{self.projection_dim!r}."
-            )
-        if self.projection_kind not in ("rademacher", "gaussian"):
-            raise ConfigurationError(
-                f"projection_kind must be 'rademacher' or 'gaussian', got {self.projection_kind!r}."
-            )
+            raise ConfigurationError(f"projection_dim must be a positive number of dimensions (or None for no "
+                                     f"projection), got {self.projection_dim!r}.")
+        for name, choices in (("projection_kind", ("rademacher", "gaussian")), ("lowrank_tail", ("damping", "ritz"))):
+            if getattr(self, name) not in choices:
+                raise ConfigurationError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
         self.cg_config().validate()
         self.lissa_config().validate()
         self.sketch_config().validate()

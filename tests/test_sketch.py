@@ -164,6 +164,52 @@ def test_lowrank_self_influence_error_is_within_the_discarded_spectrum_bound() -
     assert torch.allclose(err, (c * c * mu[r:] / (lam * (mu[r:] + lam))).sum(1), rtol=1e-6, atol=1e-9)
 
 
+def test_ritz_tail_is_the_inverse_of_the_flattened_spectrum_and_under_estimates_within_the_bound() -> None:
+    """tail="ritz": L = V(Λ+λ)^-1 V^T + (I-VV^T)/(μ_{r+1}+λ), exact at r = P, self-influence from below."""
+    op, mu, evecs = _spread_op()
+    lam, r, P = 1e-2, 12, op.num_params
+    sk = compute_sketch(op, rank=r, oversample=10, iterations=4, trace_probes=0)
+    B = torch.randn(P, 5, generator=torch.Generator().manual_seed(6), dtype=F64)
+    V = sk.eigenvectors
+    flat = (V * sk.eigenvalues) @ V.T + sk.tail_eigenvalue * (torch.eye(P, dtype=F64) - V @ V.T)  # dense float64
+    res = lowrank_solve(sk, B, damping=lam, tail="ritz")
+    torch.testing.assert_close(res.x, dense_solve(flat, B, damping=lam).x, rtol=1e-9, atol=1e-12)
+    assert res.info["tail"] == "ritz" and abs(sk.tail_eigenvalue - float(mu[r])) <= 1e-6 * float(mu[r])
+    # a tail of eigenvalues all above the damping (the first 40 of 67 here, r = 12): ritz is the closer inverse
+    A40 = (evecs[:, :40] * mu[:40]) @ evecs[:, :40].T
+    sk40 = compute_sketch(DenseOperator(0.5 * (A40 + A40.T)), rank=r, oversample=10, iterations=4, trace_probes=0)
+    B40 = evecs[:, :40] @ evecs[:, :40].T @ B  # right-hand sides in that range
+    exact = dense_solve(0.5 * (A40 + A40.T), B40, damping=lam).x
+    errs = {t: float((lowrank_solve(sk40, B40, damping=lam, tail=t).x - exact).norm()) for t in ("damping", "ritz")}
+    assert errs["ritz"] < 0.1 * errs["damping"]
+    # the a-priori residual bound holds for both tails
+    for t in ("damping", "ritz"):
+        sol = lowrank_solve(sk, B, damping=lam, tail=t)
+        R = (op.matrix + lam * torch.eye(P, dtype=F64)) @ sol.x - B
+        assert float((R.norm(dim=0) / B.norm(dim=0)).max()) <= sol.relative_residual * (1 + 1e-6)
+    # self-influence: an under-estimate, by at most the same bound; exact in the sketched subspace
+    grads = torch.randn(40, P, generator=torch.Generator().manual_seed(7), dtype=F64)
+    grads[:8] = grads[:8] @ evecs[:, :r] @ evecs[:, :r].T
+    si = (grads.T * dense_solve(op.matrix, grads.T, damping=lam).x).sum(0)
+    values, bounds = lowrank_self_influence(sk, grads, damping=lam, tail="ritz")
+    err = values - si
+    assert float(err.max()) <= 1e-9 * float(si.abs().max())
+    assert bool((-err <= bounds * (1 + 1e-6) + 1e-9 * si.abs()).all())
+    assert torch.allclose(err[:8], torch.zeros(8, dtype=F64), atol=1e-8 * float(si[:8].min()))
+    c = grads @ evecs[:, r:]  # the closed form: err = sum_{i>r} c_i^2 (1/(mu_{r+1}+lam) - 1/(mu_i+lam))
+    assert torch.allclose(err, (c * c * (1 / (mu[r] + lam) - 1 / (mu[r:] + lam))).sum(1), rtol=1e-6, atol=1e-9)
+    # r = P: both tails are the exact inverse
+    _, op2, G2, _, _ = _problem()
+    full = compute_sketch(op2, rank=op2.num_params, oversample=0, iterations=2, trace_probes=0)
+    B2 = B[: op2.num_params]
+    assert float((lowrank_solve(full, B2, damping=lam, tail="ritz").x - dense_solve(G2, B2, damping=lam).x).norm()
+                 / dense_solve(G2, B2, damping=lam).x.norm()) <= 1e-8
+    with pytest.raises(ConfigurationError, match="tail must be one of"):
+        lowrank_solve(sk, B, damping=lam, tail="zero")
+    with pytest.raises(ConfigurationError, match="lowrank_tail must be one of"):
+        InfluenceConfig(lowrank_tail="zero").validate()  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------------------------ influence_scores
 def _digits_problem() -> tuple[nn.Module, Tensor, Tensor]:
     from tests.test_solvers import digits_mlp

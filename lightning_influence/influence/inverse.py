@@ -280,7 +280,7 @@ def _lowrank_inverse(run: _Run, given: LowRankSketch | None) -> _Inverse:
 
     def solve(B: Tensor) -> tuple[Tensor, SolveResult]:  # the residual: one product, first query column
         before = op.example_products
-        res = lowrank_solve(sk, B, damping=run.damping, operator=op)
+        res = lowrank_solve(sk, B, damping=run.damping, operator=op, tail=run.cfg.lowrank_tail)
         run.counters["example_products"] += op.example_products - before
         return res.x, res
 

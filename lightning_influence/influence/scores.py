@@ -91,9 +91,11 @@ def _chunk_self_influence(
     if run.cfg.solver == "lowrank":  # no products: g^T L g and its error bound, row by row
         if mine.numel():
             sk = inverse.state["sketch"]
-            values, bounds = (lowrank_self_influence(sk, G_local, damping=run.damping) if coefficients is None else
+            lam, tail = run.damping, run.cfg.lowrank_tail
+            values, bounds = (lowrank_self_influence(sk, G_local, damping=lam, tail=tail) if coefficients is None else
                               lowrank_self_influence_from_coefficients(
-                                  sk, coefficients, torch.linalg.vector_norm(G_local, dim=1) ** 2, damping=run.damping))
+                                  sk, coefficients, torch.linalg.vector_norm(G_local, dim=1) ** 2, damping=lam,
+                                  tail=tail))
             out.self_influence[mine], out.self_influence_bound[mine] = values, bounds
         return
     if run.cfg.solver == "exact" or run.world_size == 1:

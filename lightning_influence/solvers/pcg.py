@@ -161,14 +161,33 @@ def preconditioned_cg(
     return res
 
 
-def _lowrank_apply(sketch: LowRankSketch, B: Tensor, damping: float) -> Tensor:
+#: ``lowrank``'s weights on the directions the sketch leaves out (``InfluenceConfig.lowrank_tail``).
+LOWRANK_TAILS = ("damping", "ritz")
+
+
+def _tail_weight(sketch: LowRankSketch, damping: float, tail: str) -> float:
+    r"""The weight :math:`w` of :math:`L = V(\Lambda+\lambda)^{-1}V^\top + w(I-VV^\top)`.
+
+    Returns:
+        :math:`1/\lambda` for ``"damping"``, :math:`1/(\mu_{r+1}+\lambda)` for ``"ritz"``.
+
+    Raises:
+        ConfigurationError: For a ``tail`` not in :data:`LOWRANK_TAILS`.
+    """
+    if tail not in LOWRANK_TAILS:
+        raise ConfigurationError(f"tail must be one of {LOWRANK_TAILS}, got {tail!r}.")
+    return 1.0 / damping if tail == "damping" else 1.0 / (sketch.tail_eigenvalue + damping)
+
+
+def _lowrank_apply(sketch: LowRankSketch, B: Tensor, damping: float, tail: str = "damping") -> Tensor:
     # Computed in the (k, P) layout of B's columns and returned as a (P, k) view of it: with B a view of a
     # contiguous (k, P) matrix of right-hand sides (what influence_scores passes) every step is contiguous and the
     # answer is one allocation; a row-major B costs one transposed copy here.
     evals, V = _cast(sketch, B)
+    w = _tail_weight(sketch, damping, tail)
     Bt = B.T.contiguous()  # no copy when B is already column-major
-    coef = (Bt @ V) * (1.0 / (evals + damping) - 1.0 / damping)  # (k, r)
-    return (coef @ V.T).add_(Bt, alpha=1.0 / damping).T
+    coef = (Bt @ V) * (1.0 / (evals + damping) - w)  # (k, r)
+    return (coef @ V.T).add_(Bt, alpha=w).T
 
 
 def _column_norms(Bt: Tensor) -> Tensor:
@@ -178,7 +197,7 @@ def _column_norms(Bt: Tensor) -> Tensor:
 
 
 def _lowrank_residual(op: LinearOperator | None, sketch: LowRankSketch, B: Tensor, X: Tensor, damping: float,
-                      columns: int) -> tuple[float, int, str]:
+                      columns: int, tail: str = "damping") -> tuple[float, int, str]:
     """``(relative residual, products, kind)``: measured on the first ``columns`` columns, else the sketch's bound."""
     if B.shape[1] == 0:
         return 0.0, 0, "measured"
@@ -189,14 +208,24 @@ def _lowrank_residual(op: LinearOperator | None, sketch: LowRankSketch, B: Tenso
         return float((R.norm(dim=0) / _column_norms(Bk.T.contiguous()).clamp_min(1e-300)).max()), k, "measured"
     _, V = _cast(sketch, B)
     Bt = B.T.contiguous()
-    outside = _column_norms(Bt - (Bt @ V) @ V.T)  # ||(G+lam)Lb - b|| <= mu_{r+1}/lam ||(I-VV^T)b|| (exact sketch)
+    # (G+lam)Lb - b = ((G+lam)w - 1)(I-VV^T)b for an exact sketch; G's eigenvalues there lie in [0, mu_{r+1}]:
+    # mu_{r+1}/lam ||(I-VV^T)b|| for w = 1/lam, mu_{r+1}/(mu_{r+1}+lam) ||(I-VV^T)b|| for w = 1/(mu_{r+1}+lam).
+    w, mu = _tail_weight(sketch, damping, tail), sketch.tail_eigenvalue
+    factor = max(abs(damping * w - 1.0), abs((mu + damping) * w - 1.0))
+    outside = _column_norms(Bt - (Bt @ V) @ V.T)
     norms = _column_norms(Bt).clamp_min(1e-300)
-    return float((sketch.tail_eigenvalue / damping * outside / norms).max()), 0, "bound"
+    return float((factor * outside / norms).max()), 0, "bound"
 
 
 def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float, operator: LinearOperator | None = None,
-                  residual_columns: int = 1) -> SolveResult:
+                  residual_columns: int = 1, tail: str = "damping") -> SolveResult:
     r"""Apply :math:`L = V(\Lambda+\lambda)^{-1}V^\top + (I - VV^\top)/\lambda` to ``b`` (``solver="lowrank"``).
+
+    ``tail="ritz"`` weighs the directions the sketch leaves out by :math:`1/(\mu_{r+1}+\lambda)` instead of
+    :math:`1/\lambda`: the inverse of :math:`V\Lambda V^\top + \mu_{r+1}(I-VV^\top) + \lambda I`, the spectrum's
+    tail flattened at the next Ritz value rather than at zero (the Nyström preconditioner's own approximate inverse).
+    Both are exact when ``r = P``; where the discarded eigenvalues are well above :math:`\lambda`, ``"ritz"`` is the
+    closer one (measured: ``docs/scale.md``).
 
     Zero curvature products for the solution itself. The result's ``info`` carries ``trace_fraction`` (captured
     trace fraction, ``None`` when the sketch has no trace estimate), ``rank`` and ``tail_eigenvalue``;
@@ -213,6 +242,7 @@ def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float, operator:
         damping: :math:`\lambda > 0`.
         operator: Optional undamped operator for the measured residual.
         residual_columns: Columns whose residual is measured (``0``: use the bound).
+        tail: ``"damping"`` or ``"ritz"``, the weight on the complement of the sketch (above).
 
     Returns:
         The :class:`SolveResult` (method ``"lowrank"``).
@@ -229,21 +259,25 @@ def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float, operator:
     """
     B, squeeze = as_matrix(b)
     _check(sketch, damping, B.shape[0])
-    X = _lowrank_apply(sketch, B, damping)
-    residual, products, kind = _lowrank_residual(operator, sketch, B, X, damping, residual_columns)
-    info = {"damping": damping, "rank": sketch.rank, "tail_eigenvalue": sketch.tail_eigenvalue,
+    X = _lowrank_apply(sketch, B, damping, tail)
+    residual, products, kind = _lowrank_residual(operator, sketch, B, X, damping, residual_columns, tail)
+    info = {"damping": damping, "rank": sketch.rank, "tail_eigenvalue": sketch.tail_eigenvalue, "tail": tail,
             "trace_fraction": sketch.captured_trace_fraction, "sketch_products": sketch.num_products,
             "residual": kind, "residual_columns": products}
     return SolveResult(x=X[:, 0] if squeeze else X, iterations=0, relative_residual=residual, converged=True,
                        method="lowrank", num_products=products, info=info)
 
 
-def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: float) -> tuple[Tensor, Tensor]:
+def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: float, tail: str = "damping"
+                           ) -> tuple[Tensor, Tensor]:
     r"""Low-rank self-influence :math:`g^\top L g` of each row of ``grads`` ``(m, P)`` and its error bound.
 
     Returns:
-        ``(values, bounds)``, each ``(m,)``: ``values`` over-estimate the exact self-influence by at most
-        ``bounds`` :math:`= \|(I-VV^\top)g\|^2 (1/\lambda - 1/(\mu_{r+1}+\lambda))` (module docstring).
+        ``(values, bounds)``, each ``(m,)``: ``values`` over-estimate (``tail="damping"``) or under-estimate
+        (``tail="ritz"``, see :func:`lowrank_solve`) the exact self-influence by at most
+        ``bounds`` :math:`= \|(I-VV^\top)g\|^2 (1/\lambda - 1/(\mu_{r+1}+\lambda))` (module docstring): the
+        discarded terms :math:`c_i^2/(\mu_i+\lambda)` lie between :math:`c_i^2/(\mu_{r+1}+\lambda)` and
+        :math:`c_i^2/\lambda`, and each tail weight is one end of that interval.
 
     Raises:
         ConfigurationError: For ``damping <= 0`` or gradients of another dimension.
@@ -259,11 +293,11 @@ def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: flo
     _check(sketch, damping, grads.shape[1])
     _, V = _cast(sketch, grads)
     return lowrank_self_influence_from_coefficients(sketch, grads @ V, torch.linalg.vector_norm(grads, dim=1) ** 2,
-                                                    damping=damping)
+                                                    damping=damping, tail=tail)
 
 
 def lowrank_self_influence_from_coefficients(
-    sketch: LowRankSketch, coefficients: Tensor, squared_norms: Tensor, *, damping: float
+    sketch: LowRankSketch, coefficients: Tensor, squared_norms: Tensor, *, damping: float, tail: str = "damping"
 ) -> tuple[Tensor, Tensor]:
     r""":func:`lowrank_self_influence` from ``C = grads @ V`` ``(m, r)`` and :math:`\|g\|^2` ``(m,)``.
 
@@ -282,6 +316,6 @@ def lowrank_self_influence_from_coefficients(
     C = coefficients
     evals = sketch.eigenvalues.to(C)
     outside = torch.clamp(squared_norms - (C * C).sum(1), min=0.0)
-    values = (C * C / (evals + damping)).sum(1) + outside / damping
+    values = (C * C / (evals + damping)).sum(1) + outside * _tail_weight(sketch, damping, tail)
     bounds = outside * (1.0 / damping - 1.0 / (sketch.tail_eigenvalue + damping))
     return values, bounds
