@@ -106,11 +106,14 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     "lowrank_ritz_r64": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 64},
     "lowrank_ritz_r128": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 128},
     "lowrank_ritz_r128_f32": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 128, "float32": True},
+    "lowrank_ritz_r128_f32_it2": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 128, "float32": True,
+                                  "sketch_iterations": 2},
+    "lowrank_ritz_r96_f32": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 96, "float32": True},
 }
 #: Estimators of ESTIMATORS run only when named in --methods (the default run keeps its table).
 OPT_IN = {"lowrank_r128", "lowrank_r256_s1000", "pcg_rtol1e-2", "pcg_rtol1e-2_s1000", "pcg_rtol1e-1",
           "pcg_f32_rtol1e-2", "pcg_f32_rtol1e-1", "lowrank_ritz", "lowrank_ritz_r64", "lowrank_ritz_r128",
-          "lowrank_ritz_r128_f32"}
+          "lowrank_ritz_r128_f32", "lowrank_ritz_r128_f32_it2", "lowrank_ritz_r96_f32"}
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits_lr": {"data": "digits", "model": "lr", "n_train": 1000, "hidden": 0, "retrain_iter": 100},

@@ -472,8 +472,8 @@ class InfluenceConfig(Config):
         sketch_oversample: Extra sketch columns beyond ``sketch_rank``.
         sketch_iterations: Krylov depth / power iterations of the sketch.
         sketch_trace_probes: Hutchinson probes for the sketch's captured trace fraction.
-        lowrank_tail: ``"lowrank"``'s weight on the directions the sketch leaves out: ``"damping"``
-            :math:`1/\lambda` (default) or ``"ritz"`` :math:`1/(\mu_{r+1}+\lambda)` (``solvers.lowrank_solve``).
+        lowrank_tail: ``"lowrank"``'s weight on the directions the sketch leaves out: ``"ritz"``
+            :math:`1/(\mu_{r+1}+\lambda)` (default) or ``"damping"`` :math:`1/\lambda` (``solvers.lowrank_solve``).
         projection_dim: Project training and query gradients to this many dimensions with a seeded random
             matrix before the dot products of the scores (``None``: no projection; see
             :class:`~lightning_influence.influence.RandomProjection`).
@@ -519,7 +519,7 @@ class InfluenceConfig(Config):
     sketch_oversample: int = 10
     sketch_iterations: int = 3
     sketch_trace_probes: int = 16
-    lowrank_tail: Literal["damping", "ritz"] = "damping"
+    lowrank_tail: Literal["damping", "ritz"] = "ritz"
     projection_dim: int | None = None
     projection_kind: Literal["rademacher", "gaussian"] = "rademacher"
     seed: int = 0

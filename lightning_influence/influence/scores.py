@@ -79,7 +79,7 @@ class _Scores:
     self_influence: Tensor
     losses: Tensor
     self_solves: list[dict[str, Any]] = field(default_factory=list)
-    #: ``solver="lowrank"``: per-example bound on the self-influence's over-estimate (zeros otherwise).
+    #: ``solver="lowrank"``: per-example bound on the self-influence's error (zeros otherwise).
     self_influence_bound: Tensor = field(default_factory=lambda: torch.zeros(0))
 
 

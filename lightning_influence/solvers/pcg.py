@@ -7,7 +7,8 @@ r"""Solvers that reuse a :class:`~lightning_influence.solvers.sketch.LowRankSket
   :math:`(\mu_{r+1}+\lambda)/\lambda`. The answer is CG's, with the same true-residual certificate
   (:func:`~lightning_influence.solvers.conjugate_gradient`); applying :math:`M^{-1}` costs no product.
 * :func:`lowrank_solve` (``solver="lowrank"``): the approximate inverse
-  :math:`L = V(\Lambda+\lambda)^{-1}V^\top + (I - VV^\top)/\lambda`, zero products per query, exact when ``r = P``.
+  :math:`L = V(\Lambda+\lambda)^{-1}V^\top + w(I - VV^\top)`, :math:`w = 1/(\mu_{r+1}+\lambda)` (``tail="ritz"``,
+  the default) or :math:`1/\lambda` (``"damping"``), zero products per query, exact when ``r = P``.
   Its quality hint is the captured trace fraction :math:`\sum_{i\le r}\lambda_i / \mathrm{Tr}\,G`.
 * :func:`lowrank_self_influence`: :math:`g^\top L g` for a block of gradients, with a per-example error bound.
 
@@ -28,15 +29,16 @@ so :math:`\hat s - s = \sum_{i>r} c_i^2 \big(\tfrac1\lambda - \tfrac1{\mu_i+\lam
 
    0 \;\le\; \hat s(g) - s(g) \;\le\; \|(I-VV^\top)g\|^2 \Big(\frac1\lambda - \frac1{\mu_{r+1}+\lambda}\Big).
 
-The low-rank self-influence is an over-estimate, by at most the bound, which is small where the gradient lies in
-the sketched subspace or the discarded spectrum is small against :math:`\lambda`. In practice the eigenpairs are
-Ritz pairs and :math:`\mu_{r+1}` is estimated by the next Ritz value (``LowRankSketch.tail_eigenvalue``, a lower
-estimate from a Krylov space); the bound holds to the accuracy of the sketch. With an unconverged sketch the
-Ritz value can sit well below :math:`\mu_{r+1}` and the reported bound is then too small: on the 460-parameter
-digits MLP of the tests (default sketch, 126 products, :math:`\lambda = 10^{-2}`) the largest reported relative
-bound was 0.77 against an actual largest relative over-estimate of 1.7, while the ranking was still right
-(Spearman 0.99+). More ``iterations`` tighten it; the over-estimate itself (error :math:`\ge 0`) held in every
-case we measured.
+With ``tail="ritz"`` (weight :math:`1/(\mu_{r+1}+\lambda)` on the complement) each discarded term is instead
+:math:`c_i^2(1/(\mu_{r+1}+\lambda) - 1/(\mu_i+\lambda)) \le 0`, an under-estimate within the same bound. With
+``tail="damping"`` the low-rank self-influence is an over-estimate, by at most the bound. The bound is small where the
+gradient lies in the sketched subspace or the discarded spectrum is small against :math:`\lambda`. In practice the
+eigenpairs are Ritz pairs and :math:`\mu_{r+1}` is estimated by the next Ritz value (``LowRankSketch.tail_eigenvalue``,
+a lower estimate from a Krylov space); the bound holds to the accuracy of the sketch. With an unconverged sketch the
+Ritz value can sit well below :math:`\mu_{r+1}` and the reported bound is then too small: on the 460-parameter digits
+MLP of the tests (default sketch, 126 products, :math:`\lambda = 10^{-2}`) the largest reported relative bound was 0.77
+against an actual largest relative over-estimate of 1.7, while the ranking was still right (Spearman 0.99+). More
+``iterations`` tighten it; the over-estimate itself (error :math:`\ge 0`) held in every case we measured.
 
 Example::
 
@@ -179,7 +181,7 @@ def _tail_weight(sketch: LowRankSketch, damping: float, tail: str) -> float:
     return 1.0 / damping if tail == "damping" else 1.0 / (sketch.tail_eigenvalue + damping)
 
 
-def _lowrank_apply(sketch: LowRankSketch, B: Tensor, damping: float, tail: str = "damping") -> Tensor:
+def _lowrank_apply(sketch: LowRankSketch, B: Tensor, damping: float, tail: str = "ritz") -> Tensor:
     # Computed in the (k, P) layout of B's columns and returned as a (P, k) view of it: with B a view of a
     # contiguous (k, P) matrix of right-hand sides (what influence_scores passes) every step is contiguous and the
     # answer is one allocation; a row-major B costs one transposed copy here.
@@ -197,7 +199,7 @@ def _column_norms(Bt: Tensor) -> Tensor:
 
 
 def _lowrank_residual(op: LinearOperator | None, sketch: LowRankSketch, B: Tensor, X: Tensor, damping: float,
-                      columns: int, tail: str = "damping") -> tuple[float, int, str]:
+                      columns: int, tail: str = "ritz") -> tuple[float, int, str]:
     """``(relative residual, products, kind)``: measured on the first ``columns`` columns, else the sketch's bound."""
     if B.shape[1] == 0:
         return 0.0, 0, "measured"
@@ -218,14 +220,14 @@ def _lowrank_residual(op: LinearOperator | None, sketch: LowRankSketch, B: Tenso
 
 
 def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float, operator: LinearOperator | None = None,
-                  residual_columns: int = 1, tail: str = "damping") -> SolveResult:
-    r"""Apply :math:`L = V(\Lambda+\lambda)^{-1}V^\top + (I - VV^\top)/\lambda` to ``b`` (``solver="lowrank"``).
+                  residual_columns: int = 1, tail: str = "ritz") -> SolveResult:
+    r"""Apply :math:`L = V(\Lambda+\lambda)^{-1}V^\top + w(I - VV^\top)` to ``b`` (``solver="lowrank"``).
 
-    ``tail="ritz"`` weighs the directions the sketch leaves out by :math:`1/(\mu_{r+1}+\lambda)` instead of
-    :math:`1/\lambda`: the inverse of :math:`V\Lambda V^\top + \mu_{r+1}(I-VV^\top) + \lambda I`, the spectrum's
-    tail flattened at the next Ritz value rather than at zero (the Nyström preconditioner's own approximate inverse).
-    Both are exact when ``r = P``; where the discarded eigenvalues are well above :math:`\lambda`, ``"ritz"`` is the
-    closer one (measured: ``docs/scale.md``).
+    ``tail="ritz"`` (default) weighs the directions the sketch leaves out by :math:`w = 1/(\mu_{r+1}+\lambda)`: the
+    inverse of :math:`V\Lambda V^\top + \mu_{r+1}(I-VV^\top) + \lambda I`, the spectrum's tail flattened at the next
+    Ritz value (the Nyström preconditioner's own approximate inverse). ``tail="damping"`` takes :math:`w = 1/\lambda`,
+    as if that curvature were zero (Arnoldi-style). Both are exact when ``r = P``; where the discarded eigenvalues
+    are well above :math:`\lambda`, ``"ritz"`` is the closer one (measured: ``docs/scale.md``).
 
     Zero curvature products for the solution itself. The result's ``info`` carries ``trace_fraction`` (captured
     trace fraction, ``None`` when the sketch has no trace estimate), ``rank`` and ``tail_eigenvalue``;
@@ -233,8 +235,9 @@ def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float, operator:
     ``operator`` (the undamped :math:`G` the sketch came from), the true
     :math:`\max_j \|b_j - (G+\lambda I)x_j\| / \|b_j\|` over the first ``residual_columns`` columns, measured
     with one batched product (``num_products`` counts its columns; ``info["residual"] = "measured"``); without an
-    operator it is the a-priori estimate :math:`\max_j \mu_{r+1}\|(I-VV^\top)b_j\| / (\lambda\|b_j\|)`, a
-    bound when the sketch's pairs are exact (``info["residual"] = "bound"``, no product).
+    operator it is the a-priori estimate :math:`\max_j \mu_{r+1}\|(I-VV^\top)b_j\| / (\lambda\|b_j\|)`
+    (``"damping"``; :math:`\mu_{r+1}+\lambda` in the denominator for ``"ritz"``), a bound when the sketch's pairs are
+    exact (``info["residual"] = "bound"``, no product).
 
     Args:
         sketch: The :class:`LowRankSketch`.
@@ -268,7 +271,7 @@ def lowrank_solve(sketch: LowRankSketch, b: Tensor, *, damping: float, operator:
                        method="lowrank", num_products=products, info=info)
 
 
-def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: float, tail: str = "damping"
+def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: float, tail: str = "ritz"
                            ) -> tuple[Tensor, Tensor]:
     r"""Low-rank self-influence :math:`g^\top L g` of each row of ``grads`` ``(m, P)`` and its error bound.
 
@@ -285,7 +288,9 @@ def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: flo
     Example::
 
         >>> sk = LowRankSketch(torch.tensor([3.0]), torch.tensor([[1.0], [0.0]]), 1.0)
-        >>> lowrank_self_influence(sk, torch.tensor([[2.0, 1.0]]), damping=1.0)   # 4/4 + 1/1; bound 1 (1 - 1/2)
+        >>> lowrank_self_influence(sk, torch.tensor([[2.0, 1.0]]), damping=1.0)   # 4/4 + 1/(1+1); bound 1 (1 - 1/2)
+        (tensor([1.5000]), tensor([0.5000]))
+        >>> lowrank_self_influence(sk, torch.tensor([[2.0, 1.0]]), damping=1.0, tail="damping")   # 4/4 + 1/1
         (tensor([2.]), tensor([0.5000]))
     """
     if grads.ndim != 2:
@@ -297,7 +302,7 @@ def lowrank_self_influence(sketch: LowRankSketch, grads: Tensor, *, damping: flo
 
 
 def lowrank_self_influence_from_coefficients(
-    sketch: LowRankSketch, coefficients: Tensor, squared_norms: Tensor, *, damping: float, tail: str = "damping"
+    sketch: LowRankSketch, coefficients: Tensor, squared_norms: Tensor, *, damping: float, tail: str = "ritz"
 ) -> tuple[Tensor, Tensor]:
     r""":func:`lowrank_self_influence` from ``C = grads @ V`` ``(m, r)`` and :math:`\|g\|^2` ``(m,)``.
 
@@ -310,7 +315,7 @@ def lowrank_self_influence_from_coefficients(
 
         >>> sk = LowRankSketch(torch.tensor([3.0]), torch.tensor([[1.0], [0.0]]), 1.0)
         >>> lowrank_self_influence_from_coefficients(sk, torch.tensor([[2.0]]), torch.tensor([5.0]), damping=1.0)
-        (tensor([2.]), tensor([0.5000]))
+        (tensor([1.5000]), tensor([0.5000]))
     """
     _check(sketch, damping)
     C = coefficients
