@@ -92,8 +92,10 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     "lissa": {"solver": "lissa"},
     # the rank / curvature-sample trade-off of lowrank (run by name with --methods; "curvature_sample": a seeded
     # subset of that many training examples forms the curvature, as InfluenceReport's curvature_sample does)
-    "lowrank_r128": {"solver": "lowrank", "sketch_rank": 128},
-    "lowrank_r256_s1000": {"solver": "lowrank", "sketch_rank": 256, "curvature_sample": 1000},
+    "lowrank_damping": {"solver": "lowrank", "lowrank_tail": "damping"},
+    "lowrank_damping_r128": {"solver": "lowrank", "lowrank_tail": "damping", "sketch_rank": 128},
+    "lowrank_damping_r256_s1000": {"solver": "lowrank", "lowrank_tail": "damping", "sketch_rank": 256,
+                                   "curvature_sample": 1000},
     # pcg stopped early: LDS is a rank correlation, so a loose residual may keep it at a fraction of the products
     "pcg_rtol1e-2": {"solver": "pcg", "cg_rtol": 1e-2},
     "pcg_rtol1e-2_s1000": {"solver": "pcg", "cg_rtol": 1e-2, "curvature_sample": 1000},
@@ -101,8 +103,7 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     # "float32": the scores of a float32 copy of the model and data (the peers compute in float32 too)
     "pcg_f32_rtol1e-2": {"solver": "pcg", "cg_rtol": 1e-2, "float32": True},
     "pcg_f32_rtol1e-1": {"solver": "pcg", "cg_rtol": 1e-1, "float32": True},
-    # lowrank with the tail weighted 1/(mu_{r+1} + lambda) instead of 1/lambda (InfluenceConfig.lowrank_tail)
-    "lowrank_ritz": {"solver": "lowrank", "lowrank_tail": "ritz"},
+    # lowrank's tail (InfluenceConfig.lowrank_tail): 1/(mu_{r+1} + lambda) ("ritz", the default) or 1/lambda
     "lowrank_ritz_r64": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 64},
     "lowrank_ritz_r128": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 128},
     "lowrank_ritz_r128_f32": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 128, "float32": True},
@@ -111,9 +112,7 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     "lowrank_ritz_r96_f32": {"solver": "lowrank", "lowrank_tail": "ritz", "sketch_rank": 96, "float32": True},
 }
 #: Estimators of ESTIMATORS run only when named in --methods (the default run keeps its table).
-OPT_IN = {"lowrank_r128", "lowrank_r256_s1000", "pcg_rtol1e-2", "pcg_rtol1e-2_s1000", "pcg_rtol1e-1",
-          "pcg_f32_rtol1e-2", "pcg_f32_rtol1e-1", "lowrank_ritz", "lowrank_ritz_r64", "lowrank_ritz_r128",
-          "lowrank_ritz_r128_f32", "lowrank_ritz_r128_f32_it2", "lowrank_ritz_r96_f32"}
+OPT_IN = set(ESTIMATORS) - {"exact", "exact_hessian", "cg", "pcg", "lowrank", "lissa"}
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits_lr": {"data": "digits", "model": "lr", "n_train": 1000, "hidden": 0, "retrain_iter": 100},
