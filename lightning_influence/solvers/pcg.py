@@ -181,7 +181,7 @@ def _tail_weight(sketch: LowRankSketch, damping: float, tail: str) -> float:
     return 1.0 / damping if tail == "damping" else 1.0 / (sketch.tail_eigenvalue + damping)
 
 
-def _lowrank_apply(sketch: LowRankSketch, B: Tensor, damping: float, tail: str = "ritz") -> Tensor:
+def _lowrank_apply(sketch: LowRankSketch, B: Tensor, damping: float, tail: str) -> Tensor:
     # Computed in the (k, P) layout of B's columns and returned as a (P, k) view of it: with B a view of a
     # contiguous (k, P) matrix of right-hand sides (what influence_scores passes) every step is contiguous and the
     # answer is one allocation; a row-major B costs one transposed copy here.
@@ -199,7 +199,7 @@ def _column_norms(Bt: Tensor) -> Tensor:
 
 
 def _lowrank_residual(op: LinearOperator | None, sketch: LowRankSketch, B: Tensor, X: Tensor, damping: float,
-                      columns: int, tail: str = "ritz") -> tuple[float, int, str]:
+                      columns: int, tail: str) -> tuple[float, int, str]:
     """``(relative residual, products, kind)``: measured on the first ``columns`` columns, else the sketch's bound."""
     if B.shape[1] == 0:
         return 0.0, 0, "measured"
