@@ -317,7 +317,7 @@ class CurvatureOperator(OperatorBase):
         if not self._forward_only:
             return (matrix * self.matmat(matrix)).sum(0)
         total, count = self._accumulate(lambda i, b: self._batch_quadratic_forms(i, b, matrix), k)
-        values = self._global_mean(total, count, k) + self.damping * (matrix * matrix).sum(0)
+        values = self._global_mean(total, count, k) + (self.damping * (matrix * matrix).sum(0) if self.damping else 0.0)
         if self.check_finite and not all_finite(values):
             self._raise_non_finite(matrix[:, :1])
         return values
