@@ -416,3 +416,45 @@ def test_objective_at_theta_hat_equals_the_full_evaluation(normalization: str) -
         torch.testing.assert_close(g0, g, rtol=1e-10, atol=1e-14)
         full = loss_gradient(model, Classification(), [example]) * (2 if normalization == "sum" else 1)
         torch.testing.assert_close(g0, signed * full, rtol=1e-8, atol=1e-12)
+
+
+class _Kinked(torch.nn.Module):
+    """h(x) = x (w + c relu(w - a)): one parameter, the output's slope in w drops from 1 to 1 + c at w = a."""
+
+    def __init__(self, a: float, c: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.a, self.c = a, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.w + self.c * torch.relu(self.w - self.a))
+
+
+def _kinked_pbrf(a: float, c: float) -> tuple[PBRF, tuple[torch.Tensor, torch.Tensor]]:
+    model = _Kinked(a, c)
+    x = torch.ones(2, 1, dtype=torch.float64)
+    with torch.no_grad():
+        targets = model(x)  # theta_hat = 0 fits the data exactly
+    pbrf = PBRF(model, Regression(), [(x, targets)], damping=0.1, epsilon=0.2)
+    return pbrf, (x[:1], torch.ones(1, 1, dtype=torch.float64))
+
+
+def test_newton_cg_stops_at_a_non_smooth_minimiser_instead_of_stalling() -> None:
+    """Where the gradient jumps across an activation kink at the minimiser (no point has a small gradient), Newton
+    steps stall; the solve must stop after STALL_STEPS of them, say why, and return a point at the kink."""
+    smooth, example = _kinked_pbrf(10.0, 0.0)  # no kink on the path: the plain quadratic's minimiser
+    w_smooth, rec = smooth.solve(example, 1)
+    assert rec.converged and smooth.stalled == 0
+    kink = 0.9 * float(w_smooth)  # kinked before the smooth minimiser, with the slope dropping to 0.1 beyond it
+    pbrf, example = _kinked_pbrf(kink, -0.9)
+    batch = (example[0], example[1])
+    _, g_left = pbrf.objective(torch.tensor([kink - 1e-9], dtype=torch.float64), batch, pbrf.epsilon)
+    _, g_right = pbrf.objective(torch.tensor([kink + 1e-9], dtype=torch.float64), batch, pbrf.epsilon)
+    assert float(g_left) < -1e-3 and float(g_right) > 1e-3  # the minimiser is the kink, where no gradient is small
+    with pytest.warns(RuntimeWarning, match="stalled"):
+        res = pbrf.response(example, measurement=lambda m: m.w.detach().clone())
+    plus = res.solves[0]
+    assert pbrf.stalled >= 1 and pbrf.to_dict()["stalled_solves"] == pbrf.stalled
+    assert not plus.converged and plus.relative_grad_norm <= 1.0
+    assert plus.evaluations <= 40, plus.evaluations  # before the stall rule: 182 evaluations, 19 Newton steps
+    assert abs(float(res.measurement_plus) - kink) <= 1e-3  # it stopped at the kink
