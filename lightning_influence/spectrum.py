@@ -527,7 +527,9 @@ def lissa_settings(
     eta = 1.0 / (lambda_max + damping)
     if not steps_factor > 0:
         raise ConfigurationError(f"steps_factor must be positive, got {steps_factor}.")
-    steps = math.ceil(steps_factor * (lambda_max + damping) / damping - 1e-9)
+    # a relative slack of 1e-6: lambda_max from float32 products carries ~1e-7 relative rounding, which must not
+    # add a step to an exact integer
+    steps = math.ceil(steps_factor * (lambda_max + damping) / damping * (1 - 1e-6))
     if max_steps is not None:
         steps = min(steps, max_steps)
     return LissaSettings(eta=eta, batch_size=batch, steps=steps, damping=damping, constant=constant,

@@ -73,10 +73,10 @@ _ADD_REPORT = "add InfluenceReport(...) before PBRFValidation in callbacks"
 
 #: ``num_train`` above which PBRFValidation warns of its cost before training starts.
 PBRF_WARN_PAIRS = 50
-#: Gradient passes over the training data assumed per PBO solve in the projected cost (measured: 5 float64 passes
-#: per solve with the dense factor on the MNIST CNN, each about 3 float32 passes, plus the factor's build; more for a
-#: non-convex objective or past DENSE_MAX_PARAMS: docs/performance.md).
-PBRF_PASSES_PER_SOLVE = 50
+#: Gradient passes over the training data assumed per PBO solve in the projected cost: the wall time of one solve in
+#: training epochs, measured at the callback's defaults (docs/performance.md): 31 on the MNIST CNN (40 solves and the
+#: dense factor in 1,225 epochs; a float64 pass costs about 3 float32 ones) and 13 on the HF GPT-2 example (512).
+PBRF_PASSES_PER_SOLVE = 30
 
 
 @dataclass
@@ -157,7 +157,8 @@ class PBRFValidation(Callback):
     evaluation); every rank computes the same table, rank 0 logs and writes.
 
     Cost: two PBO solves per validated training example, each a few Gauss-Newton steps whose CG iterations are
-    full passes over the training set (typically 20-100 passes per solve); keep ``num_train`` small on large data.
+    full passes over the training set (measured: 13-31 training epochs of wall time per solve at the defaults, on
+    the MNIST CNN and the HF GPT-2 examples of ``docs/performance.md``); keep ``num_train`` small on large data.
 
     Args:
         task: The task (same as InfluenceReport's).
@@ -273,7 +274,7 @@ class PBRFValidation(Callback):
         warn_projected_cost(
             f"{_WHO}: num_train={self.num_train} solves {2 * self.num_train} proximal Bregman objectives (two per "
             f"training example) at the end of training, each a {self.config.optimizer} run over the training data "
-            f"(typically 20-100 passes; {PBRF_PASSES_PER_SOLVE} assumed)",
+            f"(measured: 13-31 epochs of wall time each; {PBRF_PASSES_PER_SOLVE} assumed)",
             "lower num_train (or loosen tol) for a faster check.",
             passes=2 * self.num_train * PBRF_PASSES_PER_SOLVE, budget=budget, stacklevel=4,
         )

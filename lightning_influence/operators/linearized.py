@@ -12,6 +12,12 @@ so a product is a tangent pass plus a backward pass, and a trace probe (forward 
 :class:`~lightning_influence.operators.HessianOperator` the cached object is ``linearize`` of the parameter
 gradient, i.e. :math:`v \mapsto H v` with the primal and reverse passes folded into constants.
 
+Models without a convolution cache retained autograd graphs instead (:func:`_retained_entry`: :math:`J v` as a
+backward of the graph of :math:`u \mapsto J^\top u`, the Hessian as PyHessian's backward of the gradient's graph),
+which run in the C++ autograd engine rather than as a traced graph in Python: faster on MLPs and transformers,
+slower where convolutions' double backward is involved. Where an operation has no double backward the batch falls
+back to ``linearize``. ``stats()["retained"]`` counts those batches.
+
 **When it is used** (``linearization="auto"``, the default). A batch is linearised at its second product pass
 (an operator used once never pays the build, which traces the model: a fixed cost of tens of milliseconds to a
 second) if its estimated size, three times the bytes of every submodule's outputs on that batch
@@ -110,6 +116,73 @@ def activation_bytes(model: torch.nn.Module, run: Callable[[], Any]) -> int:
     return total[0]
 
 
+def _has_convolution(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds a convolution, whose double backward is slower than forward mode."""
+    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def _retained_entry(f: Callable[[ParamTree], Tensor], params: ParamTree, targets: Tensor, task: Task,
+                    hessian: bool) -> dict[str, Any] | None:
+    r"""A cache entry on retained autograd graphs (reverse over reverse), or ``None`` where double backward fails.
+
+    GNH: the outputs' graph and, built on it with ``create_graph``, :math:`u \mapsto J^\top u` for a dummy ``u``;
+    :math:`J v` is then one backward of that graph to ``u`` and :math:`J^\top c` one backward of the outputs'.
+    Hessian: the loss gradient's graph (PyHessian's trick), one backward per product. Both run in the C++
+    autograd engine, where ``linearize``'s traced tangent graph runs node by node in Python: measured against
+    one gradient (``benchmarks/bench_curvature.py``'s batches, one thread) a GNH product 0.99x vs 1.39x on the
+    digits MLP and 1.29x vs 1.35x on the character transformer, a Hessian product 1.29x vs 1.58x and 2.33x vs
+    3.68x; on the digits CNN slower (GNH 2.0x vs 1.29x: convolutions' double backward), so models with a
+    convolution keep ``linearize``. A size-free structural rule: the same model always takes the same path.
+
+    Returns:
+        The entry (same keys as ``linearize``'s), or ``None`` if an operation has no double backward.
+    """
+    names = list(params)
+    leaves = [params[n].detach().requires_grad_(True) for n in names]
+    tree = dict(zip(names, leaves, strict=True))
+
+    def as_tree(grads: tuple[Tensor | None, ...]) -> ParamTree:
+        return {n: torch.zeros_like(leaf) if g is None else g for n, g, leaf in zip(names, grads, leaves, strict=True)}
+
+    try:
+        with torch.enable_grad():
+            outputs = f(tree)
+            if hessian:
+                loss = task.loss.unit_losses(outputs, targets).sum()
+                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+                live = [(g, j) for j, g in enumerate(grads) if g is not None and g.requires_grad]
+
+                def hvp(v: ParamTree) -> ParamTree:
+                    out = torch.autograd.grad([g for g, _ in live], leaves, grad_outputs=[v[names[j]] for _, j in live],
+                                              retain_graph=True, allow_unused=True)
+                    return as_tree(out)
+
+                hvp(params)  # raises here if an operation has no double backward
+                units = task.loss.unit_mask(outputs.detach(), targets).sum().to(outputs.dtype)
+                return {"hvp": hvp, "units": units, "retained": True}
+            dummy = torch.zeros_like(outputs, requires_grad=True)
+            jtu = torch.autograd.grad(outputs, leaves, grad_outputs=dummy, create_graph=True, allow_unused=True)
+            used = [(g, j) for j, g in enumerate(jtu) if g is not None and g.requires_grad]
+
+            def jvp(v: ParamTree) -> Tensor:
+                (jv,) = torch.autograd.grad([g for g, _ in used], dummy, grad_outputs=[v[names[j]] for _, j in used],
+                                            retain_graph=True)
+                return jv
+
+            def pullback(c: Tensor) -> tuple[ParamTree]:
+                return (as_tree(torch.autograd.grad(outputs, leaves, grad_outputs=c, retain_graph=True,
+                                                    allow_unused=True)),)
+
+            jvp(params)  # raises here if an operation has no double backward
+    except (RuntimeError, NotImplementedError):  # e.g. a fused kernel or custom Function with no double backward
+        return None
+    detached = outputs.detach()
+    task.loss.validate(detached, targets)
+    units = task.loss.unit_mask(detached, targets).sum().to(detached.dtype)
+    return {"outputs": detached, "targets": targets, "jvp": jvp, "pullback": pullback, "units": units,
+            "retained": True}
+
+
 class LinearizationCache:
     """Per-batch cached linearisations under a byte budget (see the module docstring for the policy).
 
@@ -123,6 +196,7 @@ class LinearizationCache:
         streamed_products: Directions multiplied by streaming (first passes, over-budget or slower batches).
         over_budget: Batches refused because the budget was full.
         built: Batches linearised so far.
+        retained: Of those, batches cached on retained autograd graphs rather than ``linearize``.
 
     Raises:
         ConfigurationError: For an unknown mode or a negative budget.
@@ -142,6 +216,7 @@ class LinearizationCache:
         self.mode, self.budget = mode, int(budget)
         self.batches: dict[int, _Batch] = {}
         self.used_bytes = self.cached_products = self.streamed_products = self.over_budget = self.built = 0
+        self.retained = 0
         self._versions: tuple[int, ...] | None = None
 
     @property
@@ -153,11 +228,13 @@ class LinearizationCache:
         """Counters for reports and tests.
 
         Returns:
-            ``cached_batches``, ``used_bytes``, ``cached_products``, ``streamed_products``, ``over_budget``, ``built``.
+            ``cached_batches``, ``used_bytes``, ``cached_products``, ``streamed_products``, ``over_budget``, ``built``,
+            ``retained``.
         """
         cached = sum(b.entry is not None for b in self.batches.values())
         return {"cached_batches": cached, "used_bytes": self.used_bytes, "cached_products": self.cached_products,
-                "streamed_products": self.streamed_products, "over_budget": self.over_budget, "built": self.built}
+                "streamed_products": self.streamed_products, "over_budget": self.over_budget, "built": self.built,
+                "retained": self.retained}
 
     def clear(self) -> None:
         """Drop every entry (the parameters changed)."""
@@ -198,6 +275,7 @@ class LinearizationCache:
         state.entry = build()
         self.used_bytes += state.saved_bytes
         self.built += 1
+        self.retained += int(bool(state.entry.get("retained")))
         return state.entry
 
     def _refuse(self, state: _Batch) -> dict[str, Any] | None:
@@ -271,6 +349,10 @@ class LinearizedProducts:
         from torch.func import grad, linearize, vjp
 
         f, targets = self.evaluator.output_fn(batch)
+        if not _has_convolution(self.evaluator.model):
+            entry = _retained_entry(f, self.params, targets, self.task, self._linearized_kind == "hessian")
+            if entry is not None:
+                return entry
         if self._linearized_kind == "hessian":
             def loss_sum(p: ParamTree) -> Tensor:
                 return self.task.loss.unit_losses(f(p), targets).sum()
