@@ -107,9 +107,13 @@ def test_approximate_cv_cg_within_budget_does_not_warn(tmp_path: Any, monkeypatc
 
 
 def test_pbrf_projected_cost_against_the_epochs_trained() -> None:
-    cb = PBRFValidation(Classification(), num_train=2)  # 2 pairs x 2 solves x 50 passes = 200 passes
-    with pytest.warns(UserWarning, match=r"projected about 200 gradient passes .* lower num_train"):
+    from lightning_influence.callbacks.pbrf_validation import PBRF_PASSES_PER_SOLVE
+
+    cb = PBRFValidation(Classification(), num_train=2)  # 2 pairs x 2 solves x 30 passes = 120 passes
+    passes = 4 * PBRF_PASSES_PER_SOLVE
+    assert passes == 120
+    with pytest.warns(UserWarning, match=rf"projected about {passes} gradient passes .* lower num_train"):
         cb._warn_cost(cost_budget(SimpleNamespace(max_epochs=3)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cb._warn_cost(cost_budget(SimpleNamespace(max_epochs=20)))  # budget 200: no warning
+        cb._warn_cost(cost_budget(SimpleNamespace(max_epochs=12)))  # budget 120: no warning

@@ -12,11 +12,10 @@ so a product is a tangent pass plus a backward pass, and a trace probe (forward 
 :class:`~lightning_influence.operators.HessianOperator` the cached object is ``linearize`` of the parameter
 gradient, i.e. :math:`v \mapsto H v` with the primal and reverse passes folded into constants.
 
-Models without a convolution cache retained autograd graphs instead (:func:`_retained_entry`: :math:`J v` as a
-backward of the graph of :math:`u \mapsto J^\top u`, the Hessian as PyHessian's backward of the gradient's graph),
-which run in the C++ autograd engine rather than as a traced graph in Python: faster on MLPs and transformers,
-slower where convolutions' double backward is involved. Where an operation has no double backward the batch falls
-back to ``linearize``. ``stats()["retained"]`` counts those batches.
+For the Hessian of a model without a convolution the cached object is instead the loss gradient's retained
+autograd graph (:func:`_retained_entry`, PyHessian's trick: one backward per product, in the C++ engine): faster
+on transformers, level on MLPs, slower where convolutions' double backward is involved. Where an operation has no
+double backward the batch falls back to ``linearize``. ``stats()["retained"]`` counts those batches.
 
 **When it is used** (``linearization="auto"``, the default). A batch is linearised at its second product pass
 (an operator used once never pays the build, which traces the model: a fixed cost of tens of milliseconds to a
@@ -121,66 +120,42 @@ def _has_convolution(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
 
 
-def _retained_entry(f: Callable[[ParamTree], Tensor], params: ParamTree, targets: Tensor, task: Task,
-                    hessian: bool) -> dict[str, Any] | None:
-    r"""A cache entry on retained autograd graphs (reverse over reverse), or ``None`` where double backward fails.
+def _retained_entry(f: Callable[[ParamTree], Tensor], params: ParamTree, targets: Tensor, task: Task
+                    ) -> dict[str, Any] | None:
+    r"""A Hessian cache entry on the loss gradient's retained graph (reverse over reverse), or ``None``.
 
-    GNH: the outputs' graph and, built on it with ``create_graph``, :math:`u \mapsto J^\top u` for a dummy ``u``;
-    :math:`J v` is then one backward of that graph to ``u`` and :math:`J^\top c` one backward of the outputs'.
-    Hessian: the loss gradient's graph (PyHessian's trick), one backward per product. Both run in the C++
-    autograd engine, where ``linearize``'s traced tangent graph runs node by node in Python: measured against
-    one gradient (``benchmarks/bench_curvature.py``'s batches, one thread) a GNH product 0.99x vs 1.39x on the
-    digits MLP and 1.29x vs 1.35x on the character transformer, a Hessian product 1.29x vs 1.58x and 2.33x vs
-    3.68x; on the digits CNN slower (GNH 2.0x vs 1.29x: convolutions' double backward), so models with a
-    convolution keep ``linearize``. A size-free structural rule: the same model always takes the same path.
+    PyHessian's trick: the gradient is taken once with ``create_graph``, and each product :math:`H v` is one backward
+    of that graph, in the C++ autograd engine, where ``linearize`` of the gradient runs a traced forward-over-reverse
+    graph node by node in Python. Measured in one process, interleaved, against one gradient
+    (``benchmarks/bench_curvature.py``'s batches, one thread): 1.98x vs 3.05x on the character transformer, level
+    on the digits MLP (1.58x vs 1.57x), slower on the digits CNN (1.94x vs 1.87x: convolutions' double backward), so
+    models with a convolution keep ``linearize``. For the GNH the same comparison found no gain (a retained
+    :math:`u \mapsto J^\top u` graph: 1.40x vs 1.36x on the transformer, 1.94x vs 1.33x on the CNN), so GNH-type
+    operators always ``linearize``.
 
     Returns:
-        The entry (same keys as ``linearize``'s), or ``None`` if an operation has no double backward.
+        The entry, or ``None`` if an operation has no double backward (the caller then uses ``linearize``).
     """
     names = list(params)
     leaves = [params[n].detach().requires_grad_(True) for n in names]
-    tree = dict(zip(names, leaves, strict=True))
-
-    def as_tree(grads: tuple[Tensor | None, ...]) -> ParamTree:
-        return {n: torch.zeros_like(leaf) if g is None else g for n, g, leaf in zip(names, grads, leaves, strict=True)}
-
     try:
         with torch.enable_grad():
-            outputs = f(tree)
-            if hessian:
-                loss = task.loss.unit_losses(outputs, targets).sum()
-                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-                live = [(g, j) for j, g in enumerate(grads) if g is not None and g.requires_grad]
+            outputs = f(dict(zip(names, leaves, strict=True)))
+            loss = task.loss.unit_losses(outputs, targets).sum()
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            live = [(g, j) for j, g in enumerate(grads) if g is not None and g.requires_grad]
 
-                def hvp(v: ParamTree) -> ParamTree:
-                    out = torch.autograd.grad([g for g, _ in live], leaves, grad_outputs=[v[names[j]] for _, j in live],
-                                              retain_graph=True, allow_unused=True)
-                    return as_tree(out)
+            def hvp(v: ParamTree) -> ParamTree:
+                out = torch.autograd.grad([g for g, _ in live], leaves, grad_outputs=[v[names[j]] for _, j in live],
+                                          retain_graph=True, allow_unused=True)
+                return {n: torch.zeros_like(leaf) if h is None else h
+                        for n, h, leaf in zip(names, out, leaves, strict=True)}
 
-                hvp(params)  # raises here if an operation has no double backward
-                units = task.loss.unit_mask(outputs.detach(), targets).sum().to(outputs.dtype)
-                return {"hvp": hvp, "units": units, "retained": True}
-            dummy = torch.zeros_like(outputs, requires_grad=True)
-            jtu = torch.autograd.grad(outputs, leaves, grad_outputs=dummy, create_graph=True, allow_unused=True)
-            used = [(g, j) for j, g in enumerate(jtu) if g is not None and g.requires_grad]
-
-            def jvp(v: ParamTree) -> Tensor:
-                (jv,) = torch.autograd.grad([g for g, _ in used], dummy, grad_outputs=[v[names[j]] for _, j in used],
-                                            retain_graph=True)
-                return jv
-
-            def pullback(c: Tensor) -> tuple[ParamTree]:
-                return (as_tree(torch.autograd.grad(outputs, leaves, grad_outputs=c, retain_graph=True,
-                                                    allow_unused=True)),)
-
-            jvp(params)  # raises here if an operation has no double backward
+            hvp(params)  # raises here if an operation has no double backward
     except (RuntimeError, NotImplementedError):  # e.g. a fused kernel or custom Function with no double backward
         return None
-    detached = outputs.detach()
-    task.loss.validate(detached, targets)
-    units = task.loss.unit_mask(detached, targets).sum().to(detached.dtype)
-    return {"outputs": detached, "targets": targets, "jvp": jvp, "pullback": pullback, "units": units,
-            "retained": True}
+    units = task.loss.unit_mask(outputs.detach(), targets).sum().to(outputs.dtype)
+    return {"hvp": hvp, "units": units, "retained": True}
 
 
 class LinearizationCache:
@@ -349,8 +324,8 @@ class LinearizedProducts:
         from torch.func import grad, linearize, vjp
 
         f, targets = self.evaluator.output_fn(batch)
-        if not _has_convolution(self.evaluator.model):
-            entry = _retained_entry(f, self.params, targets, self.task, self._linearized_kind == "hessian")
+        if self._linearized_kind == "hessian" and not _has_convolution(self.evaluator.model):
+            entry = _retained_entry(f, self.params, targets, self.task)
             if entry is not None:
                 return entry
         if self._linearized_kind == "hessian":
