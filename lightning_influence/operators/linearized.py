@@ -13,7 +13,7 @@ so a product is a tangent pass plus a backward pass, and a trace probe (forward 
 gradient, i.e. :math:`v \mapsto H v` with the primal and reverse passes folded into constants.
 
 For the Hessian of a model without a convolution the cached object is instead the loss gradient's retained
-autograd graph (:func:`_retained_entry`, PyHessian's trick: one backward per product, in the C++ engine): faster
+autograd graph (:func:`_retained_hvp`, PyHessian's trick: one backward per product, in the C++ engine): faster
 on transformers, level on MLPs, slower where convolutions' double backward is involved. Where an operation has no
 double backward the batch falls back to ``linearize``. ``stats()["retained"]`` counts those batches.
 
@@ -120,9 +120,9 @@ def _has_convolution(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
 
 
-def _retained_entry(f: Callable[[ParamTree], Tensor], params: ParamTree, targets: Tensor, task: Task
-                    ) -> dict[str, Any] | None:
-    r"""A Hessian cache entry on the loss gradient's retained graph (reverse over reverse), or ``None``.
+def _retained_hvp(loss_sum: Callable[[ParamTree], Tensor], params: ParamTree
+                  ) -> Callable[[ParamTree], ParamTree] | None:
+    r""":math:`v \mapsto H v` on the loss gradient's retained graph (reverse over reverse), or ``None``.
 
     PyHessian's trick: the gradient is taken once with ``create_graph``, and each product :math:`H v` is one backward
     of that graph, in the C++ autograd engine, where ``linearize`` of the gradient runs a traced forward-over-reverse
@@ -134,14 +134,13 @@ def _retained_entry(f: Callable[[ParamTree], Tensor], params: ParamTree, targets
     operators always ``linearize``.
 
     Returns:
-        The entry, or ``None`` if an operation has no double backward (the caller then uses ``linearize``).
+        The product, or ``None`` if an operation has no double backward (the caller then uses ``linearize``).
     """
     names = list(params)
     leaves = [params[n].detach().requires_grad_(True) for n in names]
     try:
         with torch.enable_grad():
-            outputs = f(dict(zip(names, leaves, strict=True)))
-            loss = task.loss.unit_losses(outputs, targets).sum()
+            loss = loss_sum(dict(zip(names, leaves, strict=True)))
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
             live = [(g, j) for j, g in enumerate(grads) if g is not None and g.requires_grad]
 
@@ -154,8 +153,7 @@ def _retained_entry(f: Callable[[ParamTree], Tensor], params: ParamTree, targets
             hvp(params)  # raises here if an operation has no double backward
     except (RuntimeError, NotImplementedError):  # e.g. a fused kernel or custom Function with no double backward
         return None
-    units = task.loss.unit_mask(outputs.detach(), targets).sum().to(outputs.dtype)
-    return {"hvp": hvp, "units": units, "retained": True}
+    return hvp
 
 
 class LinearizationCache:
@@ -324,20 +322,19 @@ class LinearizedProducts:
         from torch.func import grad, linearize, vjp
 
         f, targets = self.evaluator.output_fn(batch)
-        if self._linearized_kind == "hessian" and not _has_convolution(self.evaluator.model):
-            entry = _retained_entry(f, self.params, targets, self.task)
-            if entry is not None:
-                return entry
         if self._linearized_kind == "hessian":
             def loss_sum(p: ParamTree) -> Tensor:
                 return self.task.loss.unit_losses(f(p), targets).sum()
 
-            with _quiet_tracing():
-                _, hvp = linearize(grad(loss_sum), self.params)
+            hvp = None if _has_convolution(self.evaluator.model) else _retained_hvp(loss_sum, self.params)
+            retained = hvp is not None
+            if hvp is None:
+                with _quiet_tracing():
+                    _, hvp = linearize(grad(loss_sum), self.params)
             with torch.no_grad():
                 out = f(self.params)
             units = self.task.loss.unit_mask(out, targets).sum().to(out.dtype)
-            return {"hvp": hvp, "units": units}
+            return {"hvp": hvp, "units": units, "retained": retained}
         with _quiet_tracing():
             outputs, jvp_fn = linearize(f, self.params)
         _, pullback = vjp(f, self.params)  # type: ignore[misc]

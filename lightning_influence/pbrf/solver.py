@@ -468,7 +468,8 @@ class PBRF:
                     if gn_steps and new_norm > gnorm:  # descent away from a stationary point: none near, stop
                         break
                     frozen = frozen and new_norm <= CHORD_MIN_DECREASE * gnorm
-                    stalls = (stalls + 1 if new_norm > STALL_DECREASE * gnorm else 0) if newton else stalls
+                    if newton:
+                        stalls = stalls + 1 if new_norm > STALL_DECREASE * gnorm else 0
                     theta, value, grad, gnorm, accepted = candidate, v_new, g_new, new_norm, True
                     break
                 if frozen:  # the frozen data curvature is too far off here: Newton-CG over the data from here
