@@ -331,7 +331,8 @@ def reduce_packed(tensors: Sequence[Tensor | float], reduce_fn: ReduceFn | None)
     Args:
         tensors: Tensors (any shapes) or Python numbers; they are packed in the dtype and on the device of the first
             tensor (float64 on the CPU if there is none).
-        reduce_fn: Sums a flat tensor over ranks (``None`` on one process: the values come back unchanged).
+        reduce_fn: Sums a flat tensor over ranks (``None`` on one process: the values come back unchanged, possibly
+            as the input tensors themselves).
 
     Returns:
         The reduced tensors, in order, with their original shapes (numbers come back as 0-d tensors).
@@ -346,9 +347,9 @@ def reduce_packed(tensors: Sequence[Tensor | float], reduce_fn: ReduceFn | None)
     dtype = first.dtype if first is not None else torch.float64
     device = first.device if first is not None else torch.device("cpu")
     parts = [torch.as_tensor(t, dtype=dtype).to(device) if not isinstance(t, Tensor) else t for t in tensors]
-    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in parts])
-    if reduce_fn is not None:
-        flat = reduce_fn(flat)
+    if reduce_fn is None:  # one process: nothing to sum, so no packing copy (a result may share the input's memory)
+        return [t.detach().to(device=device, dtype=dtype) for t in parts]
+    flat = reduce_fn(torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in parts]))
     out, offset = [], 0
     for t in parts:
         out.append(flat[offset : offset + t.numel()].reshape(t.shape))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +38,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, jacrev, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from lightning_influence.data import prepare_batch
@@ -64,9 +64,50 @@ def _rows(inputs: Any, rows: slice) -> Any:
     return tree_map(lambda t: t[rows] if isinstance(t, Tensor) else t, inputs)
 
 
+class _GlobalSwitches:
+    """The process-global switches curvature_mode sets, counted so that nested and concurrent entries compose.
+
+    nn.MultiheadAttention / TransformerEncoderLayer take a fused eval-mode "fast path" without forward-mode AD, and
+    the fused attention kernels (flash, memory-efficient, cuDNN) have no forward-mode derivative: the math backend
+    computes the same attention and supports jvp, vmap and double backward. These are process-wide flags, so the
+    first of nested (or concurrent, one per thread) entries saves them and the last exit restores them, under a
+    lock. Set directly rather than through ``sdpa_kernel`` (20 us a call, a tenth of a small model's product
+    overhead).
+    """
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved: tuple[bool, ...] = ()
+    _attention = ("flash", "mem_efficient", "cudnn", "math")
+
+    @classmethod
+    def enter(cls) -> None:
+        with cls._lock:
+            if cls._depth == 0:
+                cuda = torch.backends.cuda
+                cls._saved = (torch.backends.mha.get_fastpath_enabled(),
+                              *(getattr(cuda, f"{k}_sdp_enabled")() for k in cls._attention))
+                torch.backends.mha.set_fastpath_enabled(False)
+                for k in cls._attention:
+                    getattr(cuda, f"enable_{k}_sdp")(k == "math")
+            cls._depth += 1
+
+    @classmethod
+    def exit(cls) -> None:
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0:
+                torch.backends.mha.set_fastpath_enabled(cls._saved[0])
+                for k, flag in zip(cls._attention, cls._saved[1:], strict=True):
+                    getattr(torch.backends.cuda, f"enable_{k}_sdp")(flag)
+
+
 @contextlib.contextmanager
 def curvature_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode with autograd forced on and math attention; restores every submodule's training flag on exit.
+
+    Cheap when the model is already in eval mode (only the flags that change are written): operators enter it
+    once per product.
 
     Example::
 
@@ -77,20 +118,17 @@ def curvature_mode(model: nn.Module) -> Iterator[None]:
         >>> m.training
         True
     """
-    modes = [(m, m.training) for m in model.modules()]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    model.eval()
-    # nn.MultiheadAttention / TransformerEncoderLayer take a fused eval-mode "fast path" without forward-mode AD.
-    torch.backends.mha.set_fastpath_enabled(False)
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
+    _GlobalSwitches.enter()
     try:
-        # Fused attention kernels (flash / memory-efficient) have no forward-mode derivative; the math backend
-        # computes the same attention and supports jvp, vmap and double backward.
-        with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for module, mode in modes:
-            module.training = mode
+        _GlobalSwitches.exit()
+        for module in training:
+            module.training = True
 
 
 class Evaluator:

@@ -331,6 +331,36 @@ def test_stock_transformer_layer_supports_forward_mode() -> None:
     assert torch.backends.mha.get_fastpath_enabled()  # global switch restored
 
 
+def test_curvature_mode_restores_global_switches_after_nested_and_concurrent_entries() -> None:
+    """The fast-path and attention-backend flags are process-wide: the last of overlapping entries restores them."""
+    import threading
+
+    from lightning_influence.operators import curvature_mode
+
+    cuda = torch.backends.cuda
+    flags = lambda: (torch.backends.mha.get_fastpath_enabled(), cuda.flash_sdp_enabled(), cuda.math_sdp_enabled())  # noqa: E731
+    before = flags()
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    inside, leave = threading.Event(), threading.Event()
+
+    def worker() -> None:  # enters first and leaves first, while the main thread is still inside
+        with curvature_mode(model):
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert inside.wait(10)
+    with curvature_mode(model):
+        leave.set()
+        thread.join(10)
+        assert flags() == (False, False, True)  # the worker's exit did not restore them under this entry
+        with curvature_mode(model):
+            assert flags() == (False, False, True)
+        assert flags() == (False, False, True)
+    assert flags() == before and model[1].training
+
+
 @pytest.mark.parametrize("case", ["cnn", "lm", "binary"])
 def test_output_jacobian_is_per_example_and_equals_the_batched_jacobian(case: str) -> None:
     """dense()'s Jacobian: one jacrev per example (vmapped), not the batched one, and the same numbers to round-off."""

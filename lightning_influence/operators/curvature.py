@@ -19,8 +19,8 @@ where :math:`N` is the number of counted units in the whole sample (all ranks to
   outputs (paper 1, App. D);
 * :class:`HessianOperator`: the true loss Hessian (forward-over-reverse), for comparison.
 
-**One product path.** Every product (``matvec``, ``matmat``, ``dense``) goes through :meth:`CurvatureOperator.
-local_matmat`, the one loop over this rank's batches, then one
+**One product path.** Every product (``matvec``, ``matmat``, ``dense``) goes through
+:meth:`CurvatureOperator.local_matmat`, the one loop over this rank's batches, then one
 :func:`~lightning_influence.distributed.reduce_packed` of ``(local sum, local unit count)``; ``quadratic_forms``
 (forward mode only, for trace probes) is the same loop with the reverse pass left out. The data are a
 :class:`~lightning_influence.data.DataSource` (or a list of collated batches: this rank's shard), the model is seen
@@ -213,21 +213,27 @@ class CurvatureOperator(OperatorBase):
         return self.evaluator.mean_gradient(self.data, self.reduce_fn)
 
     # --------------------------------------------------------------------------------------- the loop
+    def _units(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The batch's counted units."""
+        return self.task.loss.unit_mask(outputs, targets).sum().to(outputs.dtype)
+
     def _accumulate(self, per_batch: PerBatch, size: int) -> tuple[Tensor, Tensor]:
         """Local sum over this rank's batches of ``per_batch(i, batch)`` (``size`` numbers) and the unit count.
 
         Returns:
             The flat local sum and the local unit count (zeros for an empty shard).
         """
-        total = torch.zeros(size, dtype=self.param_dtype, device=self.device)
-        count = torch.zeros((), dtype=self.param_dtype, device=self.device)
+        sums: list[Tensor] = []  # the running (sum, count): the first batch's own tensors, no zeros added to them
         with curvature_mode(self.model):
             for i, batch in enumerate(self.data):
                 local, n = per_batch(i, batch)
-                total = total + local.detach().reshape(-1)
-                count = count + n
+                local = local.detach().reshape(-1)
+                sums = [local, n] if not sums else [sums[0] + local, sums[1] + n]
                 self._examples_processed += self.task.batch_size(batch)
-        return total, count
+        if not sums:  # an empty shard
+            return (torch.zeros(size, dtype=self.param_dtype, device=self.device),
+                    torch.zeros((), dtype=self.param_dtype, device=self.device))
+        return sums[0], torch.as_tensor(sums[1], dtype=self.param_dtype, device=self.device)
 
     def _global_mean(self, total: Tensor, count: Tensor, directions: int) -> Tensor:
         """One reduction of ``(sum, count)``, then the mean over every counted unit of every rank.
@@ -294,8 +300,9 @@ class CurvatureOperator(OperatorBase):
         """
         matrix = self._check_matrix(matrix)
         total, count = self.local_matmat(matrix)
-        mean = self._global_mean(total.reshape(-1), count, matrix.shape[1]).reshape(total.shape)
-        result = mean + self.damping * matrix
+        result = self._global_mean(total.reshape(-1), count, matrix.shape[1]).reshape(total.shape)
+        if self.damping:
+            result = result + self.damping * matrix
         if self.check_finite and not all_finite(result):
             self._raise_non_finite(matrix[:, :1])
         return result
@@ -416,9 +423,6 @@ class _OutputSpaceOperator(CurvatureOperator):
             tangent = torch.zeros_like(primal)
         return primal, tangent.detach(), leaves
 
-    def _units(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return self.task.loss.unit_mask(outputs, targets).sum().to(outputs.dtype)
-
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
         f, targets = self.evaluator.output_fn(batch)
         outputs, jv, leaves = self._jvp_outputs(f, v)
@@ -497,6 +501,9 @@ class GNHOperator(LinearizedProducts, _OutputSpaceOperator):
 
     def _output_map(self, batch_index: int, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor:
         return self.task.loss.output_hvp(outputs, targets, jv)
+
+    def _output_map_fn(self, i: int, outputs: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
+        return self.task.loss.output_hvp_map(outputs, targets)
 
 
 class ExpectedFisherOperator(LinearizedProducts, _OutputSpaceOperator):
@@ -625,31 +632,23 @@ class FiniteDifferenceGNHOperator(_OutputSpaceOperator):
 class _StreamedHessian(CurvatureOperator):
     """Forward-over-reverse Hessian products, streamed (the primal pass repeated per product)."""
 
-    def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
+    def _loss_sum_and_units(self, batch: Any) -> tuple[Callable[[ParamTree], Tensor], Tensor]:
+        """The batch's summed loss as a function of the parameters, and its unit count (the batch validated first)."""
         f, targets = self.evaluator.output_fn(batch)
-
-        def loss_sum(p: ParamTree) -> Tensor:
-            return self.task.loss.unit_losses(f(p), targets).sum()
-
-        _, hv = jvp(grad(loss_sum), (self.params,), (v,))  # type: ignore[misc]
         with torch.no_grad():
             out = f(self.params)
         self.task.loss.validate(out, targets)
-        return hv, self.task.loss.unit_mask(out, targets).sum().to(out.dtype)
+        return (lambda p: self.task.loss.unit_losses(f(p), targets).sum()), self._units(out, targets)
+
+    def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
+        loss_sum, units = self._loss_sum_and_units(batch)
+        return jvp(grad(loss_sum), (self.params,), (v,))[1], units
 
     _vectorized = True
 
     def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
-        f, targets = self.evaluator.output_fn(batch)
-
-        def loss_sum(p: ParamTree) -> Tensor:
-            return self.task.loss.unit_losses(f(p), targets).sum()
-
-        hvs = vmap(lambda v: jvp(grad(loss_sum), (self.params,), (v,))[1])(vs)
-        with torch.no_grad():
-            out = f(self.params)
-        self.task.loss.validate(out, targets)
-        return hvs, self.task.loss.unit_mask(out, targets).sum().to(out.dtype)
+        loss_sum, units = self._loss_sum_and_units(batch)
+        return vmap(lambda v: jvp(grad(loss_sum), (self.params,), (v,))[1])(vs), units
 
 
 class HessianOperator(LinearizedProducts, _StreamedHessian):
@@ -702,8 +701,6 @@ def gnh_product_reference(model: nn.Module, task: Task, batch: Any, v: Tensor) -
         _, pullback = vjp(f, params)  # type: ignore[misc]
         (prod,) = pullback(c)
     return flatten(prod)
-
-
 
 
 def loss_gradient(model: nn.Module, task: Task, data: DataSource | Sequence[Any],

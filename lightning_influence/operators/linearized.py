@@ -34,6 +34,7 @@ discards it (and, in ``"auto"`` mode, switches that operator to streaming: its p
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -291,6 +292,10 @@ class LinearizedProducts:
 
         def _output_map(self, batch_index: int, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor: ...
 
+        def _loss_sum_and_units(self, batch: Any) -> tuple[Callable[[ParamTree], Tensor], Tensor]: ...
+
+        def _units(self, outputs: Tensor, targets: Tensor) -> Tensor: ...
+
     #: ``"output"`` (J^T C J operators: cache J v and J^T u) or ``"hessian"`` (cache v -> H v).
     _linearized_kind = "output"
 
@@ -321,34 +326,31 @@ class LinearizedProducts:
     def _build(self, i: int, batch: Any) -> dict[str, Any]:
         from torch.func import grad, linearize, vjp
 
-        f, targets = self.evaluator.output_fn(batch)
         if self._linearized_kind == "hessian":
-            def loss_sum(p: ParamTree) -> Tensor:
-                return self.task.loss.unit_losses(f(p), targets).sum()
-
+            loss_sum, units = self._loss_sum_and_units(batch)
             hvp = None if _has_convolution(self.evaluator.model) else _retained_hvp(loss_sum, self.params)
             retained = hvp is not None
             if hvp is None:
                 with _quiet_tracing():
                     _, hvp = linearize(grad(loss_sum), self.params)
-            with torch.no_grad():
-                out = f(self.params)
-            units = self.task.loss.unit_mask(out, targets).sum().to(out.dtype)
             return {"hvp": hvp, "units": units, "retained": retained}
+        f, targets = self.evaluator.output_fn(batch)
         with _quiet_tracing():
             outputs, jvp_fn = linearize(f, self.params)
         _, pullback = vjp(f, self.params)  # type: ignore[misc]
         outputs = outputs.detach()
         self.task.loss.validate(outputs, targets)
-        units = self.task.loss.unit_mask(outputs, targets).sum().to(outputs.dtype)
-        return {"outputs": outputs, "targets": targets, "jvp": jvp_fn, "pullback": pullback, "units": units}
+        return {"map": self._output_map_fn(i, outputs, targets), "jvp": jvp_fn, "pullback": pullback,
+                "units": self._units(outputs, targets)}
+
+    def _output_map_fn(self, i: int, outputs: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
+        """Batch ``i``'s output map at its cached outputs (overridden where part of it can be computed once)."""
+        return functools.partial(self._output_map, i, outputs, targets)
 
     def _cached_product(self, i: int, entry: dict[str, Any], v: ParamTree) -> ParamTree:
         if "hvp" in entry:
             return dict(entry["hvp"](v))
-        jv = entry["jvp"](v).detach()
-        c = self._output_map(i, entry["outputs"], entry["targets"], jv)
-        (prod,) = entry["pullback"](c)
+        (prod,) = entry["pullback"](entry["map"](entry["jvp"](v).detach()))
         return dict(prod)
 
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
@@ -380,6 +382,5 @@ class LinearizedProducts:
         qs = []
         for j in range(k):
             jv = entry["jvp"](unflatten(matrix[:, j], self.params)).detach()
-            c = self._output_map(i, entry["outputs"], entry["targets"], jv)
-            qs.append((jv * c).sum())
+            qs.append((jv * entry["map"](jv)).sum())
         return torch.stack(qs), entry["units"]
