@@ -1,7 +1,8 @@
 """Cost of one curvature product relative to one gradient, ours and the peers', side by side in one run.
 
 For three models (digits MLP, a CNN on 8x8 digit images, a character transformer LM) this times, on the same
-batch and interleaved (every repeat runs every entry once, so background load affects all alike):
+batch and interleaved (every repeat runs every entry ``--burst`` times in a row, as solvers call products, so
+background load affects all alike):
 
 * ``grad``: one gradient of the mean loss with plain autograd (what a training step pays);
 * ours: ``gnh`` (streamed :class:`GNHOperator` product: tangents on the primal pass + one backward),
@@ -14,9 +15,10 @@ batch and interleaved (every repeat runs every entry once, so background load af
 
 Prints a table and, last, one JSON line: per model ``gnh_ratio``, ``gnh_cached_ratio``, ``hessian_ratio``,
 ``hessian_cached_ratio``, ``trace_probe_ratio``, ``trace_probe_cached_ratio`` and ``<peer>_ratio`` (all
-relative to ``grad``). Goals: gnh_cached <= 1.35x, trace probe <= 0.7x, Hessian <= 2x, ahead of every peer.
+relative to ``grad``: the median over repeats of the entry's time over the same repeat's gradient time). Goals:
+gnh_cached <= 1.35x, trace probe <= 0.7x, Hessian <= 2x, ahead of every peer.
 
-Run: ``python benchmarks/bench_curvature.py [--quick] [--repeats 20] [--threads 1]``.
+Run: ``python benchmarks/bench_curvature.py [--quick] [--repeats 20] [--burst 5] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -151,19 +153,33 @@ def _peer_products(model: nn.Module, batch: Any, reference: dict[str, torch.Tens
 
 
 # -------------------------------------------------------------------------------------------------- main
-def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def _time(fns: dict[str, Callable[[], object]], repeats: int, burst: int) -> dict[str, list[float]]:
+    """Seconds per call of every entry in every repeat: each repeat runs every entry ``burst`` times in a row.
+
+    In a row, as Lanczos, CG and Hutchinson call products (and training calls gradients); the entries still take
+    turns within every repeat, so load that changes over the run affects all alike.
+    """
     for fn in fns.values():  # warm-up (and cache builds)
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(t) for k, t in times.items()}
+            for _ in range(burst):
+                fn()
+            times[key].append((time.perf_counter() - start) / burst)
+    return times
 
 
-def measure(name: str, model: nn.Module, batch: Any, repeats: int, notes: list[str]) -> dict[str, float]:
+def paired_ratio(times: list[float], grads: list[float]) -> float:
+    """Median over repeats of an entry's time over the same repeat's gradient time.
+
+    Pairing within a repeat cancels load that changes between repeats (the machines these run on are shared).
+    """
+    return statistics.median(t / g for t, g in zip(times, grads, strict=True))
+
+
+def measure(name: str, model: nn.Module, batch: Any, repeats: int, burst: int, notes: list[str]) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     v = torch.randn(n_params, generator=torch.Generator().manual_seed(1))
@@ -192,9 +208,9 @@ def measure(name: str, model: nn.Module, batch: Any, repeats: int, notes: list[s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.fx constant-folding chatter from linearize
         fns.update(_peer_products(model, batch, reference, v, notes, name))
-        med = _time(fns, repeats)
-    out = {"params": float(n_params), "grad_ms": med["grad"] * 1e3}
-    out.update({f"{k}_ratio": med[k] / med["grad"] for k in fns if k != "grad"})
+        times = _time(fns, repeats, burst)
+    out = {"params": float(n_params), "grad_ms": statistics.median(times["grad"]) * 1e3}
+    out.update({f"{k}_ratio": paired_ratio(times[k], times["grad"]) for k in fns if k != "grad"})
     return out
 
 
@@ -202,6 +218,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--burst", type=int, default=5, help="consecutive calls of an entry per repeat")
     parser.add_argument("--quick", action="store_true", help="smaller batches and 7 repeats")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -210,7 +227,8 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):  # attention with double-backward support, for every entry alike
-        results = {name: measure(name, model, batch, repeats, notes) for name, model, batch in cases(args.quick)}
+        results = {name: measure(name, model, batch, repeats, args.burst, notes)
+                   for name, model, batch in cases(args.quick)}
     for note in dict.fromkeys(notes):
         print("note:", note)
     keys = sorted({k for r in results.values() for k in r if k.endswith("_ratio")},
@@ -220,7 +238,7 @@ def main() -> None:
         cols = " ".join(f"{r[k]:>18.2f}x" if k in r else f"{'-':>19s}" for k in keys)
         print(f"{name:18s} {int(r['params']):>8d} {r['grad_ms']:>8.2f} {cols}")
     print(json.dumps({"benchmark": "curvature_products", "threads": args.threads, "repeats": repeats,
-                      "notes": list(dict.fromkeys(notes)), "ratios_to_grad": results}))
+                      "burst": args.burst, "notes": list(dict.fromkeys(notes)), "ratios_to_grad": results}))
 
 
 if __name__ == "__main__":
