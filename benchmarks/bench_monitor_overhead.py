@@ -12,6 +12,9 @@ epoch (71 optimizer steps of 64 images here). Reported:
 * ``grad_equivalents_per_measurement``: CPU time of one measurement / one mean-loss gradient over the same
   sample with the same batching (``operators.loss_gradient`` on the final weights; median of 5);
 * ``train_steps_per_measurement``: CPU time of one measurement / one training step of the unmonitored run;
+* ``steps_train_start`` / ``steps_train_end``: CPU time of the callback's train-start hook (the sample, the checks,
+  the warm-up) and train-end hook (the figure, the report), in unmonitored training steps: one-time costs that
+  ``ratio_cpu`` includes and ``overhead`` does not (except the warm-up);
 * ``steps_between_measurements_for_5pct``: how sparse measurements must be for 5 % overhead;
 * ``identical_weights``: whether every run ended with bit-identical weights (they must).
 
@@ -59,11 +62,23 @@ class TimedMonitor(CurvatureMonitor):
 
     cpu_seconds: list[float]
     warm_up_cpu_seconds: float = 0.0
+    train_start_cpu_seconds: float = 0.0  # the sample's preparation, the checks and the warm-up
+    train_end_cpu_seconds: float = 0.0  # the figure and the report
 
     def _warm_up(self, module, batch):  # type: ignore[no-untyped-def]
         start = time.process_time()
         super()._warm_up(module, batch)
         self.warm_up_cpu_seconds = time.process_time() - start
+
+    def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        start = time.process_time()
+        super().on_train_start(trainer, pl_module)
+        self.train_start_cpu_seconds = time.process_time() - start
+
+    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        start = time.process_time()
+        super().on_train_end(trainer, pl_module)
+        self.train_end_cpu_seconds = time.process_time() - start
 
     def _measure(self, trainer, pl_module, trigger):  # type: ignore[no-untyped-def]
         if not hasattr(self, "cpu_seconds"):
@@ -158,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "products_per_warm_measurement": (statistics.mean(r["num_products"] for r in mon.history[1:])  # type: ignore[attr-defined]
                                               if len(mon.history) > 1 else None),  # type: ignore[attr-defined]
             "logged_overhead_last": mon.history[-1].get("overhead"),  # type: ignore[attr-defined]
+            # one-time costs outside the measurements (ratio_cpu includes them, overhead only the warm-up)
+            "steps_train_start": mon.train_start_cpu_seconds / step_cpu,  # type: ignore[attr-defined]
+            "steps_train_end": mon.train_end_cpu_seconds / step_cpu,  # type: ignore[attr-defined]
         }
         per_setting[setting] = row
         print(f"{setting:>10s} {row['overhead']:>9.3f} {row['ratio_cpu']:>9.3f} {row['measurements_per_run']:>6d} "

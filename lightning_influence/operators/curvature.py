@@ -227,7 +227,7 @@ class CurvatureOperator(OperatorBase):
         with curvature_mode(self.model):
             for i, batch in enumerate(self.data):
                 local, n = per_batch(i, batch)
-                local = local.detach().reshape(-1)
+                local = local.detach().reshape(-1).to(self.param_dtype)
                 sums = [local, n] if not sums else [sums[0] + local, sums[1] + n]
                 self._examples_processed += self.task.batch_size(batch)
         if not sums:  # an empty shard
