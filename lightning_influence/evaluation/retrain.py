@@ -41,6 +41,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -77,6 +78,10 @@ _FORMAT_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------ fingerprints
+# inspect.getsource parses the module with ast; concurrent parses in threads (ranks of a thread world) can fail.
+_SOURCE_LOCK = threading.Lock()
+
+
 def callable_fingerprint(fn: Callable[..., Any], fingerprint: str | None = None) -> dict[str, Any]:
     """Identify a function across runs: qualified name plus a hash of its source (or a user-given string).
 
@@ -111,7 +116,8 @@ def callable_fingerprint(fn: Callable[..., Any], fingerprint: str | None = None)
     source_hash = None
     if fingerprint is None:
         try:
-            source = inspect.getsource(target)
+            with _SOURCE_LOCK:  # CPython 3.11: "AST constructor recursion depth mismatch" in concurrent parses
+                source = inspect.getsource(target)
         except (OSError, TypeError):
             source = None
         if source is not None:
