@@ -457,7 +457,7 @@ def test_spectrum_config_defaults_overrides_and_report_entry(tmp_path: Path) -> 
 
     default = CurvatureMonitor(Classification())
     assert default.config == SpectrumConfig(trace_probes=4, lanczos_iter=8, lanczos_tol=3e-2, lanczos_start="gradient",
-                                            linearization="never")
+                                            linearization="auto")
     given = CurvatureMonitor(Classification(), config=SpectrumConfig(lanczos_iter=20, seed=2))
     assert (given.lanczos_iter, given.trace_probes, given.seed) == (20, SpectrumConfig().trace_probes, 2)
     explicit = CurvatureMonitor(Classification(), config=SpectrumConfig(lanczos_iter=20), trace_probes=5, seed=7)

@@ -161,6 +161,67 @@ def test_cached_products_equal_streamed_ones(case: Any, kind: str) -> None:
     assert model.training  # modes restored
 
 
+@pytest.mark.parametrize("case", [_mlp, _bn_cnn, _lm], ids=["mlp", "cnn_bn_eval", "transformer"])
+def test_stored_tangent_programs_are_reused_at_moved_parameters_and_traced_again_when_stale(case: Any) -> None:
+    """A new operator on the same batches reuses the traced tangent programs (no trace) and still equals streaming."""
+    model, task, batches = case()
+    g = torch.Generator().manual_seed(7)
+    vs = torch.randn(sum(p.numel() for p in model.parameters()), 3, generator=g, dtype=torch.float64)
+
+    def check(data: list, traced: int) -> None:
+        cached = GNHOperator(model, task, data, linearization="always")
+        streamed = GNHOperator(model, task, data, linearization="never")
+        pairs = ((cached.matmat(vs), streamed.matmat(vs)), (cached.quadratic_forms(vs), streamed.quadratic_forms(vs)))
+        for a, b in pairs:
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+        assert cached.linearization.stats()["built"] == 2 and cached.linearization.stats()["traced"] == traced
+
+    check(batches, traced=2)
+    with torch.no_grad():  # an optimizer step: every parameter moves in place
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    check(batches, traced=0)  # reused: one forward pass per batch instead of a trace
+    first = batches[0][0]
+    moved = first + 1 if first.is_floating_point() else first.flip(0)  # the same index, other values
+    check([(moved, batches[0][1]), batches[1]], traced=1)
+    if case is _bn_cnn:  # BatchNorm's running statistics are constants of the trace: updating them retraces
+        with torch.no_grad():
+            model[1].running_mean.add_(0.5)
+        check(batches, traced=2)
+
+
+def test_a_changed_forward_retraces_and_an_untraceable_one_streams() -> None:
+    """A stored program that no longer computes the model's outputs is replaced; a model make_fx cannot trace
+    (control flow on a tensor's value) streams instead of failing."""
+
+    class Switch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2).double()
+            self.squash, self.data_dependent = True, False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            if self.data_dependent:
+                return torch.tanh(h) if float(h.detach().sum()) > 0 else h**2
+            return torch.tanh(h) if self.squash else h**2  # a Python flag the trace bakes in
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Switch()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    batches = [(x, torch.tensor([0, 1, 1, 0, 1]))]
+    v = torch.randn(8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for squash, data_dependent, traced in ((True, False, 1), (False, False, 1), (False, True, 0)):
+        model.squash, model.data_dependent = squash, data_dependent
+        cached = GNHOperator(model, Classification(), batches, linearization="always")
+        expected = GNHOperator(model, Classification(), batches, linearization="never").matvec(v)
+        assert torch.allclose(cached.matvec(v), expected, rtol=1e-12, atol=1e-14)
+        stats = cached.linearization.stats()
+        assert stats["traced"] == traced  # the second point: the stale program was detected and replaced
+        assert stats["untraceable"] == int(data_dependent) and stats["streamed_products"] == int(data_dependent)
+
+
 def test_tiny_budget_streams_and_parameter_updates_discard_the_cache() -> None:
     model, task, batches = _bn_cnn()
     v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0),
