@@ -7,7 +7,7 @@ riding on it) and a backward pass. With a cached linearisation of a batch, built
 * a :class:`TangentProgram` (what ``torch.func.linearize`` builds, without its per-call tangent copies) gives
   :math:`v \mapsto J v` as a traced graph of the tangent computation alone (the primal values are constants in it);
   the trace is kept per model and batch (:func:`stored_tangents`), so a later operator on the same batches (the
-  next monitor measurement, a Newton step's ``at(theta)``) pays one forward pass for its constants, not a trace;
+  next monitor measurement, an operator's ``at(theta)`` copy) pays one forward pass for its constants, not a trace;
   and
 * ``torch.func.vjp`` gives the pullback :math:`u \mapsto J^\top u` on the stored activations,
 
