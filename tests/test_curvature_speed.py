@@ -190,6 +190,19 @@ def test_stored_tangent_programs_are_reused_at_moved_parameters_and_traced_again
         check(batches, traced=2)
 
 
+def test_stored_programs_are_capped_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_influence.operators import linearized
+
+    monkeypatch.setattr(linearized, "MAX_STORED_PROGRAMS", 1)
+    model, task, batches = _mlp()
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for _ in range(2):  # batch 1 evicts batch 0's program and the other way round: every build traces
+        op = GNHOperator(model, task, batches, linearization="always")
+        op.matvec(v)
+        assert op.linearization.stats()["traced"] == 2
+        assert len(linearized._PROGRAMS[model]) == 1
+
+
 def test_a_changed_forward_retraces_and_an_untraceable_one_streams() -> None:
     """A stored program that no longer computes the model's outputs is replaced; a model make_fx cannot trace
     (control flow on a tensor's value) streams instead of failing."""

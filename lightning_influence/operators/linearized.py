@@ -274,6 +274,8 @@ class _StoredProgram:
     buffers: list[tuple[int, int]]  # (id, version) of the model's buffers (BatchNorm statistics move in place)
 
 
+#: Traced programs kept per model (the most recently traced); each holds its batch's input tensors.
+MAX_STORED_PROGRAMS = 64
 # model -> {(batch index, parameter signature): program}; forgotten with the model
 _PROGRAMS: weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, _StoredProgram]] = weakref.WeakKeyDictionary()
 _PROGRAMS_LOCK = threading.Lock()
@@ -309,7 +311,11 @@ def stored_tangents(model: torch.nn.Module, index: int, batch: Any, f: Callable[
             pass
     program = TangentProgram(f, params)
     with _PROGRAMS_LOCK:
-        _PROGRAMS.setdefault(model, {})[key] = _StoredProgram(program, inputs, buffers)
+        stored_for_model = _PROGRAMS.setdefault(model, {})
+        stored_for_model.pop(key, None)
+        stored_for_model[key] = _StoredProgram(program, inputs, buffers)
+        while len(stored_for_model) > MAX_STORED_PROGRAMS:  # the oldest first: a program holds its batch's inputs
+            stored_for_model.pop(next(iter(stored_for_model)))
     return program.at(params)[0], True
 
 
