@@ -485,3 +485,24 @@ def test_curvature_rows_from_spectrum_summary_are_flattened() -> None:
     first = re.findall(r"<td>([^<]*)</td>", history.split("<tbody>")[1].split("</tr>")[0])
     assert first[0] == "7" and float(first[1]) == pytest.approx(summary.trace, rel=1e-3)
     assert int(first[6]) == summary.lissa.batch_size
+
+
+def test_figures_of_the_same_data_are_drawn_once_across_report_renders() -> None:
+    """The report is re-rendered at every callback's publish; a figure with the same builder and data is not redrawn."""
+    from functools import partial
+
+    from lightning_influence.reporting import blocks
+    from lightning_influence.reporting.figures import line_figure
+
+    calls: list[int] = []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return line_figure(*args, **kwargs)  # type: ignore[arg-type]
+
+    first = blocks.figure(partial(counted, [0, 1], {"loss": [1.0, 0.5]}, title="a", xlabel="step"))
+    again = blocks.figure(partial(counted, [0, 1], {"loss": [1.0, 0.5]}, title="a", xlabel="step"))
+    other = blocks.figure(partial(counted, [0, 1], {"loss": [1.0, 0.25]}, title="a", xlabel="step"))
+    assert len(calls) == 2 and first["png"] == again["png"] != other["png"]
+    unkeyed = [blocks.figure(lambda: counted([0, 1], {"loss": [1.0, 0.5]}, title="a", xlabel="step")) for _ in range(2)]
+    assert len(calls) == 4 and unkeyed[0]["png"] == first["png"]  # a lambda has no content key: drawn each time

@@ -251,11 +251,39 @@ def figure(make: Callable[[], Any], caption: str = "") -> Block:
     """
     from lightning_influence.reporting.figures import figure_to_png_base64
 
+    key = _figure_key(make)
+    if key is not None and key in _RENDERED:
+        _RENDERED.move_to_end(key)
+        return {"kind": "figure", "png": _RENDERED[key], "caption": caption}
     try:
         fig = make()
     except ImportError as exc:
         return paragraph(f"Figure unavailable: {exc}", "warn")
-    return {"kind": "figure", "png": figure_to_png_base64(fig), "caption": caption}
+    png = figure_to_png_base64(fig)
+    if key is not None:
+        _RENDERED[key] = png
+        while len(_RENDERED) > _MAX_RENDERED:
+            _RENDERED.popitem(last=False)
+    return {"kind": "figure", "png": png, "caption": caption}
+
+
+# Rendered figures by content: the report is re-rendered whenever a callback publishes its section, and every
+# section's figures would otherwise be drawn again (a matplotlib render is a few tenths of a second).
+_RENDERED: OrderedDict[str, str] = OrderedDict()
+_MAX_RENDERED = 32
+
+
+def _figure_key(make: Callable[[], Any]) -> str | None:
+    """A content key for ``functools.partial`` figure builders with JSON-able arguments (``None``: do not memoize)."""
+    import functools
+
+    if not isinstance(make, functools.partial):
+        return None
+    try:
+        args = json.dumps([make.args, make.keywords], sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError):
+        return None
+    return f"{make.func.__module__}.{make.func.__qualname__}:{args}"
 
 
 def generic(data: Mapping[str, Any], skip: Sequence[str] = ()) -> list[Block]:
