@@ -135,7 +135,7 @@ class TangentProgram:
     *tangent* part. :meth:`at` runs the primal part once at a point (one forward pass) and returns the map that runs
     only the tangent part, with those values as constants: what ``torch.func.linearize`` returns, without tracing
     again. Tracing costs several forward passes of Python-level work (about 6 training steps for a 1.2M-parameter
-    CNN on 64 images), so a program is kept per model and batch (:func:`tangent_program`) and reused while the
+    CNN on 64 images), so a program is kept per model and batch (:func:`stored_tangents`) and reused while the
     parameters move, e.g. between :class:`~lightning_influence.callbacks.CurvatureMonitor` measurements.
 
     Unlike ``linearize``, the trace uses tangents laid out like the parameters, so forward-mode AD records no
@@ -144,8 +144,9 @@ class TangentProgram:
     ``benchmarks/bench_curvature.py``'s digits MLP went from 0.47 to 0.38 gradients.
 
     A trace is exact at the point it was taken; elsewhere it is exact as long as ``f`` runs the same operations,
-    which :meth:`at` checks by comparing the primal output it computes with ``reference`` when given (a model whose
-    control flow depends on the parameter values then raises :class:`StaleTrace`, and the caller traces again).
+    which :meth:`at` checks by comparing the primal output it computes with ``reference`` when given (a Python-level
+    switch in ``forward`` that changed since the trace then raises :class:`StaleTrace`, and the caller traces again;
+    control flow on a tensor's value cannot be traced at all: :class:`Untraceable`).
 
     Args:
         f: Parameters -> a tensor or a dict of tensors (e.g. a gradient).
