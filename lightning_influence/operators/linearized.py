@@ -263,8 +263,9 @@ def _split_tangent_graph(graph: Any, num_params: int, num_outputs: int) -> tuple
             tenv[node] = tangent.node_copy(node, lambda a: tenv[a])
     tangent.output([tenv[o] for o in tangent_outs])
     primal_gm, tangent_gm = fx.GraphModule(owner, primal), fx.GraphModule(owner, tangent)
-    primal_gm.graph.eliminate_dead_code()
-    primal_gm.recompile()
+    for gm in (primal_gm, tangent_gm):  # e.g. forward-mode AD's layout checks (is_same_size): two per tangent use
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
     return primal_gm, tangent_gm
 
 
