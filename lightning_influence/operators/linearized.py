@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     from lightning_influence.evaluator import Evaluator
     from lightning_influence.tasks import Task
 
-__all__ = ["AUTO_MIN_BYTES", "LINEARIZATION_MODES", "LinearizationCache", "LinearizedProducts", "activation_bytes",
-           "linearize_tangents"]
+__all__ = ["AUTO_MIN_BYTES", "LINEARIZATION_MODES", "LinearizationCache", "LinearizedProducts", "TangentProgram",
+           "activation_bytes", "linearize_tangents"]
 
 #: Accepted values of ``linearization``.
 LINEARIZATION_MODES = ("auto", "always", "never")
@@ -85,7 +85,7 @@ class _Batch:
 
 @contextmanager
 def _quiet_tracing() -> Iterator[None]:
-    """Silence torch.fx's harmless warning while :func:`linearize_tangents` traces the model with ``make_fx``.
+    """Silence torch.fx's harmless warning while a :class:`TangentProgram` traces the model with ``make_fx``.
 
     Modules that read attributes that are neither parameters nor buffers (Hugging Face's cached masks and rotary
     tables) make torch.fx warn once per trace.
@@ -204,9 +204,9 @@ class TangentProgram:
 
         with torch.no_grad():
             values = self._primal(*[params[k].detach() for k in self.names])
-        consts, outputs = values[:-self.num_outputs], tree_unflatten(list(values[-self.num_outputs:]), self.spec)
+        consts, primal_outs = values[:-self.num_outputs], list(values[-self.num_outputs:])
         if reference is not None:
-            for got, want in zip(tree_flatten(outputs)[0], tree_flatten(reference)[0], strict=True):
+            for got, want in zip(primal_outs, tree_flatten(reference)[0], strict=True):
                 tol = 100 * torch.finfo(got.dtype).eps * (1.0 + float(want.detach().abs().max()))
                 if got.shape != want.shape or not bool((got - want.detach()).abs().max() <= tol):
                     raise StaleTrace("the traced program computes other outputs at these parameters")
@@ -215,7 +215,7 @@ class TangentProgram:
         def jvp(v: ParamTree) -> Any:
             return tree_unflatten(list(tangent(*consts, *[v[k].contiguous() for k in self.names])), self.spec)
 
-        return jvp, outputs
+        return jvp, tree_unflatten(primal_outs, self.spec)
 
 
 class StaleTrace(RuntimeError):
@@ -233,8 +233,6 @@ def _split_tangent_graph(graph: Any, num_params: int, num_outputs: int) -> tuple
         ``(primal, tangent)`` GraphModules: ``primal(*params)`` returns the values the tangent part reads, then the
         primal outputs; ``tangent(*those values, *tangents)`` returns the output tangents.
     """
-    import torch.fx as fx
-
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     out_node = next(node for node in graph.nodes if node.op == "output")
     results = list(out_node.args[0])
@@ -245,28 +243,32 @@ def _split_tangent_graph(graph: Any, num_params: int, num_outputs: int) -> tuple
             dependent.add(node)
     boundary = [node for node in graph.nodes if node not in dependent and node.op != "output"
                 and (any(u in dependent for u in node.users) or node in tangent_outs)]
-    owner = graph.owning_module
-    primal, env = fx.Graph(), {}
-    for node in graph.nodes:
-        if node.op == "placeholder" and node not in dependent:
-            env[node] = primal.placeholder(node.name)
-        elif node.op not in ("placeholder", "output") and node not in dependent:
-            env[node] = primal.node_copy(node, lambda a: env[a])
-    primal.output([env[b] for b in boundary] + [env[o] for o in primal_outs])
-    tangent, tenv = fx.Graph(), {}
-    for b in boundary:
-        tenv[b] = tangent.placeholder(f"c_{b.name}")
-    for node in graph.nodes:
-        if node.op == "placeholder" and node in dependent:
-            tenv[node] = tangent.placeholder(node.name)
-        elif node.op not in ("placeholder", "output") and node in dependent:
-            tenv[node] = tangent.node_copy(node, lambda a: tenv[a])
-    tangent.output([tenv[o] for o in tangent_outs])
-    primal_gm, tangent_gm = fx.GraphModule(owner, primal), fx.GraphModule(owner, tangent)
-    for gm in (primal_gm, tangent_gm):  # e.g. forward-mode AD's layout checks (is_same_size): two per tangent use
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return primal_gm, tangent_gm
+    ops = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
+    primal = _subgraph(graph, placeholders[:num_params], [n for n in ops if n not in dependent],
+                       boundary + primal_outs)
+    tangent = _subgraph(graph, boundary + placeholders[num_params:], [n for n in ops if n in dependent], tangent_outs)
+    return primal, tangent
+
+
+def _subgraph(graph: Any, inputs: list[Any], nodes: list[Any], outputs: list[Any]) -> Any:
+    """Copy ``nodes`` (in graph order) into a module that reads ``inputs`` as placeholders.
+
+    Dead code is dropped, e.g. forward-mode AD's layout checks (``is_same_size``: two per tangent use, unused).
+
+    Returns:
+        The GraphModule, returning ``outputs`` as a list.
+    """
+    import torch.fx as fx
+
+    part: fx.Graph = fx.Graph()
+    env = {node: part.placeholder(f"in_{node.name}") for node in inputs}
+    for node in nodes:
+        env[node] = part.node_copy(node, lambda a: env[a])
+    part.output([env[o] for o in outputs])
+    module = fx.GraphModule(graph.owning_module, part)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
 
 
 @dataclass

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import OrderedDict
@@ -275,8 +276,6 @@ _MAX_RENDERED = 32
 
 def _figure_key(make: Callable[[], Any]) -> str | None:
     """A content key for ``functools.partial`` figure builders with JSON-able arguments (``None``: do not memoize)."""
-    import functools
-
     if not isinstance(make, functools.partial):
         return None
     try:
