@@ -166,6 +166,7 @@ class Evaluator:
         self.model, self.task, self.reduce_fn = model, task, reduce_fn
         self.per_example_method = per_example
         self.params: ParamTree = trainable_parameters(model) if params is None else params
+        self._num_params = num_parameters(self.params)  # fixed: at() keeps the shapes
         first = next(iter(self.params.values()))
         self.device, self.dtype = first.device, first.dtype
         self.input_dtype = input_dtype
@@ -179,7 +180,7 @@ class Evaluator:
     @property
     def num_params(self) -> int:
         """Dimension ``P`` of the trainable parameters."""
-        return num_parameters(self.params)
+        return self._num_params
 
     def tree(self, theta: Tensor | None = None) -> ParamTree:
         """The parameter tree at the flat point ``theta`` (default: :attr:`params`).

@@ -104,14 +104,9 @@ def unflatten(vector: Tensor, like: ParamTree) -> ParamTree:
     total = num_parameters(like)
     if vector.shape[0] != total:
         raise ConfigurationError(f"vector has leading dimension {vector.shape[0]} but the parameters have {total}.")
-    out: ParamTree = {}
-    offset = 0
     extra = tuple(vector.shape[1:])
-    for name, ref in like.items():
-        n = ref.numel()
-        out[name] = vector[offset : offset + n].reshape(*ref.shape, *extra)
-        offset += n
-    return out
+    parts = vector.split([ref.numel() for ref in like.values()])
+    return {name: part.reshape(*ref.shape, *extra) for (name, ref), part in zip(like.items(), parts, strict=True)}
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

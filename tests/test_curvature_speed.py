@@ -155,22 +155,23 @@ def test_cached_products_equal_streamed_ones(case: Any, kind: str) -> None:
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(a.abs().max()))
     stats = cached.linearization.stats()
     assert stats["cached_batches"] == 2 and stats["cached_products"] >= 5 and stats["streamed_products"] == 0
-    # the Hessian of a model without a convolution on the gradient's retained graph; linearize otherwise
-    assert stats["retained"] == (2 if kind == "hessian" and case is not _bn_cnn else 0)
+    assert stats["traced"] == 2 and stats["channels_last"] == 0  # float64: the layout is kept
     assert streamed.linearization.stats()["cached_products"] == 0
     assert model.training  # modes restored
 
 
+@pytest.mark.parametrize("kind", ["gnh", "hessian"])
 @pytest.mark.parametrize("case", [_mlp, _bn_cnn, _lm], ids=["mlp", "cnn_bn_eval", "transformer"])
-def test_stored_tangent_programs_are_reused_at_moved_parameters_and_traced_again_when_stale(case: Any) -> None:
+def test_stored_tangent_programs_are_reused_at_moved_parameters_and_traced_again_when_stale(case: Any,
+                                                                                          kind: str) -> None:
     """A new operator on the same batches reuses the traced tangent programs (no trace) and still equals streaming."""
     model, task, batches = case()
     g = torch.Generator().manual_seed(7)
     vs = torch.randn(sum(p.numel() for p in model.parameters()), 3, generator=g, dtype=torch.float64)
 
     def check(data: list, traced: int) -> None:
-        cached = GNHOperator(model, task, data, linearization="always")
-        streamed = GNHOperator(model, task, data, linearization="never")
+        cached = make_operator(kind, model, task, data, linearization="always")
+        streamed = make_operator(kind, model, task, data, linearization="never")
         pairs = ((cached.matmat(vs), streamed.matmat(vs)), (cached.quadratic_forms(vs), streamed.quadratic_forms(vs)))
         for a, b in pairs:
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
@@ -188,6 +189,61 @@ def test_stored_tangent_programs_are_reused_at_moved_parameters_and_traced_again
         with torch.no_grad():
             model[1].running_mean.add_(0.5)
         check(batches, traced=2)
+
+
+def _cnn32(flatten: str) -> tuple[torch.nn.Module, Any, list]:
+    """A float32 CNN (a one-channel input, BatchNorm in eval, a pool); ``flatten="view"`` reshapes with ``.view``."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                                            torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 3), torch.nn.Tanh(),
+                                            torch.nn.AdaptiveAvgPool2d(2))
+            self.head = torch.nn.Linear(24, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)  # channels-last activations when the weights are: .view cannot flatten them
+            return self.head(h.view(h.shape[0], -1) if flatten == "view" else h.flatten(1))
+
+    g = torch.Generator().manual_seed(4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Net()
+    bn = model.body[1]
+    bn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+    bn.running_var.copy_(torch.tensor([1.5, 0.7, 1.0, 2.0]))
+    x = torch.randn(10, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (10,), generator=g)
+    return model, Classification(), [(x[:6], y[:6]), (x[6:], y[6:])]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="channels-last products need oneDNN")
+@pytest.mark.parametrize("kind", ["gnh", "hessian"])
+@pytest.mark.parametrize("flatten", ["flatten", "view"])
+def test_float32_convolutions_run_channels_last_and_equal_the_streamed_products(flatten: str, kind: str) -> None:
+    """float32 CNNs linearise with channels-last weights (every convolution then runs channels-last, the one-input-
+    channel one included); a forward whose ``.view`` needs NCHW activations falls back to the model's layout."""
+    from lightning_influence.operators import linearized
+
+    model, task, batches = _cnn32(flatten)
+    cached = make_operator(kind, model, task, batches, linearization="always")
+    streamed = make_operator(kind, model, task, batches, linearization="never")
+    vs = torch.randn(cached.num_params, 3, generator=torch.Generator().manual_seed(1))
+    pairs = [(cached.matmat(vs), streamed.matmat(vs))]
+    if kind == "gnh":
+        pairs.append((cached.quadratic_forms(vs), streamed.quadratic_forms(vs)))
+    for a, b in pairs:  # float32: equal to rounding (the kernels sum in another order)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    stats = cached.linearization.stats()
+    assert stats["cached_batches"] == 2 and stats["streamed_products"] == 0
+    assert stats["channels_last"] == (2 if flatten == "flatten" else 0)
+    programs = [s.program for s in linearized._PROGRAMS[model].values()]
+    weights = [st for prog in programs for st, p in zip(prog.strides, cached.params.values(), strict=True)
+               if p.dim() == 4]
+    expected = [torch.empty_like(p, memory_format=torch.channels_last).stride() if flatten == "flatten"
+                else p.stride() for prog in programs for p in cached.params.values() if p.dim() == 4]
+    assert weights == expected  # the traced layout, (4, 1, 3, 3)'s channels-last strides included
 
 
 def test_stored_programs_are_capped_per_model(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 transformers = pytest.importorskip("transformers")
 
 from lightning_influence.evaluator import Evaluator  # noqa: E402
-from lightning_influence.operators.curvature import gnh_product_reference, make_operator  # noqa: E402
+from lightning_influence.operators import gnh_product_reference, make_operator  # noqa: E402
 from lightning_influence.tasks import Classification, LanguageModeling  # noqa: E402
 
 VOCAB, LENGTH = 24, 8

@@ -32,12 +32,12 @@ from lightning_influence.operators.curvature import (
     GNHOperator,
     HessianOperator,
     SampledFisherOperator,
-    gnh_product_reference,
     local_curvature_matmat,
     loss_gradient,
     make_operator,
     operator_class,
 )
+from lightning_influence.operators.reference import gnh_product_reference
 
 __all__ = [
     "CURVATURE_KINDS",

@@ -34,6 +34,7 @@ model's per-module training flags are restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,8 +56,6 @@ from lightning_influence.params import (
     derive_seed,
     flatten,
     make_generator,
-    num_parameters,
-    trainable_parameters,
     unflatten,
 )
 from lightning_influence.tasks import Task
@@ -69,7 +68,6 @@ __all__ = [
     "GNHOperator",
     "HessianOperator",
     "SampledFisherOperator",
-    "gnh_product_reference",
     "local_curvature_matmat",
     "loss_gradient",
     "make_operator",
@@ -166,7 +164,7 @@ class CurvatureOperator(OperatorBase):
     @property
     def num_params(self) -> int:
         """Dimension :math:`P` of the parameter space."""
-        return num_parameters(self.params)
+        return self.evaluator.num_params
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -224,7 +222,7 @@ class CurvatureOperator(OperatorBase):
             The flat local sum and the local unit count (zeros for an empty shard).
         """
         sums: list[Tensor] = []  # the running (sum, count): the first batch's own tensors, no zeros added to them
-        with curvature_mode(self.model):
+        with self._product_mode():
             for i, batch in enumerate(self.data):
                 local, n = per_batch(i, batch)
                 local = local.detach().reshape(-1).to(self.param_dtype)
@@ -234,6 +232,10 @@ class CurvatureOperator(OperatorBase):
             return (torch.zeros(size, dtype=self.param_dtype, device=self.device),
                     torch.zeros((), dtype=self.param_dtype, device=self.device))
         return sums[0], torch.as_tensor(sums[1], dtype=self.param_dtype, device=self.device)
+
+    def _product_mode(self) -> contextlib.AbstractContextManager[None]:
+        """The modes one pass over the batches runs in (:func:`curvature_mode`: eval mode, math attention)."""
+        return curvature_mode(self.model)
 
     def _global_mean(self, total: Tensor, count: Tensor, directions: int) -> Tensor:
         """One reduction of ``(sum, count)``, then the mean over every counted unit of every rank.
@@ -632,23 +634,36 @@ class FiniteDifferenceGNHOperator(_OutputSpaceOperator):
 class _StreamedHessian(CurvatureOperator):
     """Forward-over-reverse Hessian products, streamed (the primal pass repeated per product)."""
 
-    def _loss_sum_and_units(self, batch: Any) -> tuple[Callable[[ParamTree], Tensor], Tensor]:
-        """The batch's summed loss as a function of the parameters, and its unit count (the batch validated first)."""
+    def _loss_and_outputs(self, batch: Any) -> tuple[Callable[[ParamTree], tuple[Tensor, Tensor]], Tensor, Tensor]:
+        """The batch's summed loss and outputs as a function of the parameters, its outputs and its unit count.
+
+        The batch is validated first (one forward pass without a graph).
+
+        Returns:
+            ``(loss_and_outputs, outputs, units)``: ``loss_and_outputs(params)`` is ``(summed loss, outputs)``.
+        """
         f, targets = self.evaluator.output_fn(batch)
         with torch.no_grad():
             out = f(self.params)
         self.task.loss.validate(out, targets)
-        return (lambda p: self.task.loss.unit_losses(f(p), targets).sum()), self._units(out, targets)
+        unit_losses = self.task.loss.unit_losses
+
+        def loss_and_outputs(p: ParamTree) -> tuple[Tensor, Tensor]:
+            outputs = f(p)
+            return unit_losses(outputs, targets).sum(), outputs
+
+        return loss_and_outputs, out, self._units(out, targets)
 
     def _batch_product(self, batch_index: int, batch: Any, v: ParamTree) -> tuple[ParamTree, Tensor]:
-        loss_sum, units = self._loss_sum_and_units(batch)
-        return jvp(grad(loss_sum), (self.params,), (v,))[1], units
+        loss_and_outputs, _, units = self._loss_and_outputs(batch)
+        return jvp(grad(loss_and_outputs, has_aux=True), (self.params,), (v,))[1][0], units
 
     _vectorized = True
 
     def _batch_matmat(self, batch_index: int, batch: Any, vs: ParamTree) -> tuple[ParamTree, Tensor]:
-        loss_sum, units = self._loss_sum_and_units(batch)
-        return vmap(lambda v: jvp(grad(loss_sum), (self.params,), (v,))[1])(vs), units
+        loss_and_outputs, _, units = self._loss_and_outputs(batch)
+        gradient = grad(loss_and_outputs, has_aux=True)
+        return vmap(lambda v: jvp(gradient, (self.params,), (v,))[1][0])(vs), units
 
 
 class HessianOperator(LinearizedProducts, _StreamedHessian):
@@ -669,38 +684,6 @@ class HessianOperator(LinearizedProducts, _StreamedHessian):
 
     kind = "hessian"
     _linearized_kind = "hessian"
-
-
-def gnh_product_reference(model: nn.Module, task: Task, batch: Any, v: Tensor) -> Tensor:
-    """Unnormalised GNH product of one batch by ``torch.func.jvp`` then ``torch.func.vjp`` (two forward passes).
-
-    A second, independent implementation kept for tests and benchmarks.
-
-    Returns:
-        The flat, unnormalised GNH product for ``batch`` (length ``P``).
-
-    Example::
-
-        >>> from lightning_influence.tasks import Regression
-        >>> x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64)
-        >>> batch = (x, torch.zeros(2, 1, dtype=torch.float64))
-        >>> m = torch.nn.Linear(2, 1, bias=False).double()
-        >>> gnh_product_reference(m, Regression(), batch, torch.ones(2, dtype=torch.float64))  # X^T X 1
-        tensor([9., 4.], dtype=torch.float64)
-    """
-    params = trainable_parameters(model)
-    inputs, targets = task.split(batch)
-
-    def f(p: ParamTree) -> Tensor:
-        out, _ = task.targets(task.outputs(task.forward(model, p, inputs)), targets)
-        return out
-
-    with curvature_mode(model):
-        outputs, jv = jvp(f, (params,), (unflatten(v, params),))  # type: ignore[misc]
-        c = task.loss.output_hvp(outputs, targets, jv)
-        _, pullback = vjp(f, params)  # type: ignore[misc]
-        (prod,) = pullback(c)
-    return flatten(prod)
 
 
 def loss_gradient(model: nn.Module, task: Task, data: DataSource | Sequence[Any],

@@ -12,13 +12,20 @@ riding on it) and a backward pass. With a cached linearisation of a batch, built
 * ``torch.func.vjp`` gives the pullback :math:`u \mapsto J^\top u` on the stored activations,
 
 so a product is a tangent pass plus a backward pass, and a trace probe (forward mode only) is a tangent pass. For
-:class:`~lightning_influence.operators.HessianOperator` the cached object is ``linearize`` of the parameter
-gradient, i.e. :math:`v \mapsto H v` with the primal and reverse passes folded into constants.
+:class:`~lightning_influence.operators.HessianOperator` the stored program is the tangent map of the parameter
+gradient (forward over reverse, traced): :math:`v \mapsto H v` with the forward and backward passes folded into
+constants, kept per model and batch like the output programs (it also returns the model's outputs, which check a
+reused trace). Measured in one process against one gradient (``benchmarks/bench_curvature.py``'s batches, one
+thread), the traced map beat PyHessian's retained-graph double backward on all three models: 1.13 vs 1.17-1.27
+gradients on the digits MLP, 2.01-2.08 vs 2.13 on the character transformer, 1.86 vs 2.03 on the digits CNN.
 
-For the Hessian of a model without a convolution the cached object is instead the loss gradient's retained
-autograd graph (:func:`_retained_hvp`, PyHessian's trick: one backward per product, in the C++ engine): faster
-on transformers, level on MLPs, slower where convolutions' double backward is involved. Where an operation has no
-double backward the batch falls back to ``linearize``. ``stats()["retained"]`` counts those batches.
+The traced graphs are cleaned before they are split (:mod:`~lightning_influence.operators.graphs`): forward-mode
+AD adds a zero tangent for the batch on every product (``conv(0, W)``, ``0 @ W^T``), and the loss's backward casts
+to the dtype it already has. For float32 (or bfloat16) models with an ``nn.Conv2d`` on the CPU the traced
+programs run channels-last (:func:`channels_last_params`: oneDNN convolves and pools two to five times faster that
+way); ``stats()["channels_last"]`` counts those batches. The pullback keeps the model's layout: run channels-last
+through autograd, the gradient that comes back through the model's flatten is NCHW and every later layer converts
+it (measured slower than NCHW throughout).
 
 **When it is used** (``linearization="auto"``, the default). A batch is linearised at its second product pass
 (an operator used once never pays the build, which traces the model: a fixed cost of tens of milliseconds to a
@@ -41,6 +48,7 @@ discards it (and, in ``"auto"`` mode, switches that operator to streaming: its p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import warnings
@@ -56,6 +64,7 @@ from torch.autograd import forward_ad as fwad
 
 from lightning_influence.config import DEFAULT_LINEARIZATION_BUDGET
 from lightning_influence.exceptions import ConfigurationError
+from lightning_influence.operators.graphs import fold_zero_tangents, split_tangent_graph
 from lightning_influence.params import ParamTree, unflatten
 
 if TYPE_CHECKING:
@@ -179,20 +188,25 @@ class TangentProgram:
                 return tangents + [u.primal for u in unpacked]
 
         points = [params[k].detach() for k in self.names]
+        #: the strides of every traced parameter: tangents and later points are laid out the same way (a
+        #: channels-last weight with one input channel is also "contiguous": its strides still steer the kernels)
+        self.strides = [p.stride() for p in points]
         try:
             with _quiet_tracing():
                 graph = make_fx(traced)(*points, *[torch.zeros_like(p) for p in points]).graph
         except (RuntimeError, NotImplementedError) as err:  # e.g. control flow on a tensor's value
             raise Untraceable(f"make_fx cannot trace the model: {err}") from err
         self.spec, self.num_outputs = spec[0], spec[0].num_leaves
-        self._primal, self._tangent = _split_tangent_graph(graph, n, self.num_outputs)
+        fold_zero_tangents(graph, n)
+        self._primal, self._tangent = split_tangent_graph(graph, n, self.num_outputs)
 
     def at(self, params: ParamTree, reference: Any = None) -> tuple[Callable[[ParamTree], Any], Any]:
         """The tangent map at ``params`` and ``f(params)`` (one forward pass of the primal part).
 
         Args:
             params: The point (same names, shapes and dtypes as the traced one).
-            reference: ``f(params)`` computed otherwise (e.g. by a ``vjp``), to check the trace against.
+            reference: ``f(params)``, or its last outputs, computed otherwise (e.g. by a ``vjp``), to check the
+                trace against.
 
         Returns:
             ``(jvp, outputs)``: the map (a tree like ``params`` -> what ``f`` returns) and ``f(params)``, detached.
@@ -203,17 +217,19 @@ class TangentProgram:
         from torch.utils._pytree import tree_flatten, tree_unflatten
 
         with torch.no_grad():
-            values = self._primal(*[params[k].detach() for k in self.names])
+            values = self._primal(*[_restride(params[k].detach(), st)
+                                    for k, st in zip(self.names, self.strides, strict=True)])
         consts, primal_outs = values[:-self.num_outputs], list(values[-self.num_outputs:])
         if reference is not None:
-            for got, want in zip(primal_outs, tree_flatten(reference)[0], strict=True):
+            wanted = tree_flatten(reference)[0]
+            for got, want in zip(primal_outs[len(primal_outs) - len(wanted):], wanted, strict=True):
                 tol = 100 * torch.finfo(got.dtype).eps * (1.0 + float(want.detach().abs().max()))
                 if got.shape != want.shape or not bool((got - want.detach()).abs().max() <= tol):
                     raise StaleTrace("the traced program computes other outputs at these parameters")
-        tangent = self._tangent
+        tangent, layout = self._tangent, list(zip(self.names, self.strides, strict=True))
 
         def jvp(v: ParamTree) -> Any:
-            return tree_unflatten(list(tangent(*consts, *[v[k].contiguous() for k in self.names])), self.spec)
+            return tree_unflatten(list(tangent(*consts, *[_restride(v[k], st) for k, st in layout])), self.spec)
 
         return jvp, tree_unflatten(primal_outs, self.spec)
 
@@ -224,51 +240,6 @@ class StaleTrace(RuntimeError):
 
 class Untraceable(RuntimeError):
     """``make_fx`` cannot trace the function (a cache then streams that batch)."""
-
-
-def _split_tangent_graph(graph: Any, num_params: int, num_outputs: int) -> tuple[Any, Any]:
-    """Split a traced ``(params, tangents) -> tangents + primal outputs`` graph into its primal and tangent parts.
-
-    Returns:
-        ``(primal, tangent)`` GraphModules: ``primal(*params)`` returns the values the tangent part reads, then the
-        primal outputs; ``tangent(*those values, *tangents)`` returns the output tangents.
-    """
-    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    out_node = next(node for node in graph.nodes if node.op == "output")
-    results = list(out_node.args[0])
-    tangent_outs, primal_outs = results[:num_outputs], results[num_outputs:]
-    dependent = set(placeholders[num_params:])
-    for node in graph.nodes:
-        if node.op not in ("placeholder", "output") and any(a in dependent for a in node.all_input_nodes):
-            dependent.add(node)
-    boundary = [node for node in graph.nodes if node not in dependent and node.op != "output"
-                and (any(u in dependent for u in node.users) or node in tangent_outs)]
-    ops = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
-    primal = _subgraph(graph, placeholders[:num_params], [n for n in ops if n not in dependent],
-                       boundary + primal_outs)
-    tangent = _subgraph(graph, boundary + placeholders[num_params:], [n for n in ops if n in dependent], tangent_outs)
-    return primal, tangent
-
-
-def _subgraph(graph: Any, inputs: list[Any], nodes: list[Any], outputs: list[Any]) -> Any:
-    """Copy ``nodes`` (in graph order) into a module that reads ``inputs`` as placeholders.
-
-    Dead code is dropped, e.g. forward-mode AD's layout checks (``is_same_size``: two per tangent use, unused).
-
-    Returns:
-        The GraphModule, returning ``outputs`` as a list.
-    """
-    import torch.fx as fx
-
-    part: fx.Graph = fx.Graph()
-    env = {node: part.placeholder(f"in_{node.name}") for node in inputs}
-    for node in nodes:
-        env[node] = part.node_copy(node, lambda a: env[a])
-    part.output([env[o] for o in outputs])
-    module = fx.GraphModule(graph.owning_module, part)
-    module.graph.eliminate_dead_code()
-    module.recompile()
-    return module
 
 
 @dataclass
@@ -292,17 +263,20 @@ def _tensor_leaves(tree: Any) -> list[Tensor]:
 
 
 def stored_tangents(model: torch.nn.Module, index: int, batch: Any, f: Callable[[ParamTree], Any],
-                    params: ParamTree, outputs: Tensor) -> tuple[Callable[[ParamTree], Any], bool]:
-    """The tangent map of ``f`` (the outputs of ``batch`` under ``model``) at ``params``, traced at most once.
+                    params: ParamTree, outputs: Tensor, *, kind: str = "outputs"
+                    ) -> tuple[Callable[[ParamTree], Any], bool]:
+    """The tangent map of ``f`` (a function of ``batch`` under ``model``) at ``params``, traced at most once.
 
-    A :class:`TangentProgram` is kept per model, batch index and parameter signature and reused while the batch's
-    tensors hold the same values, the model's buffers are untouched and the program still computes ``outputs``
-    (``f(params)`` from the caller's ``vjp``); otherwise the model is traced again.
+    A :class:`TangentProgram` is kept per model, ``kind`` (``"outputs"``: ``f`` returns the model's outputs;
+    ``"hessian"``: it returns the loss gradient and then the outputs), batch index and parameter signature, and
+    reused while the batch's tensors hold the same values, the model's buffers are untouched and the program still
+    computes ``outputs`` (the model's outputs at ``params``, which the caller has: ``f``'s last output); otherwise
+    the model is traced again.
 
     Returns:
         ``(jvp, traced)``: the map and whether this call traced the model.
     """
-    key = (index, tuple((k, tuple(p.shape), p.dtype, p.device) for k, p in params.items()))
+    key = (kind, index, tuple((k, tuple(p.shape), p.dtype, p.device, p.stride()) for k, p in params.items()))
     inputs, buffers = _tensor_leaves(batch), [(id(b), b._version) for b in model.buffers()]
     with _PROGRAMS_LOCK:
         stored = _PROGRAMS.get(model, {}).get(key)
@@ -339,45 +313,50 @@ def linearize_tangents(f: Callable[[ParamTree], Any], params: ParamTree) -> Call
     return TangentProgram(f, params).at(params)[0]
 
 
-def _has_convolution(model: torch.nn.Module) -> bool:
-    """Whether ``model`` holds a convolution, whose double backward is slower than forward mode."""
-    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+@contextmanager
+def _grad_mode() -> Iterator[None]:
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
-def _retained_hvp(loss_sum: Callable[[ParamTree], Tensor], params: ParamTree
-                  ) -> Callable[[ParamTree], ParamTree] | None:
-    r""":math:`v \mapsto H v` on the loss gradient's retained graph (reverse over reverse), or ``None``.
+def _restride(t: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """``t``, or a copy of it with the given strides (the layout a traced program was traced with)."""
+    if t.stride() == stride:
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
-    PyHessian's trick: the gradient is taken once with ``create_graph``, and each product :math:`H v` is one backward
-    of that graph, in the C++ autograd engine, where ``linearize`` of the gradient runs a traced forward-over-reverse
-    graph node by node in Python. Measured in one process, interleaved, against one gradient
-    (``benchmarks/bench_curvature.py``'s batches, one thread): 1.98x vs 3.05x on the character transformer, level
-    on the digits MLP (1.58x vs 1.57x), slower on the digits CNN (1.94x vs 1.87x: convolutions' double backward), so
-    models with a convolution keep ``linearize``. For the GNH the same comparison found no gain (a retained
-    :math:`u \mapsto J^\top u` graph: 1.40x vs 1.36x on the transformer, 1.94x vs 1.33x on the CNN), so GNH-type
-    operators always ``linearize``.
+
+def channels_last_params(model: torch.nn.Module, params: ParamTree) -> ParamTree:
+    """``params`` with every 4-D leaf in ``channels_last`` where oneDNN convolves faster that way, else ``params``.
+
+    oneDNN (PyTorch's CPU convolutions) computes in a channels-last layout: given NCHW tensors it reorders every
+    input and output of every convolution, and NCHW pooling and their backward passes are several times slower
+    than channels-last ones (measured on ``benchmarks/bench_curvature.py``'s digits CNN, one thread: a 16->32
+    channel 3x3 convolution of 512 8x8 images 7.4 ms NCHW vs 2.8 ms channels-last; its input-and-weight backward
+    10.2 vs 5.4 ms; the adaptive average pool 1.1 vs 0.2 ms). A convolution whose weight is channels-last runs
+    channels-last and returns channels-last activations, which every later layer keeps, so the traced programs
+    convert the 4-D weights once per build (a copy of the weights, not of activations) and their convolutions all
+    run channels-last. Values are equal to rounding (a different summation order inside the kernels).
+
+    Applied to models with an ``nn.Conv2d``, parameters in float32 or bfloat16 on the CPU with oneDNN available;
+    float64 (the exact mode: no oneDNN kernels) and other devices keep their layout. A model whose ``forward``
+    cannot take channels-last activations (``.view`` of a convolution's output) is run as it is (the caller
+    retries with ``params``).
 
     Returns:
-        The product, or ``None`` if an operation has no double backward (the caller then uses ``linearize``).
+        A new tree (4-D leaves copied to ``channels_last``, the others as they are) or ``params`` itself.
     """
-    names = list(params)
-    leaves = [params[n].detach().requires_grad_(True) for n in names]
-    try:
-        with torch.enable_grad():
-            loss = loss_sum(dict(zip(names, leaves, strict=True)))
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            live = [(g, j) for j, g in enumerate(grads) if g is not None and g.requires_grad]
-
-            def hvp(v: ParamTree) -> ParamTree:
-                out = torch.autograd.grad([g for g, _ in live], leaves, grad_outputs=[v[names[j]] for _, j in live],
-                                          retain_graph=True, allow_unused=True)
-                return {n: torch.zeros_like(leaf) if h is None else h
-                        for n, h, leaf in zip(names, out, leaves, strict=True)}
-
-            hvp(params)  # raises here if an operation has no double backward
-    except (RuntimeError, NotImplementedError):  # e.g. a fused kernel or custom Function with no double backward
-        return None
-    return hvp
+    if not torch.backends.mkldnn.is_available() or not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return params
+    leaves = list(params.values())
+    if not leaves or any(p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) for p in leaves):
+        return params
+    if not any(p.dim() == 4 for p in leaves):
+        return params
+    # empty_like + copy_ rather than .contiguous(): a weight with one input channel is both "contiguous" and
+    # "channels-last", and only explicit channels-last strides make its convolution (and all after it) channels-last
+    return {k: torch.empty_like(p, memory_format=torch.channels_last).copy_(p) if p.dim() == 4 else p
+            for k, p in params.items()}
 
 
 class LinearizationCache:
@@ -393,10 +372,10 @@ class LinearizationCache:
         streamed_products: Directions multiplied by streaming (first passes, over-budget or slower batches).
         over_budget: Batches refused because the budget was full.
         built: Batches linearised so far.
-        retained: Of those, batches cached on retained autograd graphs rather than ``linearize``.
         traced: Of those, batches whose tangent map traced the model (the others reused a stored
             :class:`TangentProgram`: one forward pass instead of a trace).
         untraceable: Batches streamed because ``make_fx`` could not trace the model (control flow on a value).
+        channels_last: Batches linearised with channels-last convolutions (:func:`channels_last_params`).
 
     Raises:
         ConfigurationError: For an unknown mode or a negative budget.
@@ -416,7 +395,7 @@ class LinearizationCache:
         self.mode, self.budget = mode, int(budget)
         self.batches: dict[int, _Batch] = {}
         self.used_bytes = self.cached_products = self.streamed_products = self.over_budget = self.built = 0
-        self.retained = self.traced = self.untraceable = 0
+        self.traced = self.untraceable = self.channels_last = 0
         self._versions: tuple[int, ...] | None = None
 
     @property
@@ -429,12 +408,13 @@ class LinearizationCache:
 
         Returns:
             ``cached_batches``, ``used_bytes``, ``cached_products``, ``streamed_products``, ``over_budget``, ``built``,
-            ``retained``, ``traced``, ``untraceable``.
+            ``traced``, ``untraceable``, ``channels_last``.
         """
         cached = sum(b.entry is not None for b in self.batches.values())
         return {"cached_batches": cached, "used_bytes": self.used_bytes, "cached_products": self.cached_products,
                 "streamed_products": self.streamed_products, "over_budget": self.over_budget, "built": self.built,
-                "retained": self.retained, "traced": self.traced, "untraceable": self.untraceable}
+                "traced": self.traced, "untraceable": self.untraceable,
+                "channels_last": self.channels_last}
 
     def clear(self) -> None:
         """Drop every entry (the parameters changed)."""
@@ -449,6 +429,12 @@ class LinearizationCache:
             if self.mode == "auto":  # parameters that move between products: rebuilding would cost more than it saves
                 self.mode = "never"
         self._versions = versions
+
+    def serves(self, num_batches: int, params: ParamTree) -> bool:
+        """Whether every one of ``num_batches`` batches has an entry valid for ``params`` (nothing to stream)."""
+        batches = self.batches
+        return (len(batches) == num_batches > 0 and all(b.entry is not None for b in batches.values())
+                and self._versions == tuple(p._version for p in params.values()))
 
     def lookup(self, index: int, build: Callable[[], dict[str, Any]], estimate: Callable[[], int]
                ) -> dict[str, Any] | None:
@@ -480,7 +466,6 @@ class LinearizationCache:
             return None
         self.used_bytes += state.saved_bytes
         self.built += 1
-        self.retained += int(bool(state.entry.get("retained")))
         return state.entry
 
     def _refuse(self, state: _Batch) -> dict[str, Any] | None:
@@ -520,10 +505,12 @@ class LinearizedProducts:
         evaluator: Evaluator
         task: Task
         params: ParamTree
+        data: list[Any]
 
         def _output_map(self, batch_index: int, outputs: Tensor, targets: Tensor, jv: Tensor) -> Tensor: ...
 
-        def _loss_sum_and_units(self, batch: Any) -> tuple[Callable[[ParamTree], Tensor], Tensor]: ...
+        def _loss_and_outputs(self, batch: Any) -> tuple[Callable[[ParamTree], tuple[Tensor, Tensor]], Tensor,
+                                                          Tensor]: ...
 
         def _units(self, outputs: Tensor, targets: Tensor) -> Tensor: ...
 
@@ -546,6 +533,20 @@ class LinearizedProducts:
         new.linearization = LinearizationCache(self.linearization.mode, self.linearization.budget)
         return new
 
+    def _product_mode(self) -> contextlib.AbstractContextManager[None]:
+        """Only grad mode when every batch is served from the cache, else :func:`curvature_mode`.
+
+        A cached product runs traced graphs and a stored pullback, neither of which reads the modules' training
+        flags or the attention switches, so the walk over the modules and the process-wide switches (a tenth of a
+        small model's product) are skipped.
+
+        Returns:
+            The context manager.
+        """
+        if self.linearization.serves(len(self.data), self.params):
+            return _grad_mode()
+        return super()._product_mode()  # type: ignore[misc]
+
     def _entry(self, i: int, batch: Any) -> dict[str, Any] | None:
         self.linearization.check_params(self.params)
         return self.linearization.lookup(i, lambda: self._build(i, batch), lambda: self._estimate(batch))
@@ -557,21 +558,50 @@ class LinearizedProducts:
     def _build(self, i: int, batch: Any) -> dict[str, Any]:
         from torch.func import grad, vjp
 
+        model = self.evaluator.model
         if self._linearized_kind == "hessian":
-            loss_sum, units = self._loss_sum_and_units(batch)
-            hvp = None if _has_convolution(self.evaluator.model) else _retained_hvp(loss_sum, self.params)
-            retained = hvp is not None
-            if hvp is None:
-                hvp = linearize_tangents(grad(loss_sum), self.params)
-            return {"hvp": hvp, "units": units, "retained": retained}
+            # forward over reverse, traced: v -> (H v, J v); the model outputs it also returns check a stored trace
+            loss_and_outputs, outputs, units = self._loss_and_outputs(batch)
+            gradient = grad(loss_and_outputs, has_aux=True)
+
+            def hessian(params: ParamTree) -> Callable[[ParamTree], Any]:
+                jvp_fn, traced = stored_tangents(model, i, batch, gradient, params, outputs, kind="hessian")
+                self.linearization.traced += int(traced)
+                return jvp_fn
+
+            hvp = self._with_layout(hessian)
+            return {"hvp": lambda v: hvp(v)[0], "units": units}
         f, targets = self.evaluator.output_fn(batch)
         outputs, pullback = vjp(f, self.params)  # type: ignore[misc]
         outputs = outputs.detach()
         self.task.loss.validate(outputs, targets)
-        jvp_fn, traced = stored_tangents(self.evaluator.model, i, batch, f, self.params, outputs)
-        self.linearization.traced += int(traced)
-        return {"map": self._output_map_fn(i, outputs, targets), "jvp": jvp_fn, "pullback": pullback,
-                "units": self._units(outputs, targets)}
+
+        def tangents(params: ParamTree) -> Callable[[ParamTree], Any]:
+            jvp_fn, traced = stored_tangents(model, i, batch, f, params, outputs)
+            self.linearization.traced += int(traced)
+            return jvp_fn
+
+        return {"map": self._output_map_fn(i, outputs, targets), "jvp": self._with_layout(tangents),
+                "pullback": pullback, "units": self._units(outputs, targets)}
+
+    def _with_layout(self, build: Callable[[ParamTree], Any]) -> Any:
+        """``build(params)`` at the parameters in the layout the model convolves fastest in, else as they are.
+
+        See :func:`channels_last_params`; a ``forward`` that cannot run channels-last is built as it is.
+
+        Returns:
+            What ``build`` returns.
+        """
+        params = channels_last_params(self.evaluator.model, self.params)
+        if params is not self.params:
+            try:
+                out = build(params)
+            except (RuntimeError, Untraceable):  # e.g. ``.view`` of a channels-last activation
+                pass
+            else:
+                self.linearization.channels_last += 1
+                return out
+        return build(self.params)
 
     def _output_map_fn(self, i: int, outputs: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
         """Batch ``i``'s output map at its cached outputs (overridden where part of it can be computed once)."""
