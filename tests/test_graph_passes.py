@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from lightning_influence.operators.graphs import fold_zero_tangents
+from lightning_influence.operators.graphs import fold_zero_tangents, reuse_dead_buffers
 from lightning_influence.operators.linearized import TangentProgram
 
 aten = torch.ops.aten
@@ -102,3 +102,45 @@ def test_broadcast_addends_and_identity_casts_fold_exactly() -> None:
     gm, replaced = _fold(fn, p, t)
     assert replaced == 3  # the add (-> an expand), the cast, the double transpose
     assert torch.equal(gm(p, t), t[:3].expand(5, 3) * p[0])
+
+
+def test_buffers_are_reused_only_where_the_operand_dies_and_owns_its_storage() -> None:
+    a, b = torch.randn(3, 3), torch.randn(3, 3)
+
+    def fn(a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+        kept = a @ b  # used twice: must stay intact
+        view = (a @ b).t()  # a view: shares storage with the product
+        return [kept * 2.0 + kept, view + 1.0, a + b, b[0] + a @ b]  # a + b: a is an input (a kept value)
+
+    gm = make_fx(fn)(a, b)
+    want = gm(a, b)
+    reused = reuse_dead_buffers(gm.graph)
+    gm.recompile()
+    got = gm(a, b)
+    in_place = sorted(str(n.target) for n in gm.graph.nodes if str(n.target).endswith("_.Tensor")
+                      or str(n.target).endswith("_.Scalar"))
+    # (kept * 2) + kept: the scaled copy dies in the sum; b[0] + (a @ b): swapped, the product dies there
+    assert reused == 2 and in_place == ["aten.add_.Tensor", "aten.add_.Tensor"], in_place
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(a, a.clone()) and not any(t is a or t is b for t in got)
+
+
+def test_threshold_masks_are_point_constants_and_exact() -> None:
+    """``threshold_backward`` becomes a fill by a mask of the primal value: in the per-point part after the split."""
+    from lightning_influence.operators.graphs import mask_threshold_backward, split_tangent_graph
+
+    def fn(p: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        y = torch.relu(p * 3.0)
+        return [aten.threshold_backward(t * 2.0, y, 0), y]
+
+    gm = make_fx(fn)(torch.randn(4), torch.randn(4))
+    p, t = torch.tensor([-1.0, 0.0, 2.0, float("nan")]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    want = gm(p, t)
+    assert mask_threshold_backward(gm.graph) == 1
+    primal, tangent = split_tangent_graph(gm.graph, num_params=1, num_outputs=1)
+    assert not any(n.target is aten.le.Scalar for n in tangent.graph.nodes)  # the mask is computed per point
+    assert any(n.target is aten.mul.Tensor for n in tangent.graph.nodes)
+    values = primal(p)
+    got = tangent(*values[:-1], t)
+    assert torch.equal(got[0], want[0])  # NaN kept where threshold_backward keeps it

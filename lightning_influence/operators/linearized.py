@@ -64,7 +64,12 @@ from torch.autograd import forward_ad as fwad
 
 from lightning_influence.config import DEFAULT_LINEARIZATION_BUDGET
 from lightning_influence.exceptions import ConfigurationError
-from lightning_influence.operators.graphs import fold_zero_tangents, split_tangent_graph
+from lightning_influence.operators.graphs import (
+    fold_zero_tangents,
+    mask_threshold_backward,
+    reuse_dead_buffers,
+    split_tangent_graph,
+)
 from lightning_influence.params import ParamTree, unflatten
 
 if TYPE_CHECKING:
@@ -197,8 +202,11 @@ class TangentProgram:
         except (RuntimeError, NotImplementedError) as err:  # e.g. control flow on a tensor's value
             raise Untraceable(f"make_fx cannot trace the model: {err}") from err
         self.spec, self.num_outputs = spec[0], spec[0].num_leaves
+        mask_threshold_backward(graph)
         fold_zero_tangents(graph, n)
         self._primal, self._tangent = split_tangent_graph(graph, n, self.num_outputs)
+        if reuse_dead_buffers(self._tangent.graph):
+            self._tangent.recompile()
 
     def at(self, params: ParamTree, reference: Any = None) -> tuple[Callable[[ParamTree], Any], Any]:
         """The tangent map at ``params`` and ``f(params)`` (one forward pass of the primal part).
