@@ -648,6 +648,9 @@ def estimate_spectrum(
             f"lanczos_start='gradient' needs an operator with a loss_gradient() method (every CurvatureOperator has "
             f"one); {type(op).__name__} has none. Use lanczos_start='random' or pass start=..."
         )
+    expect_reuse = getattr(getattr(op, "linearization", None), "expect_reuse", None)
+    if callable(expect_reuse):  # Lanczos and the probes multiply the same batches again and again
+        expect_reuse()
     clock = time.perf_counter()
     how = "warm" if start is not None else "random"
     if cfg.lambda_method == "lanczos":

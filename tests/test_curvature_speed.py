@@ -421,3 +421,25 @@ def test_lanczos_keeps_semi_orthogonality_and_the_ritz_value_exact(dtype: torch.
     assert est.num_products > 15  # ran well past the point where plain Lanczos loses orthogonality
     assert off <= 10 * eps**0.5, off
     assert abs(est.value - 100.0) <= 100.0 * (1e-6 if dtype == torch.float32 else 1e-12), est.value
+
+
+def test_estimate_spectrum_builds_the_cache_at_its_first_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``"auto"`` waits for a second pass (an operator used once never pays a build) unless the caller expects
+    reuse, as ``estimate_spectrum`` does: then no product streams, and the estimates equal the streamed ones."""
+    from lightning_influence.operators import linearized
+    from lightning_influence.spectrum import estimate_spectrum
+
+    monkeypatch.setattr(linearized, "AUTO_MIN_BYTES", 0)  # the tiny model counts as large enough to cache
+    model, task, batches = _mlp()
+    once = GNHOperator(model, task, batches, linearization="auto")
+    once.matvec(torch.ones(once.num_params, dtype=torch.float64))
+    assert once.linearization.stats()["streamed_products"] == 2 and once.linearization.stats()["built"] == 0
+    summaries = []
+    for mode in ("auto", "never"):
+        op = GNHOperator(model, task, batches, linearization=mode)
+        summaries.append(estimate_spectrum(op, damping=0.1, trace_probes=4, lanczos_iter=6, seed=0))
+        stats = op.linearization.stats()
+        if mode == "auto":  # every pass cached, the first included
+            assert stats["streamed_products"] == 0 and stats["built"] == 2 and stats["cached_products"] > 4
+    assert summaries[0].lambda_max == pytest.approx(summaries[1].lambda_max, rel=1e-10)
+    assert summaries[0].trace == pytest.approx(summaries[1].trace, rel=1e-10)
