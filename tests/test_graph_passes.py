@@ -144,3 +144,23 @@ def test_threshold_masks_are_point_constants_and_exact() -> None:
     values = primal(p)
     got = tangent(*values[:-1], t)
     assert torch.equal(got[0], want[0])  # NaN kept where threshold_backward keeps it
+
+
+def test_straight_line_code_equals_the_graph_module() -> None:
+    """Multi-output ops (getitem), keyword arguments, lists of nodes and scalars, and a fallback for get_attr."""
+    from lightning_influence.operators.graphs import straight_line
+
+    def fn(x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+        out, mean, rstd = aten.native_layer_norm(x, [4], w, None, 1e-5)
+        y = aten._to_copy(out, dtype=torch.float64)
+        return [aten.cat([y, y * 2.0], 1), mean, rstd.sum(dtype=torch.float32), aten.sum(out, [0, 1], keepdim=True)]
+
+    x, w = torch.randn(3, 4), torch.randn(4)
+    gm = make_fx(fn)(x, w)
+    run = straight_line(gm)
+    assert run is not gm
+    for a, b in zip(run(x, w), gm(x, w), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    constant = torch.randn(4)
+    with_constant = make_fx(lambda x: x * constant)(x)  # the closed-over tensor becomes a get_attr node
+    assert straight_line(with_constant) is with_constant

@@ -70,6 +70,7 @@ from lightning_influence.operators.graphs import (
     mask_threshold_backward,
     reuse_dead_buffers,
     split_tangent_graph,
+    straight_line,
 )
 from lightning_influence.params import ParamTree, unflatten
 
@@ -213,6 +214,7 @@ class TangentProgram:
         self._primal, self._tangent = split_tangent_graph(graph, n, self.num_outputs)
         if reuse_dead_buffers(self._tangent.graph):
             self._tangent.recompile()
+        self._run_tangent = straight_line(self._tangent)  # what a product runs
 
     def at(self, params: ParamTree, reference: Any = None) -> tuple[Callable[[ParamTree], Any], Any]:
         """The tangent map at ``params`` and ``f(params)`` (one forward pass of the primal part).
@@ -240,7 +242,7 @@ class TangentProgram:
                 tol = 100 * torch.finfo(got.dtype).eps * (1.0 + float(want.detach().abs().max()))
                 if got.shape != want.shape or not bool((got - want.detach()).abs().max() <= tol):
                     raise StaleTrace("the traced program computes other outputs at these parameters")
-        tangent, layout = self._tangent, list(zip(self.names, self.strides, strict=True))
+        tangent, layout = self._run_tangent, list(zip(self.names, self.strides, strict=True))
 
         def jvp(v: ParamTree) -> Any:
             return tree_unflatten(list(tangent(*consts, *[_restride(v[k], st) for k, st in layout])), self.spec)
