@@ -92,9 +92,9 @@ def _default_config() -> SpectrumConfig:
     (``"auto"``): the first measurement of a process traces the model on the sample, later ones reuse that trace
     (:class:`~lightning_influence.operators.linearized.TangentProgram`: one forward pass for the new weights) and
     their products skip the primal pass. Measured with ``benchmarks/bench_monitor_overhead.py`` (12 epochs,
-    measurements every 200 steps): on the 1.2M-parameter CNN warm measurements took 6.7-7.4 training steps
-    against 7.5-9.8 streamed, the first 17.9-20.1 against 12.4-13.8; on the 9k-parameter example warm ones are
-    level (4.3-4.9 against 4.5-5.2) and the first costs about 5 steps more. ``linearization="never"`` streams.
+    measurements every 200 steps, two runs): on the 1.2M-parameter CNN warm measurements took 6.5 training steps
+    (7.5-9.8 streamed), the first 17.0-17.2, 9.2 per measurement over the run and 4.5-4.6 % of its wall time; on the
+    9k-parameter example 4.0-4.1, 14.0-14.4, 6.5-6.7 and 3.7-3.8 %. ``linearization="never"`` streams.
 
     Returns:
         The default config.
