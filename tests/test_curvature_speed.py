@@ -443,3 +443,60 @@ def test_estimate_spectrum_builds_the_cache_at_its_first_pass(monkeypatch: pytes
             assert stats["streamed_products"] == 0 and stats["built"] == 2 and stats["cached_products"] > 4
     assert summaries[0].lambda_max == pytest.approx(summaries[1].lambda_max, rel=1e-10)
     assert summaries[0].trace == pytest.approx(summaries[1].trace, rel=1e-10)
+
+
+class _ConvClassifier(pl.LightningModule):
+    """A float32 CNN on seeded 6x6 images (a one-channel input, ReLU, max pool), trained by plain SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                           torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                           torch.nn.Linear(54, 3))
+        self.train_set = torch.utils.data.TensorDataset(torch.randn(40, 1, 6, 6, generator=g),
+                                                        torch.randint(0, 3, (40,), generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.train_set, batch_size=10, shuffle=False)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="channels-last products need oneDNN")
+def test_monitor_on_a_float32_cnn_measures_the_dense_gnh_through_channels_last_programs(tmp_path: Path) -> None:
+    """End to end: the monitor's cached, channels-last, rewritten, straight-line products give the λ_max of the
+    float64 dense GNH of its sample at the final weights (to its Lanczos tolerance and float32 rounding)."""
+    import copy
+
+    from lightning_influence.config import SpectrumConfig
+    from lightning_influence.operators import linearized
+
+    model = _ConvClassifier()
+    config = SpectrumConfig(trace_probes=4, lanczos_iter=40, lanczos_tol=1e-4, lanczos_start="gradient",
+                            linearization="always")
+    monitor = CurvatureMonitor(Classification(), every_n_steps=8, sample_size=40, batch_size=20, config=config,
+                               on_checkpoint=False)
+    _trainer(tmp_path, max_steps=8, callbacks=[monitor]).fit(model)
+    assert monitor.measured_steps == [8]
+    exact_model = copy.deepcopy(model.net).double()
+    batches = [(x.double(), y) for x, y in monitor._source.prepared(torch.device("cpu"))]  # the monitor's sample
+    dense = GNHOperator(exact_model, Classification(), batches).dense()
+    exact = float(torch.linalg.eigvalsh(dense)[-1])
+    row = monitor.history[-1]
+    assert exact * (1 - 1e-3) <= row["lambda_max"] <= exact * (1 + 1e-4)
+    assert abs(row["trace"] - float(dense.trace())) <= 4 * row["trace_stderr"] + 1e-4 * float(dense.trace())
+    programs = [s.program for s in linearized._PROGRAMS[model].values()]  # kept per LightningModule
+    conv_weights = [p for p in model.net.parameters() if p.dim() == 4]
+    assert programs and all(  # traced with channels-last weights, the one-input-channel one included
+        st == torch.empty_like(w, memory_format=torch.channels_last).stride()
+        for prog in programs for st, w in zip([s for s in prog.strides if len(s) == 4], conv_weights, strict=True))
