@@ -489,3 +489,34 @@ def test_default_sample_size_fits_a_small_dataset(tmp_path: Path) -> None:
     _trainer(tmp_path, max_steps=1, logger=False, callbacks=[every], limit_val_batches=0).fit(TinyClassifier(n=32))
     assert auto.sample_size == 32 and auto.shard is not None and auto.shard.global_size == 32
     assert auto.history[0]["trace"] == pytest.approx(every.history[0]["trace"], rel=1e-12)
+
+
+def test_the_logged_curvature_figure_and_the_report_share_one_render(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """At train end the monitor logs the report's own figure (one matplotlib render for TensorBoard and the HTML)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_influence.reporting import blocks, figures
+
+    renders: list[int] = []
+    real = figures.curvature_figure
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        renders.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(figures, "curvature_figure", counted)
+    monkeypatch.setattr("lightning_influence.reporting.sections.curvature_figure", counted)
+    blocks._RENDERED.clear()
+    pl.seed_everything(2)
+    monitor = CurvatureMonitor(Classification(), every_n_steps=3, **SMALL)  # type: ignore[arg-type]
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _trainer(tmp_path, max_steps=6, logger=logger, callbacks=[monitor], limit_val_batches=0).fit(TinyClassifier())
+    assert len(monitor.measured_steps) >= 2
+    assert len(renders) == 1
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    (image,) = acc.Images("curvature/history")
+    html = (Path(logger.log_dir) / "influence" / "report.html").read_text()
+    assert image.width > 600 and image.height > 200 and "data:image/png;base64," in html

@@ -398,11 +398,13 @@ class CurvatureMonitor(Callback):
         if not self.history:
             return None
         if self.log_figure and trainer.loggers:
-            from lightning_influence.reporting.figures import curvature_figure
-            from lightning_influence.reporting.media import log_figure
+            from lightning_influence.reporting.blocks import rendered_png
+            from lightning_influence.reporting.media import log_png
+            from lightning_influence.reporting.sections import curvature_history_figure
 
-            log_figure(trainer.loggers, MEDIA_CURVATURE_HISTORY, curvature_figure(self.history),
-                       step=trainer.global_step)
+            make = curvature_history_figure(self.history)  # the report's figure: one render serves both
+            if make is not None:
+                log_png(trainer.loggers, MEDIA_CURVATURE_HISTORY, rendered_png(make), step=trainer.global_step)
         return self.report_section(trainer) if self.write_report else None
 
     # ------------------------------------------------------------------------------------------ work

@@ -41,6 +41,7 @@ __all__ = [
     "generic",
     "kv",
     "paragraph",
+    "rendered_png",
     "section_head",
     "section_tail",
     "table",
@@ -238,7 +239,7 @@ def figure(make: Callable[[], Any], caption: str = "") -> Block:
 
     Args:
         make: Builds the figure (e.g. a ``functools.partial`` of a :mod:`~lightning_influence.reporting.figures`
-            helper); called once, here.
+            helper); called at most once per content (:func:`rendered_png`).
         caption: Caption under the image.
 
     Returns:
@@ -250,22 +251,45 @@ def figure(make: Callable[[], Any], caption: str = "") -> Block:
         >>> figure(lambda: line_figure([0, 1], {"loss": [1.0, 0.5]}, title="Loss", xlabel="epoch"))["png"][:8]
         'iVBORw0K'
     """
+    try:
+        png = rendered_png(make)
+    except ImportError as exc:
+        return paragraph(f"Figure unavailable: {exc}", "warn")
+    return {"kind": "figure", "png": png, "caption": caption}
+
+
+def rendered_png(make: Callable[[], Any]) -> str:
+    """The base64 PNG of the figure ``make()`` returns, drawn once per content.
+
+    A ``functools.partial`` builder with JSON-able arguments is keyed by its content: the report, re-rendered at
+    every callback's publish, and a callback logging the same figure to its loggers share one matplotlib render.
+
+    Returns:
+        ASCII base64 of the PNG.
+
+    Raises:
+        ImportError: Without matplotlib.
+
+    Example::
+
+        >>> from functools import partial
+        >>> from lightning_influence.reporting.figures import histogram_figure
+        >>> rendered_png(partial(histogram_figure, [1.0, 2.0], "h")) is rendered_png(
+        ...     partial(histogram_figure, [1.0, 2.0], "h"))  # the second is the first's PNG
+        True
+    """
     from lightning_influence.reporting.figures import figure_to_png_base64
 
     key = _figure_key(make)
     if key is not None and key in _RENDERED:
         _RENDERED.move_to_end(key)
-        return {"kind": "figure", "png": _RENDERED[key], "caption": caption}
-    try:
-        fig = make()
-    except ImportError as exc:
-        return paragraph(f"Figure unavailable: {exc}", "warn")
-    png = figure_to_png_base64(fig)
+        return _RENDERED[key]
+    png = figure_to_png_base64(make())
     if key is not None:
         _RENDERED[key] = png
         while len(_RENDERED) > _MAX_RENDERED:
             _RENDERED.popitem(last=False)
-    return {"kind": "figure", "png": png, "caption": caption}
+    return png
 
 
 # Rendered figures by content: the report is re-rendered whenever a callback publishes its section, and every

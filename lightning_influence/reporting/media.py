@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.loggers.tensorboard import TensorBoardLogger as _FabricTensorBoardLogger
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 _WANDB_AVAILABLE = RequirementCache("wandb")
 
-__all__ = ["log_figure", "log_histogram", "log_table", "log_text", "markdown_table"]
+__all__ = ["log_figure", "log_histogram", "log_png", "log_table", "log_text", "markdown_table"]
 
 _WARNED: set[tuple[str, str]] = set()
 
@@ -151,19 +151,54 @@ def log_figure(loggers: Any, tag: str, fig: Figure, step: int | None = None) -> 
     from lightning_influence.reporting.figures import close_figure
 
     try:
-        targets = _as_list(loggers)
-        rgb = None
-        for logger in targets:
-            if _is_tensorboard(logger) or _is_wandb(logger):
-                rgb = _figure_to_rgb(fig) if rgb is None else rgb
-                if _is_tensorboard(logger):
-                    logger.experiment.add_image(tag, rgb, global_step=step, dataformats="HWC")
-                else:
-                    logger.log_image(key=tag, images=[rgb], step=step)
-            else:
-                _warn_unsupported(logger, "figures")
+        _log_rgb(loggers, tag, lambda: _figure_to_rgb(fig), step)
     finally:
         close_figure(fig)
+
+
+def log_png(loggers: Any, tag: str, png: str, step: int | None = None) -> None:
+    """Log a base64 PNG (a figure already rendered, e.g. for the report) as an image to every TensorBoard/W&B logger.
+
+    Args:
+        loggers: ``trainer.loggers``, a single logger, or the Trainer.
+        tag: Image tag/key.
+        png: ASCII base64 of the PNG bytes (:func:`~lightning_influence.reporting.blocks.rendered_png`).
+        step: Global step.
+
+    Example::
+
+        >>> from functools import partial
+        >>> from lightning_influence.reporting.blocks import rendered_png
+        >>> from lightning_influence.reporting.figures import histogram_figure
+        >>> log_png([], "x", rendered_png(partial(histogram_figure, [1.0, 2.0], "h")))  # no loggers: nothing
+    """
+    _log_rgb(loggers, tag, lambda: _png_to_rgb(png), step)
+
+
+def _log_rgb(loggers: Any, tag: str, rgb_of: Callable[[], np.ndarray], step: int | None) -> None:
+    """Send the image ``rgb_of()`` (made at most once) to every TensorBoard/W&B logger; warn for the others."""
+    rgb = None
+    for logger in _as_list(loggers):
+        if _is_tensorboard(logger) or _is_wandb(logger):
+            rgb = rgb_of() if rgb is None else rgb
+            if _is_tensorboard(logger):
+                logger.experiment.add_image(tag, rgb, global_step=step, dataformats="HWC")
+            else:
+                logger.log_image(key=tag, images=[rgb], step=step)
+        else:
+            _warn_unsupported(logger, "figures")
+
+
+def _png_to_rgb(png: str) -> np.ndarray:
+    """An ``HxWx3`` uint8 array of a base64 PNG."""
+    import base64
+    import io
+
+    import numpy as np
+    from matplotlib.image import imread
+
+    image = imread(io.BytesIO(base64.b64decode(png)), format="png")
+    return np.asarray(np.round(image[..., :3] * 255), dtype=np.uint8)
 
 
 def log_text(loggers: Any, tag: str, text: str, step: int | None = None) -> None:

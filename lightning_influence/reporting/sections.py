@@ -120,7 +120,8 @@ from lightning_influence.reporting.figures import (
 )
 from lightning_influence.stats import as_finite
 
-__all__ = ["SectionSpec", "register_section", "registered_sections", "section_blocks", "section_title"]
+__all__ = ["SectionSpec", "curvature_history_figure", "register_section", "registered_sections", "section_blocks",
+           "section_title"]
 
 Renderer = Callable[[Mapping[str, Any]], list[Block]]
 ImageCache = dict[str, str | None]
@@ -273,6 +274,26 @@ def _flat_row(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def curvature_history_figure(raw: Any) -> Callable[[], Any] | None:
+    """The curvature section's figure builder for a ``CurvatureMonitor`` history (``None``: nothing finite to draw).
+
+    The monitor logs the same builder's PNG to its loggers, so the two share one render (:func:`rendered_png`).
+
+    Returns:
+        A ``functools.partial`` of :func:`~lightning_influence.reporting.figures.curvature_figure`, or ``None``.
+
+    Example::
+
+        >>> curvature_history_figure([{"step": 0, "trace": float("nan")}]) is None
+        True
+    """
+    history = [_flat_row(r) for r in raw if isinstance(r, Mapping)] if isinstance(raw, list) else []
+    keys = ("trace", "lambda_max", "critical_batch_size")
+    if not any(as_finite(r.get(k)) is not None for r in history for k in keys):
+        return None
+    return partial(curvature_figure, history)
+
+
 def _curvature(data: Mapping[str, Any]) -> list[Block]:
     raw = data.get("history")
     history = [_flat_row(r) for r in raw if isinstance(r, Mapping)] if isinstance(raw, list) else []
@@ -280,13 +301,10 @@ def _curvature(data: Mapping[str, Any]) -> list[Block]:
         return [paragraph("No curvature measurements were recorded.", "muted")]
     last = history[-1]
     blocks = kv(f"Latest measurement ({len(history)} in total)", {k: last[k] for k in _CURV_ORDER if k in last})
-    if any(as_finite(r.get(k)) is not None for r in history for k in ("trace", "lambda_max", "critical_batch_size")):
-        blocks.append(
-            figure(
-                partial(curvature_figure, history),
-                "Trace (±2 standard errors), λ_max and the critical batch size Tr/λ_max against the training step.",
-            )
-        )
+    make = curvature_history_figure(raw)
+    if make is not None:
+        blocks.append(figure(
+            make, "Trace (±2 standard errors), λ_max and the critical batch size Tr/λ_max against the training step."))
     blocks.append(table("History", history, columns(history, _CURV_ORDER)))
     return blocks
 
