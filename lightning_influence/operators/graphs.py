@@ -247,9 +247,7 @@ def _owns_buffer(node: fx.Node) -> bool:
 
 
 def _same_layout(a: fx.Node, b: fx.Node) -> bool:
-    va, vb = _meta(a), _meta(b)
-    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
-            and va.dtype == vb.dtype and va.device == vb.device and va.stride() == vb.stride())
+    return _same_tensor_type(a, b) and _meta(a).stride() == _meta(b).stride()
 
 
 def reuse_dead_buffers(graph: fx.Graph) -> int:

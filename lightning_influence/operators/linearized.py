@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     from lightning_influence.tasks import Task
 
 __all__ = ["AUTO_MIN_BYTES", "LINEARIZATION_MODES", "LinearizationCache", "LinearizedProducts", "TangentProgram",
-           "activation_bytes", "linearize_tangents"]
+           "activation_bytes"]
 
 #: Accepted values of ``linearization``.
 LINEARIZATION_MODES = ("auto", "always", "never")
@@ -313,22 +313,6 @@ def stored_tangents(model: torch.nn.Module, index: int, batch: Any, f: Callable[
     return program.at(params)[0], True
 
 
-def linearize_tangents(f: Callable[[ParamTree], Any], params: ParamTree) -> Callable[[ParamTree], Any]:
-    r""":math:`v \mapsto J_f(\theta) v` at ``params``: a fresh :class:`TangentProgram` evaluated there.
-
-    Returns:
-        The linear map, taking a tree like ``params`` (any strides) and returning what ``f`` returns.
-
-    Example::
-
-        >>> w = {"w": torch.tensor([1.0, 2.0])}
-        >>> jvp = linearize_tangents(lambda p: (p["w"] ** 2).sum(), w)
-        >>> float(jvp({"w": torch.tensor([1.0, 1.0])}))  # 2 w . v
-        6.0
-    """
-    return TangentProgram(f, params).at(params)[0]
-
-
 @contextmanager
 def _grad_mode() -> Iterator[None]:
     with torch.inference_mode(False), torch.enable_grad():
@@ -373,6 +357,11 @@ def channels_last_params(model: torch.nn.Module, params: ParamTree) -> ParamTree
     # "channels-last", and only explicit channels-last strides make its convolution (and all after it) channels-last
     return {k: torch.empty_like(p, memory_format=torch.channels_last).copy_(p) if p.dim() == 4 else p
             for k, p in params.items()}
+
+
+def _versions(params: ParamTree) -> tuple[int, ...]:
+    """The parameters' in-place version counters (an optimizer step moves them)."""
+    return tuple(p._version for p in params.values())
 
 
 class LinearizationCache:
@@ -440,7 +429,7 @@ class LinearizationCache:
 
     def check_params(self, params: ParamTree) -> None:
         """Discard the cache if a parameter tensor was updated in place since it was built."""
-        versions = tuple(p._version for p in params.values())
+        versions = _versions(params)
         if self._versions is not None and versions != self._versions:
             self.clear()
             if self.mode == "auto":  # parameters that move between products: rebuilding would cost more than it saves
@@ -460,7 +449,7 @@ class LinearizationCache:
         """Whether every one of ``num_batches`` batches has an entry valid for ``params`` (nothing to stream)."""
         batches = self.batches
         return (len(batches) == num_batches > 0 and all(b.entry is not None for b in batches.values())
-                and self._versions == tuple(p._version for p in params.values()))
+                and self._versions == _versions(params))
 
     def lookup(self, index: int, build: Callable[[], dict[str, Any]], estimate: Callable[[], int]
                ) -> dict[str, Any] | None:
@@ -584,40 +573,33 @@ class LinearizedProducts:
     def _build(self, i: int, batch: Any) -> dict[str, Any]:
         from torch.func import grad, vjp
 
-        model = self.evaluator.model
         if self._linearized_kind == "hessian":
             # forward over reverse, traced: v -> (H v, J v); the model outputs it also returns check a stored trace
             loss_and_outputs, outputs, units = self._loss_and_outputs(batch)
-            gradient = grad(loss_and_outputs, has_aux=True)
-
-            def hessian(params: ParamTree) -> Callable[[ParamTree], Any]:
-                jvp_fn, traced = stored_tangents(model, i, batch, gradient, params, outputs, kind="hessian")
-                self.linearization.traced += int(traced)
-                return jvp_fn
-
-            hvp = self._with_layout(hessian)
+            hvp = self._tangent_map(i, batch, grad(loss_and_outputs, has_aux=True), outputs, kind="hessian")
             return {"hvp": lambda v: hvp(v)[0], "units": units}
         f, targets = self.evaluator.output_fn(batch)
         outputs, pullback = vjp(f, self.params)  # type: ignore[misc]
         outputs = outputs.detach()
         self.task.loss.validate(outputs, targets)
+        return {"map": self._output_map_fn(i, outputs, targets), "jvp": self._tangent_map(i, batch, f, outputs),
+                "pullback": pullback, "units": self._units(outputs, targets)}
 
-        def tangents(params: ParamTree) -> Callable[[ParamTree], Any]:
-            jvp_fn, traced = stored_tangents(model, i, batch, f, params, outputs)
+    def _tangent_map(self, i: int, batch: Any, f: Callable[[ParamTree], Any], outputs: Tensor,
+                     kind: str = "outputs") -> Callable[[ParamTree], Any]:
+        """The stored tangent map of ``f`` on batch ``i`` (:func:`stored_tangents`), in the fastest layout.
+
+        The parameters go channels-last where the model convolves faster that way (:func:`channels_last_params`); a
+        ``forward`` that cannot run channels-last is built as it is.
+
+        Returns:
+            The map.
+        """
+        def build(params: ParamTree) -> Callable[[ParamTree], Any]:
+            jvp_fn, traced = stored_tangents(self.evaluator.model, i, batch, f, params, outputs, kind=kind)
             self.linearization.traced += int(traced)
             return jvp_fn
 
-        return {"map": self._output_map_fn(i, outputs, targets), "jvp": self._with_layout(tangents),
-                "pullback": pullback, "units": self._units(outputs, targets)}
-
-    def _with_layout(self, build: Callable[[ParamTree], Any]) -> Any:
-        """``build(params)`` at the parameters in the layout the model convolves fastest in, else as they are.
-
-        See :func:`channels_last_params`; a ``forward`` that cannot run channels-last is built as it is.
-
-        Returns:
-            What ``build`` returns.
-        """
         params = channels_last_params(self.evaluator.model, self.params)
         if params is not self.params:
             try:
